@@ -1,0 +1,258 @@
+"""Typed, documented, frozen configs of the ML library (data, tokenizer, evaluation, phases).
+
+Every model here is `frozen=True, extra="forbid"`, and every field has a description: the same classes
+become the CLI schema, the Prefect UI form and part of the cache key (through `model_dump_json`).
+Cross-field checks live in validators so a bad config fails before any data is read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DATA_KINDS = ("arithmetic", "tool", "persona", "narrative", "text")
+"""Example kinds: the four synthetic families plus "text" for examples read from real corpora."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class SourceConfig(Frozen):
+    """One real corpus file mixed into the training data."""
+
+    path: str = Field(description="Local path or URL (file://, s3://) of a .txt, .jsonl or .parquet file.")
+    format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' uses the file extension."
+    )
+    text_field: str = Field("text", description="Column / JSON key holding the text (jsonl and parquet).")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the 'text' kind.")
+    max_documents: int | None = Field(
+        None, gt=0, description="Read at most this many documents (None: all)."
+    )
+
+
+class SyntheticConfig(Frozen):
+    """The seeded synthetic corpus shipped as code."""
+
+    n_examples: int = Field(
+        20000, ge=100, le=10_000_000, description="Number of synthetic examples generated before splitting."
+    )
+    kinds: dict[str, float] = Field(
+        default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0},
+        description="Relative share of each synthetic kind (arithmetic, tool, persona, narrative).",
+    )
+    max_operand: int = Field(
+        20, ge=2, le=10_000, description="Largest operand in arithmetic and tool-call problems."
+    )
+
+    @model_validator(mode="after")
+    def _kinds_known(self) -> "SyntheticConfig":
+        unknown = sorted(set(self.kinds) - {"arithmetic", "tool", "persona", "narrative"})
+        if unknown:
+            raise ValueError(f"unknown synthetic kinds {unknown}; use arithmetic, tool, persona, narrative")
+        if not any(w > 0 for w in self.kinds.values()) or any(w < 0 for w in self.kinds.values()):
+            raise ValueError("synthetic kind weights must be >= 0 with at least one > 0")
+        return self
+
+
+class TokenizerConfig(Frozen):
+    """How the tokenizer is obtained."""
+
+    kind: Literal["bpe", "pretrained"] = Field(
+        "bpe",
+        description="'bpe': train a byte-level BPE on the training split; 'pretrained': load from `path`.",
+    )
+    vocab_size: int = Field(2048, ge=300, le=262_144, description="Target vocabulary size of the trained BPE.")
+    path: str | None = Field(
+        None, description="Hugging Face model/tokenizer folder for kind 'pretrained'."
+    )
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> "TokenizerConfig":
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("tokenizer.kind 'pretrained' needs tokenizer.path (a local tokenizer folder)")
+        return self
+
+
+class DataConfig(Frozen):
+    """Training corpus, held-out splits and tokenizer."""
+
+    seed: int = Field(1234, description="Seed of the synthetic generator (also decides nothing else).")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic corpus.")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Real corpora (txt/jsonl/parquet, local or s3://) mixed in as kind 'text'."
+    )
+    validation_percent: int = Field(
+        5, ge=1, le=40, description="Percent of examples (by content hash) in the validation split."
+    )
+    test_percent: int = Field(
+        5, ge=1, le=40, description="Percent of examples (by content hash) in the test split."
+    )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer.")
+
+    @model_validator(mode="after")
+    def _splits_leave_training(self) -> "DataConfig":
+        if self.validation_percent + self.test_percent > 60:
+            raise ValueError(
+                "validation_percent + test_percent must be <= 60 so most data is left for training"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(Frozen):
+    """The one evaluation harness used before and after every phase."""
+
+    split: Literal["validation", "test"] = Field(
+        "validation", description="Held-out split phases report on (never the training split)."
+    )
+    max_examples: int = Field(
+        64, ge=1, le=100_000, description="Answer-checked examples per task (arithmetic, tool, choice)."
+    )
+    ppl_max_tokens: int = Field(
+        16384, ge=64, le=100_000_000, description="Held-out tokens scored for perplexity."
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, le=1024, description="Generation budget for answer-checked tasks (greedy decoding)."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass while evaluating.")
+    seq_len: int = Field(256, ge=16, le=32768, description="Window length for perplexity.")
+
+
+# ------------------------------------------------------------------------------------------ cognate
+
+
+class CognateArchConfig(Frozen):
+    """Shape of the Cognate decoder (Llama-style, with an ACT-halting recurrent refiner)."""
+
+    hidden_size: int = Field(512, ge=8, le=16384, description="Model width.")
+    num_layers: int = Field(8, ge=1, le=128, description="Transformer blocks in the refiner stack.")
+    num_heads: int = Field(8, ge=1, le=256, description="Attention heads (hidden_size must divide by it).")
+    intermediate_size: int = Field(1376, ge=8, le=65536, description="SwiGLU hidden width.")
+    max_position_embeddings: int = Field(1024, ge=16, le=131072, description="Longest sequence (RoPE table).")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    max_refine_steps: int = Field(
+        2, ge=1, le=16, description="Maximum recurrent applications of the block stack; 1 = plain decoder."
+    )
+    act_threshold: float = Field(
+        0.99, gt=0, lt=1.0 + 1e-9, description="ACT halting threshold (1 - epsilon in Graves 2016)."
+    )
+    ponder_weight: float = Field(
+        0.01, ge=0, le=10, description="Weight of the differentiable ponder cost in the loss (tau in Graves 2016)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "CognateArchConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size / num_heads must be even for RoPE")
+        return self
+
+
+class TrainConfig(Frozen):
+    """One training stage (the trunk, or a variant's specialisation)."""
+
+    steps: int = Field(1000, ge=1, le=10_000_000, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per step.")
+    seq_len: int = Field(256, ge=8, le=32768, description="Tokens per sequence.")
+    lr: float = Field(3e-4, gt=0, le=1.0, description="Peak AdamW learning rate (cosine decay to 10%).")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW weight decay (not on norms/embeddings).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    data_mix: dict[str, float] = Field(
+        default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0, "text": 1.0},
+        description="Sampling weight of each data kind (kinds absent from the corpus are ignored).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        unknown = sorted(set(self.data_mix) - set(DATA_KINDS))
+        if unknown:
+            raise ValueError(f"unknown data kinds {unknown} in data_mix; use {list(DATA_KINDS)}")
+        if not any(w > 0 for w in self.data_mix.values()) or any(w < 0 for w in self.data_mix.values()):
+            raise ValueError("data_mix weights must be >= 0 with at least one > 0")
+        if self.warmup_steps >= self.steps and self.steps > 1:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+
+class VariantConfig(Frozen):
+    """One Cognate variant, branched from the trunk and specialised by a measured difference."""
+
+    name: str = Field(description="Variant name (lowercase letters, digits, dashes).", pattern=r"^[a-z0-9-]{1,40}$")
+    train: TrainConfig = Field(description="Specialisation stage (steps, data mix, learning rate).")
+    act_threshold: float = Field(0.99, gt=0, le=1.0, description="This variant's ACT halting threshold.")
+    max_refine_steps: int = Field(2, ge=1, le=16, description="This variant's maximum refinement steps.")
+
+
+class CognateConfig(Frozen):
+    """Phase 1: pretrain a shared trunk from scratch, then N variants branched from it."""
+
+    source: Literal["scratch", "pretrained"] = Field(
+        "scratch",
+        description="'scratch': train Cognate models; 'pretrained': evaluate and pass on existing HF models.",
+    )
+    base_models: list[str] = Field(
+        default_factory=list, description="Pretrained route: local HF model folders of the N models."
+    )
+    common_base: str | None = Field(
+        None, description="Pretrained route: their common base model folder (the merge base)."
+    )
+    arch: CognateArchConfig = Field(default_factory=CognateArchConfig, description="Model shape.")
+    trunk: TrainConfig = Field(default_factory=TrainConfig, description="Shared trunk pretraining.")
+    variants: list[VariantConfig] = Field(
+        default_factory=lambda: [
+            VariantConfig(name="math", train=TrainConfig(steps=300, data_mix={"arithmetic": 3, "tool": 1, "persona": 0.5, "narrative": 0.5, "text": 0.5}), act_threshold=0.95),
+            VariantConfig(name="dialog", train=TrainConfig(steps=300, data_mix={"arithmetic": 0.5, "tool": 2, "persona": 2, "narrative": 0.5, "text": 0.5}), act_threshold=0.90),
+            VariantConfig(name="story", train=TrainConfig(steps=300, data_mix={"arithmetic": 0.5, "tool": 0.5, "persona": 0.5, "narrative": 3, "text": 1}), act_threshold=0.99),
+        ],
+        description="The variants (default 3), each with its own data mix and refiner setting.",
+    )
+    checkpoint_every: int = Field(
+        100, ge=1, description="Save a resumable checkpoint every this many optimizer steps."
+    )
+    min_unigram_gain: float = Field(
+        0.5,
+        ge=0,
+        description=(
+            "Quality gate: held-out cross-entropy (nats/token) must be at least this much below the unigram "
+            "baseline's for every trained model, else the phase fails."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "CognateConfig":
+        if self.source == "pretrained":
+            if not self.base_models:
+                raise ValueError("cognate.source 'pretrained' needs cognate.base_models (one or more folders)")
+        else:
+            if self.base_models or self.common_base:
+                raise ValueError("cognate.base_models/common_base are only used with cognate.source 'pretrained'")
+            if not self.variants:
+                raise ValueError("cognate.variants must list at least one variant")
+            names = [v.name for v in self.variants]
+            if len(set(names)) != len(names):
+                raise ValueError(f"cognate.variants names must be unique, got {names}")
+            if "trunk" in names:
+                raise ValueError("'trunk' is reserved for the shared trunk; rename that variant")
+            for v in self.variants:
+                if v.max_refine_steps > self.arch.max_refine_steps:
+                    raise ValueError(
+                        f"variant {v.name!r}: max_refine_steps {v.max_refine_steps} exceeds "
+                        f"arch.max_refine_steps {self.arch.max_refine_steps}"
+                    )
+            longest = max([self.trunk.seq_len] + [v.train.seq_len for v in self.variants])
+            if longest > self.arch.max_position_embeddings:
+                raise ValueError(
+                    f"a training seq_len ({longest}) exceeds arch.max_position_embeddings "
+                    f"({self.arch.max_position_embeddings})"
+                )
+        return self
