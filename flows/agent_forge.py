@@ -1,0 +1,193 @@
+"""The Agent Forge flow: data, then the configured phases in order, each a cached Prefect task.
+
+From Python:
+
+    from flows.agent_forge import agent_forge
+    from flows.config import load_config
+    result = agent_forge(load_config(preset="tiny"))
+    print(result.phases[-1].artifact.uri)
+
+From the shell: ``forge run --preset tiny``. The flow's single parameter is the `ForgeConfig`, so the
+Prefect UI shows it as a form and validates it. Results (small `PhaseResult` JSON documents) are stored
+under ``<store>/prefect-results``; the result-storage block is created here, never by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.config import ForgeConfig
+from tasks.runtime import PhaseResult, resolve_device
+from tasks.store import ArtifactRef, Store
+from tasks.tracking import Tracking, flatten
+
+log = logging.getLogger("agent_forge")
+
+
+class PhaseSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: str = Field(description="completed or failed")
+    cached: bool = Field(description="True when the output was reused instead of computed.")
+    artifact: ArtifactRef | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+    steps_run: int = 0
+
+
+class PipelineResult(BaseModel):
+    """What the flow returns: per step (data + phases) status, cache hit, metrics and artifact."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow_run_id: str | None
+    store: str
+    mlflow_run_id: str | None
+    mlflow_ui: str | None = None
+    prefect_ui: str | None = None
+    phases: list[PhaseSummary]
+
+    def phase(self, name: str) -> PhaseSummary:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def ensure_result_storage(store_url: str):
+    """Save (idempotently) the block that stores Prefect results under ``<store>/prefect-results``."""
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    store = Store(store_url)
+    name = "forge-results-" + hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    if store.protocol == "file":
+        block = LocalFileSystem(basepath=f"{store.root}/prefect-results")
+    else:
+        # No settings: s3fs takes endpoint and keys from the standard AWS environment variables.
+        block = RemoteFileSystem(basepath=store.uri("prefect-results"))
+    block.save(name, overwrite=True)
+    return block
+
+
+def preflight(config: ForgeConfig) -> Store:
+    """Checks that need the environment, done before any data is read or model built."""
+    resolve_device(config.device.device)
+    store = Store(config.store.url)
+    probe = store.uri("_probe", f"{time.time_ns()}")
+    store.write_bytes(probe, b"ok")
+    store.delete(probe)
+    return store
+
+
+def _run_step(task_fn, label: str, *args, **kwargs) -> tuple[PhaseResult, bool]:
+    """Run a task; if Prefect's cache points at an output that no longer verifies, recompute it."""
+    state = task_fn(*args, return_state=True, **kwargs)
+    result: PhaseResult = state.result()  # raises the task's exception on failure
+    cached = state.name == "Cached"
+    if cached:
+        store = Store(args[0].store.url)
+        try:
+            store.verify(result.ref.uri, expected_digest=result.ref.digest, deep=False)
+        except Exception as exc:  # noqa: BLE001
+            get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", label, exc)
+            state = task_fn.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+            result = state.result()
+            cached = False
+    return result, cached or not result.executed
+
+
+@flow(name="agent-forge", persist_result=False, log_prints=True, validate_parameters=True)
+def agent_forge(config: ForgeConfig) -> PipelineResult:
+    """Run Agent Forge: build the data, then each phase in ``config.phases`` (cached by content)."""
+    from prefect.runtime import flow_run
+
+    from tasks.cognate import cognate_task
+    from tasks.data import data_task
+
+    logger = get_run_logger()
+    store = preflight(config)
+    storage = ensure_result_storage(config.store.url)
+    tracking = Tracking.from_config(config.tracking, store, config.name)
+    parent = None
+    if tracking:
+        parent = tracking.start_run(
+            f"{config.name}-{flow_run.name}",
+            {
+                "prefect.flow_run_id": flow_run.id,
+                "prefect.flow_run_name": flow_run.name,
+                "prefect.ui_url": flow_run.ui_url,
+                "forge.store": store.url,
+                "forge.phases": ",".join(config.phases),
+            },
+        )
+        tracking.log_params(parent, flatten("", config.model_dump(mode="json", exclude={"store", "tracking"}), {}))
+    summaries: list[PhaseSummary] = []
+    tasks = {"cognate": cognate_task}
+    try:
+        t0 = time.monotonic()
+        data, cached = _run_step(data_task.with_options(result_storage=storage), "data", config, parent_run_id=parent)
+        summaries.append(_summary("data", data, cached, time.monotonic() - t0))
+        previous = data
+        for name in config.phases:
+            t0 = time.monotonic()
+            task_fn = tasks[name].with_options(result_storage=storage)
+            if name == "cognate":
+                result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent)
+            else:  # later phases take the previous phase's output
+                result, cached = _run_step(task_fn, name, config, previous, parent_run_id=parent)
+            summaries.append(_summary(name, result, cached, time.monotonic() - t0))
+            logger.info("%s: %s -> %s", name, "cached" if cached else "computed", result.ref.uri)
+            previous = result
+        if tracking and parent:
+            final = summaries[-1]
+            tracking.log_metrics(parent, {f"{final.name}/{k}": v for k, v in final.metrics.items()})
+            tracking.log_metrics(parent, {f"seconds/{s.name}": s.seconds for s in summaries})
+            tracking.set_tags(parent, {"forge.final_uri": final.artifact.uri if final.artifact else None})
+            tracking.end(parent, "FINISHED")
+    except BaseException:
+        if tracking and parent:
+            tracking.end(parent, "FAILED")
+        raise
+    return PipelineResult(
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        store=store.url,
+        mlflow_run_id=parent,
+        mlflow_ui=tracking.ui_command() if tracking else None,
+        prefect_ui=flow_run.ui_url,
+        phases=summaries,
+    )
+
+
+def _summary(name: str, result: PhaseResult, cached: bool, seconds: float) -> PhaseSummary:
+    return PhaseSummary(
+        name=name, status="completed", cached=cached, artifact=result.ref, metrics=dict(result.ref.metrics),
+        seconds=seconds, steps_run=0 if cached else result.steps_run,
+    )
+
+
+def result_json(result: PipelineResult) -> dict[str, Any]:
+    """The `--summary-json` document."""
+    return {
+        "flow_run_id": result.flow_run_id,
+        "store": result.store,
+        "mlflow_run_id": result.mlflow_run_id,
+        "phases": [
+            {
+                "name": p.name,
+                "status": p.status,
+                "cached": p.cached,
+                "artifact": {"uri": p.artifact.uri, "digest": p.artifact.digest} if p.artifact else None,
+                "metrics": p.metrics,
+                "seconds": round(p.seconds, 3),
+                "steps_run": p.steps_run,
+            }
+            for p in result.phases
+        ],
+    }

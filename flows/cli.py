@@ -1,0 +1,178 @@
+"""The `forge` command.
+
+    forge run [--preset tiny|small|full] [--config FILE] [--set section.field=value]... [--store URL]
+              [--summary-json PATH]
+    forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
+    forge inspect URI
+    forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
+
+Exit codes: 0 success, 1 a phase failed, 2 invalid configuration or arguments (every problem listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import flows  # noqa: F401  (environment defaults before Prefect is imported)
+from flows.config import PRESETS, ConfigProblems, ForgeConfig, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESETS, default="tiny", help="Config preset (default: tiny).")
+    p.add_argument("--config", dest="config_file", help="YAML file merged over the preset.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one field, e.g. --set cognate.trunk.steps=200 (repeatable).")
+    p.add_argument("--store", help="Store root URL (default: $FORGE_STORE or file://./forge-store).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forge", description="Agent Forge: the eight-phase model pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="Run the pipeline flow.")
+    _common(run)
+    run.add_argument("--summary-json", help="Write the run summary (phases, artifacts, metrics) here.")
+    phase = sub.add_parser("phase", help="Run one phase alone.")
+    phase.add_argument("name", help="Phase name, e.g. cognate.")
+    phase.add_argument("--input", dest="inputs", action="append", default=[],
+                       help="Artifact URI or Hugging Face model folder (repeatable).")
+    phase.add_argument("--out", help="Also write the result as Hugging Face model folder(s) here.")
+    phase.add_argument("--summary-json", help="Write the run summary here.")
+    _common(phase)
+    inspect = sub.add_parser("inspect", help="Verify an artifact and print its manifest, config and metrics.")
+    inspect.add_argument("uri")
+    cfg = sub.add_parser("config", help="Print the resolved configuration.")
+    _common(cfg)
+    return parser
+
+
+def _load(args) -> ForgeConfig:
+    return load_config(preset=args.preset, config_file=args.config_file, overrides=args.overrides, store=args.store)
+
+
+def _phase_overrides(name: str, inputs: list[str]) -> list[str]:
+    """Translate `forge phase` inputs into config overrides."""
+    if name != "cognate":
+        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: cognate)"])
+    folders = []
+    for x in inputs:
+        path = Path(x.removeprefix("file://"))
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ConfigProblems([f"--input {x!r}: cognate takes Hugging Face model folders (with config.json)"])
+        folders.append(str(path.resolve()))
+    sets = ["phases=[cognate]"]
+    if folders:
+        sets += [
+            "cognate.source=pretrained",
+            "cognate.base_models=" + json.dumps(folders),
+            "cognate.variants=[]",
+            "data.tokenizer.kind=pretrained",
+            f"data.tokenizer.path={json.dumps(folders[0])}",
+        ]
+    return sets
+
+
+def _print_summary(result, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Agent Forge run ({seconds:.0f} s)")
+    for col in ("phase", "status", "cached", "key metrics", "artifact"):
+        table.add_column(col, overflow="fold")
+    for p in result.phases:
+        keys = [k for k in p.metrics if k.endswith(("/ppl", "/unigram_gain", "/arith_em", "/choice_acc"))][:8]
+        if not keys:
+            keys = list(p.metrics)[:4]
+        metrics = ", ".join(f"{k}={p.metrics[k]:.4g}" for k in keys)
+        table.add_row(p.name, p.status, "yes" if p.cached else "no", metrics, p.artifact.uri if p.artifact else "-")
+    console.print(table)
+    console.print(f"store: {result.store}")
+    if result.mlflow_ui:
+        console.print(f"MLflow UI:  {result.mlflow_ui}   (parent run {result.mlflow_run_id})")
+    console.print(
+        "Prefect UI: " + (result.prefect_ui or "prefect server start --host 127.0.0.1  (then set PREFECT_API_URL)")
+    )
+
+
+def cmd_run(args, config: ForgeConfig) -> int:
+    from flows.agent_forge import agent_forge, result_json
+
+    t0 = time.monotonic()
+    result = agent_forge(config)
+    _print_summary(result, time.monotonic() - t0)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(result_json(result), indent=2))
+    if getattr(args, "out", None):
+        _export(result.phases[-1].artifact.uri, Path(args.out))
+    return 0
+
+
+def _export(uri: str, out: Path) -> None:
+    """Write every model of an output prefix as a plain Hugging Face folder under ``out``."""
+    from tasks.store import Store
+
+    store = Store(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        store.download(uri, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for cfg in sorted(Path(tmp).glob("*/config.json")):
+            dest = out / cfg.parent.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(cfg.parent, dest)
+            print(f"wrote {dest}")
+
+
+def cmd_inspect(args) -> int:
+    from tasks.store import Store
+
+    store = Store(args.uri)
+    manifest = store.verify(store.url)
+    print(f"verified {store.url}: {len(manifest['files'])} files, kind {manifest['kind']}, digest {manifest['digest']}")
+    for rel, meta in sorted(manifest["files"].items()):
+        print(f"  {meta['size']:>12,}  {meta['sha256'][:16]}  {rel}")
+    if "phase.json" in manifest["files"]:
+        meta = json.loads(store.read_bytes(store.uri_join(store.url, "phase.json")))
+        print("config:")
+        print(json.dumps(meta.get("config"), indent=2))
+        print("metrics:")
+        for k, v in sorted(meta.get("metrics", {}).items()):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "phase":
+            args.overrides = args.overrides + _phase_overrides(args.name, args.inputs)
+        config = _load(args)
+        if args.command == "config":
+            import yaml
+
+            print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            return 0
+        return cmd_run(args, config)
+    except ConfigProblems as exc:
+        print(f"forge: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001
+        from forge_models.runtime import ForgeError
+
+        kind = "error" if isinstance(exc, ForgeError) else f"{type(exc).__name__}"
+        print(f"forge: {kind}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Prefect task: build the corpus splits and the tokenizer, stored as a `dataset` artifact.
+
+Output prefix: ``corpus/{train,validation,test}.jsonl``, ``tokenizer/`` (loadable with AutoTokenizer),
+``phase.json``, ``report.md``, ``manifest.json`` (last). Its manifest digest is the *data digest* that
+enters every later phase's cache key.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import fsspec
+from prefect import task
+
+from flows.config import ForgeConfig
+from forge_models.data import build_corpus
+from forge_models.runtime import ConfigError, PhaseContext
+from forge_models.tokenizer import build_tokenizer
+from tasks.cache import folder_digest, phase_key
+from tasks.runtime import PhaseResult, PhaseWritten, retry_transient, run_phase
+from tasks.store import is_transient, TransientStorageError
+from tasks.tracking import Tracking
+
+DATA_VERSION = "1"
+
+
+def data_key(config: ForgeConfig) -> str:
+    extra = []
+    if config.data.tokenizer.kind == "pretrained" and config.data.tokenizer.path:
+        extra.append(folder_digest(config.data.tokenizer.path))
+    for src in config.data.sources:
+        if "://" not in src.path or src.path.startswith("file://"):
+            path = Path(src.path.removeprefix("file://"))
+            if not path.is_file():
+                raise ConfigError(f"data.sources: no such file {src.path!r}")
+    return phase_key("data", DATA_VERSION, config.data.model_dump_json(), extra)
+
+
+def _materialize_sources(config: ForgeConfig, dest: Path) -> list[Path]:
+    """Local copies of remote (s3://) sources; local ones are used in place."""
+    paths = []
+    for i, src in enumerate(config.data.sources):
+        if src.path.startswith("s3://"):
+            local = dest / f"source-{i}-{Path(src.path).name}"
+            try:
+                with fsspec.open(src.path, "rb") as f_in, open(local, "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out)
+            except FileNotFoundError:
+                raise ConfigError(f"data.sources[{i}]: {src.path} does not exist") from None
+            except Exception as exc:  # noqa: BLE001
+                if is_transient(exc):
+                    raise TransientStorageError(f"reading {src.path}: {exc}") from exc
+                raise
+            paths.append(local)
+        else:
+            paths.append(Path(src.path.removeprefix("file://")))
+    return paths
+
+
+def _body(config: ForgeConfig):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        sources = _materialize_sources(config, out_dir.parent)
+        corpus = build_corpus(config.data, sources)
+        corpus.save(out_dir / "corpus")
+        tokenizer = build_tokenizer(config.data.tokenizer, [ex.text for ex in corpus.train])
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+        n_tokens = sum(len(tokenizer(ex.text)["input_ids"]) for ex in corpus.train)
+        counts = {f"n_{split}": float(len(corpus.split(split))) for split in ("train", "validation", "test")}
+        metrics = {**counts, "train_tokens": float(n_tokens), "vocab_size": float(len(tokenizer))}
+        kinds = {}
+        for split in ("train", "validation", "test"):
+            for ex in corpus.split(split):
+                kinds.setdefault(ex.kind, {"train": 0, "validation": 0, "test": 0})[split] += 1
+        rows = "\n".join(f"| {k} | {v['train']} | {v['validation']} | {v['test']} |" for k, v in sorted(kinds.items()))
+        report = (
+            "# Data\n\n| kind | train | validation | test |\n|---|---|---|---|\n" + rows +
+            f"\n\nTraining tokens: {n_tokens:,}; tokenizer: {config.data.tokenizer.kind}, vocabulary {len(tokenizer):,}.\n"
+            f"Corpus digest: `{corpus.digest()}`. Splits are assigned by content hash, so they are disjoint.\n"
+        )
+        return PhaseWritten(metrics=metrics, report_md=report, details={"kinds": kinds, "corpus_digest": corpus.digest()})
+
+    return body
+
+
+@task(
+    name="data",
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_transient,
+    cache_key_fn=lambda ctx, params: "data-" + data_key(params["config"]),
+    result_serializer="json",
+    persist_result=True,
+)
+def data_task(config: ForgeConfig, parent_run_id: str | None = None) -> PhaseResult:
+    """Build (or reuse) the dataset artifact: corpus splits plus tokenizer."""
+    return run_phase(
+        phase="data",
+        kind="dataset",
+        key=data_key(config),
+        store_url=config.store.url,
+        config_section=config.data.model_dump(mode="json"),
+        inputs=[],
+        body=_body(config),
+        tracking=Tracking.from_config(config.tracking, _store(config), config.name),
+        parent_run_id=parent_run_id,
+        device="cpu",
+        seed=config.data.seed,
+    )
+
+
+def _store(config: ForgeConfig):
+    from tasks.store import Store
+
+    return Store(config.store.url)

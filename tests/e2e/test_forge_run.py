@@ -1,0 +1,58 @@
+"""End to end: the `forge` command on the local store, as a user runs it (`forge run --preset tiny`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _forge(args: list[str], cwd: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "FORGE_"))}
+    env["PREFECT_HOME"] = str(cwd / ".prefect")
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "flows.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
+    summary = tmp_path / "summary.json"
+    proc = _forge(["run", "--preset", "tiny", "--summary-json", str(summary)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(summary.read_text())
+    assert doc["store"] == f"file://{tmp_path}/forge-store"
+    assert doc["flow_run_id"] and doc["mlflow_run_id"]
+    phases = {p["name"]: p for p in doc["phases"]}
+    assert set(phases) == {"data", "cognate"}
+    cog = phases["cognate"]
+    assert cog["status"] == "completed" and not cog["cached"]
+    for name in ("trunk", "math", "dialog", "story"):
+        assert cog["metrics"][f"{name}/unigram_gain"] >= 0.5
+        assert cog["metrics"][f"{name}/params"] > 0
+    out = proc.stdout + proc.stderr
+    assert "cognate" in out and "MLflow UI" in out
+    assert (tmp_path / "forge-store" / "mlflow.db").is_file()
+
+    uri = cog["artifact"]["uri"]
+    insp = _forge(["inspect", uri], tmp_path, timeout=300)
+    assert insp.returncode == 0, insp.stderr[-3000:]
+    assert "trunk/model.safetensors" in insp.stdout and cog["artifact"]["digest"] in insp.stdout
+
+    # the pretrained route on a plain Hugging Face folder: `forge phase cognate --input DIR --out DIR`
+    trunk_dir = tmp_path / "export"
+    phase = _forge(["phase", "cognate", "--input", str(tmp_path / "forge-store" / uri.split("/forge-store/")[1] / "trunk"),
+                    "--out", str(trunk_dir), "--set", "data.synthetic.n_examples=1000"], tmp_path, timeout=900)
+    assert phase.returncode == 0, phase.stdout[-3000:] + phase.stderr[-3000:]
+    assert (trunk_dir / "model-0" / "model.safetensors").is_file()
+    assert (trunk_dir / "model-0" / "config.json").is_file()
+
+    # a bad config fails before any compute with exit code 2
+    bad = _forge(["run", "--preset", "tiny", "--set", "cognate.arch.num_heads=0"], tmp_path, timeout=300)
+    assert bad.returncode == 2 and "cognate.arch.num_heads" in bad.stderr
