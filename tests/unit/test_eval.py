@@ -1,0 +1,370 @@
+"""The evaluation harness, checked against models whose right answers are known by construction."""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from forge_models.config import EvalConfig, SyntheticConfig
+from forge_models.data import Example, generate_synthetic, split_examples
+from forge_models.eval import evaluate, extract_answer, greedy_generate, parse_tool_call, unigram_loss
+from forge_models.runtime import ConfigError, PhaseContext
+from forge_models.tokenizer import train_bpe
+
+torch.set_num_threads(1)
+
+CTX = PhaseContext(precision="fp32")
+CFG = EvalConfig(max_examples=8, ppl_max_tokens=2000, max_new_tokens=48, batch_size=4, seq_len=64)
+
+
+# --------------------------------------------------------------------------------------- fakes
+
+
+class CharTokenizer:
+    """One token per printable ASCII character; id 0 = EOS (also BOS), id 1 = PAD."""
+
+    eos_token_id = 0
+    bos_token_id = 0
+    pad_token_id = 1
+
+    def __init__(self) -> None:
+        self.chars = string.printable
+        self.index = {c: i + 2 for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars) + 2
+
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [[self.index[c] for c in t] for t in texts]}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.chars[i - 2] for i in ids if i >= 2)
+
+
+class ScriptedLM(nn.Module):
+    """A causal "LM" that continues each known prompt with a fixed script, then EOS.
+
+    At every position it decodes the prefix; if the prefix holds a known prompt followed by the start
+    of its script, the next character of the script (or EOS) gets logit 10 and every other token 0.
+    Anything else gets uniform logits. It also refuses inputs longer than its max positions.
+    """
+
+    def __init__(self, tokenizer: CharTokenizer, scripts: dict[str, str], max_positions: int = 512) -> None:
+        super().__init__()
+        self.tok = tokenizer
+        self.scripts = scripts
+        self.config = SimpleNamespace(max_position_embeddings=max_positions)
+        self.seen_lengths: list[int] = []
+
+    def next_token(self, prefix: str) -> int | None:
+        for prompt, script in self.scripts.items():
+            at = prefix.find(prompt)  # find, not startswith: the harness may cut a prompt's beginning
+            done = len(prefix) - at - len(prompt)
+            if at >= 0 and script.startswith(prefix[at + len(prompt) :]):
+                return self.tok.index[script[done]] if done < len(script) else self.tok.eos_token_id
+        return None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        batch, length = input_ids.shape
+        assert length <= self.config.max_position_embeddings, "input longer than max positions"
+        self.seen_lengths.append(length)
+        logits = torch.zeros(batch, length, len(self.tok))
+        for b in range(batch):
+            row = input_ids[b].tolist()
+            for t in range(length):
+                target = self.next_token(self.tok.decode(row[: t + 1]))
+                if target is not None:
+                    logits[b, t, target] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+class UniformLM(nn.Module):
+    """All-zero logits: every token has probability 1/vocab."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+class SuccessorLM(nn.Module):
+    """Predicts a fixed successor of the current token with near certainty (a perfect bigram oracle)."""
+
+    def __init__(self, vocab: int, successor: dict[int, int]) -> None:
+        super().__init__()
+        self.vocab, self.successor = vocab, successor
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for (b, t), token in zip(
+            [(b, t) for b in range(input_ids.shape[0]) for t in range(input_ids.shape[1])], input_ids.flatten().tolist()
+        ):
+            logits[b, t, self.successor.get(token, 1)] = 30.0
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture()
+def tok() -> CharTokenizer:
+    return CharTokenizer()
+
+
+def _arith(question: str, answer: str) -> Example:
+    prompt = f"Q: What is {question}?\nA:"
+    return Example(kind="arithmetic", text=f"{prompt} The answer is {answer}.\n", prompt=prompt, answer=answer)
+
+
+def _tool(question: str, expr: str, answer: str) -> Example:
+    prompt = f"User: {question}\nAssistant:"
+    text = f"{prompt} <tool>calculator({expr})</tool>\nTool: {answer}\nAssistant: The answer is {answer}.\n"
+    return Example(kind="tool", text=text, prompt=prompt, answer=answer)
+
+
+def _choice(kind: str, prompt: str, choices: tuple[str, ...], label: int) -> Example:
+    return Example(kind=kind, text=prompt + choices[label] + "\n", prompt=prompt, choices=choices, label=label)
+
+
+# ------------------------------------------------------------------------------- answer parsing
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (" 4 * 2 = 8. 3 + 8 = 11. The answer is 11.\n", "11"),
+        ("The answer is -3.", "-3"),
+        ("the answer is 2.5 today", "2.5"),
+        ("The answer is 7. The answer is 8.", "7"),
+        ("3 + 8 = 11.", None),
+        ("The answer is eleven.", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<tool>calculator(37 * 12)</tool>", ("37 * 12", 444.0)),
+        (" Sure. <tool>calculator((2 + 3) * -4)</tool>\nTool:", ("(2 + 3) * -4", -20.0)),
+        ("<tool>calculator(7 / 2)</tool>", ("7 / 2", 3.5)),
+        ("<tool> calculator( 1.5 - 0.5 ) </tool>", ("1.5 - 0.5", 1.0)),
+        ("<tool>calculator(1 / 0)</tool>", ("1 / 0", None)),
+        ("calculator(37 * 12)", None),
+        ("<tool>calculator(37 * 12)", None),
+        ("<tool>search(37 * 12)</tool>", None),
+        ("<tool>calculator()</tool>", None),
+        ("<tool>calculator(__import__('os').getcwd())</tool>", None),
+        ("<tool>calculator(2 ** 100000)</tool>", None),
+        ("<tool>calculator(x + 1)</tool>", None),
+        ("<tool>calculator(True + 1)</tool>", None),
+        ("<tool>calculator([1] * 10)</tool>", None),
+        ("<tool>calculator((lambda: 1)())</tool>", None),
+        ("<tool>calculator(3 % 2)</tool>", None),
+        ("<tool>calculator(" + "1 + " * 100 + "1)</tool>", None),
+    ],
+)
+def test_parse_tool_call(text: str, expected):
+    assert parse_tool_call(text) == expected
+
+
+def test_parse_tool_call_never_executes_code(tmp_path: Path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    call = f"<tool>calculator(__import__('os').remove({str(victim)!r}) or 1)</tool>"
+    assert parse_tool_call(call) is None
+    assert victim.exists()
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+def test_greedy_generate_follows_script_and_stops(tok):
+    model = ScriptedLM(tok, {"A:": " one\ntwo", "B:": " x</tool> more", "C:": " abcdefghij"})
+    out = greedy_generate(model, tok, ["A:", "B:", "C:"], max_new_tokens=5, ctx=CTX, stop=("</tool>", "\n"))
+    assert out == [" one\n", " abcd", " abcd"][:1] + [" x</t", " abcd"]  # 5-token cap applies to B and C
+    out = greedy_generate(model, tok, ["A:", "B:", "C:"], max_new_tokens=30, ctx=CTX, stop=("</tool>", "\n"))
+    assert out == [" one\n", " x</tool>", " abcdefghij"]  # stop kept, EOS ends C
+    assert greedy_generate(model, tok, ["A:"], max_new_tokens=30, ctx=CTX) == [" one\ntwo"]  # no stops
+
+
+def test_greedy_generate_batched_equals_one_at_a_time(tok):
+    scripts = {f"P{i}:": f" answer {i * 37}" for i in range(7)}
+    scripts["long prompt:"] = " ok"
+    model = ScriptedLM(tok, scripts)
+    prompts = list(scripts)
+    batched = greedy_generate(model, tok, prompts, 20, CTX, batch_size=4)
+    single = [greedy_generate(model, tok, [p], 20, CTX, batch_size=1)[0] for p in prompts]
+    assert batched == single == list(scripts.values())
+
+
+def test_greedy_generate_truncates_long_prompts_from_the_left(tok):
+    model = ScriptedLM(tok, {"end:": " ok"}, max_positions=16)
+    out = greedy_generate(model, tok, ["x" * 100 + "end:"], max_new_tokens=4, ctx=CTX)
+    assert out == [" ok"]  # the prompt's end survived truncation
+    assert max(model.seen_lengths) <= 16
+
+
+# ------------------------------------------------------------------------------------- perplexity
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab(tok):
+    examples = [Example(kind="text", text="hello world " * 5), Example(kind="text", text="abc")]
+    metrics = evaluate(UniformLM(len(tok)), tok, examples, CFG, CTX)
+    assert metrics["ppl"] == pytest.approx(len(tok), abs=1e-3)
+    assert metrics["loss"] == pytest.approx(math.log(len(tok)), abs=1e-6)
+    n = (60 + 1) + (3 + 1)  # characters + one EOS per text
+    windows = math.ceil(n / CFG.seq_len)
+    assert metrics["ppl_tokens"] == n - windows  # each window's first token has no context
+
+
+def test_ppl_token_budget_is_respected(tok):
+    examples = [Example(kind="text", text="abcdefghij" * 50)]
+    cfg = CFG.model_copy(update={"ppl_max_tokens": 100, "seq_len": 32})
+    metrics = evaluate(UniformLM(len(tok)), tok, examples, cfg, CTX)
+    assert metrics["ppl_tokens"] == 100 - 4  # 4 windows of <= 32 tokens
+
+
+def test_perfect_next_token_model_has_perplexity_one(tok):
+    text = "abcdefg"
+    ids = tok([text])["input_ids"][0] + [tok.eos_token_id]
+    successor = {a: b for a, b in zip(ids, ids[1:] + ids[:1])}
+    examples = [Example(kind="text", text=text)] * 20
+    metrics = evaluate(SuccessorLM(len(tok), successor), tok, examples, CFG, CTX)
+    assert metrics["ppl"] == pytest.approx(1.0, abs=1e-6)
+    # The same model scored against a shuffled successor map is badly wrong: alignment matters.
+    wrong = {a: successor[b] for a, b in zip(ids, ids[1:] + ids[:1])}
+    assert evaluate(SuccessorLM(len(tok), wrong), tok, examples, CFG, CTX)["loss"] > 20
+
+
+# ------------------------------------------------------------------------------ answer-checked tasks
+
+
+def test_arith_em_counts_exact_final_answers(tok):
+    examples = [_arith("3 + 4 * 2", "11"), _arith("5 - 7", "-2")]
+    right = {ex.prompt: ex.text[len(ex.prompt) :] for ex in examples}
+    assert evaluate(ScriptedLM(tok, right), tok, examples, CFG, CTX)["arith_em"] == 1.0
+    wrong = {examples[0].prompt: " 4 * 2 = 8. 3 + 8 = 12. The answer is 12.\n", examples[1].prompt: " The answer is 2."}
+    assert evaluate(ScriptedLM(tok, wrong), tok, examples, CFG, CTX)["arith_em"] == 0.0
+    half = {examples[0].prompt: right[examples[0].prompt], examples[1].prompt: " The answer is -20."}
+    metrics = evaluate(ScriptedLM(tok, half), tok, examples, CFG, CTX)
+    assert metrics["arith_em"] == 0.5 and metrics["n_arith"] == 2
+    # Only the first line counts: a correct answer on the second line is not credited.
+    late = {ex.prompt: " I think\nThe answer is " + ex.answer + "." for ex in examples}
+    assert evaluate(ScriptedLM(tok, late), tok, examples, CFG, CTX)["arith_em"] == 0.0
+
+
+def test_tool_metrics(tok):
+    examples = [_tool("What is 37 times 12?", "37 * 12", "444"), _tool("What is 5 minus 9?", "5 - 9", "-4")]
+    good = {ex.prompt: ex.text[len(ex.prompt) :] for ex in examples}
+    metrics = evaluate(ScriptedLM(tok, good), tok, examples, CFG, CTX)
+    assert (metrics["tool_valid"], metrics["tool_correct"], metrics["n_tool"]) == (1.0, 1.0, 2.0)
+    wrong_value = {examples[0].prompt: " <tool>calculator(37 * 13)</tool>", examples[1].prompt: " <tool>calculator(9 - 5)</tool>"}
+    metrics = evaluate(ScriptedLM(tok, wrong_value), tok, examples, CFG, CTX)
+    assert (metrics["tool_valid"], metrics["tool_correct"]) == (1.0, 0.0)
+    no_call = {examples[0].prompt: " The answer is 444.", examples[1].prompt: " <tool>calculator(import os)</tool>"}
+    metrics = evaluate(ScriptedLM(tok, no_call), tok, examples, CFG, CTX)
+    assert (metrics["tool_valid"], metrics["tool_correct"]) == (0.0, 0.0)
+
+
+def test_choice_accuracy_follows_model_preference(tok):
+    prompt = "The ball was blue.\nQuestion: What color was the ball?\nAnswer:"
+    choices = (" red", " blue", " green")
+    examples = [_choice("narrative", prompt + " " * i, choices, i) for i in range(3)]  # labels 0, 1, 2
+    examples.append(_choice("persona", "User: What is your name?\nAssistant:", (" Alex.", " Forge."), 1))
+    right = {ex.prompt: ex.choices[ex.label] for ex in examples}
+    metrics = evaluate(ScriptedLM(tok, right), tok, examples, CFG, CTX)
+    assert (metrics["choice_acc"], metrics["n_choice"]) == (1.0, 4.0)
+    assert metrics["narrative_acc"] == 1.0 and metrics["persona_acc"] == 1.0
+    wrong = {ex.prompt: ex.choices[(ex.label + 1) % len(ex.choices)] for ex in examples}
+    assert evaluate(ScriptedLM(tok, wrong), tok, examples, CFG, CTX)["choice_acc"] == 0.0
+
+
+def test_choice_ties_go_to_the_lowest_index(tok):
+    choices = (" cat", " dog", " cow")  # equal token counts: a uniform model scores them equally
+    examples = [_choice("narrative", f"Story {i}.\nAnswer:", choices, label) for i, label in enumerate((0, 0, 1))]
+    metrics = evaluate(UniformLM(len(tok)), tok, examples, CFG, CTX)
+    assert metrics["choice_acc"] == pytest.approx(2 / 3)  # always picks index 0
+
+
+def test_missing_tasks_are_omitted_not_zero(tok):
+    metrics = evaluate(UniformLM(len(tok)), tok, [Example(kind="text", text="just text")], CFG, CTX)
+    assert set(metrics) == {"loss", "ppl", "ppl_tokens", "n_arith", "n_tool", "n_choice"}
+    assert metrics["n_arith"] == metrics["n_tool"] == metrics["n_choice"] == 0
+
+
+def test_max_examples_caps_each_task(tok):
+    examples = [_arith(f"{i} + 1", str(i + 1)) for i in range(12)]
+    cfg = CFG.model_copy(update={"max_examples": 5})
+    assert evaluate(UniformLM(len(tok)), tok, examples, cfg, CTX)["n_arith"] == 5
+
+
+def test_empty_examples_are_refused(tok):
+    with pytest.raises(ConfigError, match="no examples"):
+        evaluate(UniformLM(len(tok)), tok, [], CFG, CTX)
+
+
+def test_long_prompts_fit_the_model(tok):
+    long_prompt = "word " * 80 + "\nAnswer:"
+    examples = [
+        _choice("narrative", long_prompt, (" yes", " no"), 0),
+        Example(kind="arithmetic", text="x", prompt="y " * 80 + "Q:", answer="1"),
+    ]
+    model = ScriptedLM(tok, {}, max_positions=32)
+    metrics = evaluate(model, tok, examples, CFG, CTX)
+    assert max(model.seen_lengths) <= 32 and metrics["n_choice"] == 1 and metrics["n_arith"] == 1
+
+
+# ---------------------------------------------------------------------------------- unigram baseline
+
+
+def test_unigram_loss_of_a_uniform_corpus_is_log_of_its_types(tok):
+    train = [Example(kind="text", text="abcd")] * 10_000  # a, b, c, d, EOS: 5 equally frequent types
+    assert unigram_loss(train, [Example(kind="text", text="dcba")], tok, 1000) == pytest.approx(math.log(5), abs=0.01)
+    # An unseen token costs log(N + V) under add-one smoothing: far more than the seen ones.
+    n, v = 50_000, len(tok)
+    unseen = unigram_loss(train, [Example(kind="text", text="zzzz")], tok, 1000)
+    expected = (4 * math.log(n + v) - math.log(10_001 / (n + v))) / 5
+    assert unseen == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ConfigError):
+        unigram_loss([], train, tok, 10)
+
+
+# ------------------------------------------------------------------------------ a real Hugging Face LM
+
+
+def test_evaluate_runs_on_a_real_llama_and_is_deterministic():
+    examples = generate_synthetic(SyntheticConfig(n_examples=400), seed=0)
+    splits = split_examples(examples, 10, 10)
+    hf_tok = train_bpe([ex.text for ex in splits["train"]], vocab_size=400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            vocab_size=len(hf_tok), max_position_embeddings=128,
+        )
+    )
+    model.train()
+    cfg = EvalConfig(max_examples=4, ppl_max_tokens=512, max_new_tokens=8, batch_size=4, seq_len=64)
+    held_out = splits["validation"]
+    first = evaluate(model, hf_tok, held_out, cfg, CTX)
+    assert model.training  # the caller's mode is restored
+    assert first == evaluate(model, hf_tok, held_out, cfg, CTX)
+    kinds = [ex.kind for ex in held_out]
+    assert first["n_arith"] == min(4, kinds.count("arithmetic"))
+    assert first["n_choice"] == min(4, kinds.count("persona") + kinds.count("narrative"))
+    assert len(hf_tok) / 3 < first["ppl"] < len(hf_tok) * 3  # untrained: near uniform over the vocab
+    for key in ("arith_em", "tool_valid", "tool_correct", "choice_acc"):
+        assert 0.0 <= first[key] <= 1.0
+    baseline = unigram_loss(splits["train"], held_out, hf_tok, 512)
+    assert 0 < baseline < math.log(len(hf_tok))  # unigram statistics beat a uniform guess
