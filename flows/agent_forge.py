@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import ForgeConfig
-from tasks.runtime import PhaseResult, resolve_device
+from tasks.runtime import PhaseResult, prefect_ui_url, resolve_device
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking, flatten
 
@@ -122,7 +122,7 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
             {
                 "prefect.flow_run_id": flow_run.id,
                 "prefect.flow_run_name": flow_run.name,
-                "prefect.ui_url": flow_run.ui_url,
+                "prefect.ui_url": prefect_ui_url(flow_run.ui_url),
                 "forge.store": store.url,
                 "forge.phases": ",".join(config.phases),
             },
@@ -160,7 +160,7 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         store=store.url,
         mlflow_run_id=parent,
         mlflow_ui=tracking.ui_command() if tracking else None,
-        prefect_ui=flow_run.ui_url,
+        prefect_ui=prefect_ui_url(flow_run.ui_url),
         phases=summaries,
     )
 

@@ -21,3 +21,5 @@ def configure() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # Per-shard progress bars from save_pretrained drown the phase's own progress lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -85,10 +85,15 @@ def _prefect_run_ids() -> dict[str, str | None]:
             "prefect.flow_run_name": flow_run.name,
             "prefect.task_run_id": task_run.id,
             "prefect.task_run_name": task_run.name,
-            "prefect.ui_url": flow_run.ui_url,
+            "prefect.ui_url": prefect_ui_url(flow_run.ui_url),
         }
     except Exception:  # noqa: BLE001 - outside a Prefect run
         return {}
+
+
+def prefect_ui_url(url: str | None) -> str | None:
+    """The flow run's UI URL, or None without a UI (ephemeral mode renders it as 'None/flow-runs/...')."""
+    return url if url and url.startswith("http") else None
 
 
 def _artifact(kind: str, **kwargs):
