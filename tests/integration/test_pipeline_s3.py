@@ -124,7 +124,7 @@ def test_transient_storage_error_is_retried(bucket, s3_server, mlflow_uri, monke
     cognate = result.phase("cognate")
     assert cognate.status == "completed"
     # the retry found the checkpoints of the failed attempt and did not retrain from scratch
-    assert cognate.steps_run == 0 or cognate.steps_run < 180
+    assert cognate.steps_run == 0
 
 
 def test_non_transient_error_is_not_retried(bucket, mlflow_uri, monkeypatch):
