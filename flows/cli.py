@@ -56,16 +56,23 @@ def _load(args) -> ForgeConfig:
     return load_config(preset=args.preset, config_file=args.config_file, overrides=args.overrides, store=args.store)
 
 
-def _phase_overrides(name: str, inputs: list[str]) -> list[str]:
-    """Translate `forge phase` inputs into config overrides."""
+def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> list[str]:
+    """Translate `forge phase` inputs into config overrides.
+
+    An input is a plain Hugging Face model folder, or an artifact URI (verified against its manifest, then
+    copied to ``./forge-inputs/<digest>/``) whose model folders are used.
+    """
     if name != "cognate":
         raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: cognate)"])
-    folders = []
+    folders: list[str] = []
     for x in inputs:
         path = Path(x.removeprefix("file://"))
-        if not (path.is_dir() and (path / "config.json").is_file()):
-            raise ConfigProblems([f"--input {x!r}: cognate takes Hugging Face model folders (with config.json)"])
-        folders.append(str(path.resolve()))
+        if path.is_dir() and (path / "config.json").is_file():
+            folders.append(str(path.resolve()))
+        elif "://" in x or (path / "manifest.json").is_file():
+            folders += _artifact_models(x)
+        else:
+            raise ConfigProblems([f"--input {x!r}: not a Hugging Face model folder (no config.json) nor an artifact URI"])
     sets = ["phases=[cognate]"]
     if folders:
         sets += [
@@ -78,21 +85,49 @@ def _phase_overrides(name: str, inputs: list[str]) -> list[str]:
     return sets
 
 
+def _artifact_models(uri: str) -> list[str]:
+    """Verified local copies of the model folders of a stored artifact."""
+    from tasks.store import Store
+
+    store = Store(uri)
+    manifest, digest = store.read_manifest(store.url)
+    dest = Path("forge-inputs") / digest[:16]
+    if not (dest / "manifest.json").is_file():
+        store.download(store.url, dest, expected_digest=digest)
+    models = sorted(str(c.parent.resolve()) for c in dest.glob("*/config.json"))
+    if not models:
+        raise ConfigProblems([f"--input {uri!r}: a {manifest['kind']!r} artifact holds no model folders"])
+    return models
+
+
+MODEL_COLUMNS = ("ppl", "unigram_gain", "arith_em", "tool_valid", "tool_correct", "choice_acc", "refine_steps", "params")
+
+
 def _print_summary(result, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     table = Table(title=f"Agent Forge run ({seconds:.0f} s)")
-    for col in ("phase", "status", "cached", "key metrics", "artifact"):
+    for col in ("phase", "status", "cached", "seconds", "artifact"):
         table.add_column(col, overflow="fold")
     for p in result.phases:
-        keys = [k for k in p.metrics if k.endswith(("/ppl", "/unigram_gain", "/arith_em", "/choice_acc"))][:8]
-        if not keys:
-            keys = list(p.metrics)[:4]
-        metrics = ", ".join(f"{k}={p.metrics[k]:.4g}" for k in keys)
-        table.add_row(p.name, p.status, "yes" if p.cached else "no", metrics, p.artifact.uri if p.artifact else "-")
+        table.add_row(p.name, p.status, "yes" if p.cached else "no", f"{p.seconds:.1f}",
+                      p.artifact.uri if p.artifact else "-")
     console.print(table)
+    for p in result.phases:
+        models = sorted({k.split("/", 1)[0] for k in p.metrics if "/" in k and k.endswith("/ppl")})
+        if not models:
+            continue
+        mt = Table(title=f"{p.name}: held-out metrics per model")
+        mt.add_column("model")
+        for col in MODEL_COLUMNS:
+            mt.add_column(col, justify="right")
+        for m in models:
+            cells = [p.metrics.get(f"{m}/{c}") for c in MODEL_COLUMNS]
+            mt.add_row(m, *("-" if v is None else (f"{v:,.0f}" if c == "params" else f"{v:.4g}")
+                            for c, v in zip(MODEL_COLUMNS, cells)))
+        console.print(mt)
     console.print(f"store: {result.store}")
     if result.mlflow_ui:
         console.print(f"MLflow UI:  {result.mlflow_ui}   (parent run {result.mlflow_run_id})")
@@ -157,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "phase":
-            args.overrides = args.overrides + _phase_overrides(args.name, args.inputs)
+            args.overrides = args.overrides + _phase_overrides(args.name, args.inputs, args.store)
         config = _load(args)
         if args.command == "config":
             import yaml

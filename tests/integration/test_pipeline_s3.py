@@ -187,3 +187,25 @@ def test_interrupted_training_resumes_from_store_checkpoint(bucket, s3_server, m
     cognate = resumed.phase("cognate")
     # trunk resumed at step 80 (checkpoint_every=40): 40 trunk steps + 2 x 30 variant steps
     assert cognate.steps_run == 40 + 30 + 30
+
+
+def test_real_corpus_source_on_s3_is_mixed_in(bucket, s3_server, tmp_path):
+    import boto3
+
+    from forge_models.data import build_corpus
+    from tasks.data import _materialize_sources
+
+    lines = "\n".join(json.dumps({"body": f"Document number {i} talks about rivers and stones."}) for i in range(300))
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key="corpora/docs.jsonl", Body=lines.encode())
+    cfg = load_config("tiny", overrides=[
+        f"data.sources=[{{path: 's3://{bucket}/corpora/docs.jsonl', text_field: body}}]",
+        "data.synthetic.n_examples=500",
+    ])
+    paths = _materialize_sources(cfg, tmp_path)
+    corpus = build_corpus(cfg.data, paths)
+    texts = [ex for split in ("train", "validation", "test") for ex in corpus.split(split) if ex.kind == "text"]
+    assert len(texts) == 300
+    assert all("rivers and stones" in ex.text for ex in texts)
+    missing = load_config("tiny", overrides=[f"data.sources=[{{path: 's3://{bucket}/corpora/nope.jsonl'}}]"])
+    with pytest.raises(ForgeError, match="nope.jsonl does not exist"):
+        _materialize_sources(missing, tmp_path)

@@ -82,3 +82,15 @@ def test_cli_exits_2_listing_fields(capsys):
 def test_cli_config_prints_resolved(capsys):
     assert main(["config", "--preset", "tiny", "--set", "seed=5"]) == 0
     assert "seed: 5" in capsys.readouterr().out
+
+
+def test_flow_parameter_is_the_config_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.agent_forge import agent_forge
+
+    schema = parameter_schema(agent_forge.fn).model_dump()
+    assert list(schema["properties"]) == ["config"]
+    cognate = schema["definitions"]["CognateConfig"]["properties"]
+    assert "Quality gate" in cognate["min_unigram_gain"]["description"]
+    assert schema["definitions"]["ForgeConfig"]["additionalProperties"] is False
