@@ -80,7 +80,7 @@ def preflight(config: ForgeConfig) -> Store:
     """Checks that need the environment, done before any data is read or model built."""
     resolve_device(config.device.device)
     store = Store(config.store.url)
-    probe = store.uri("_probe", f"{time.time_ns()}")
+    probe = store.uri(f".forge-probe-{time.time_ns()}")
     store.write_bytes(probe, b"ok")
     store.delete(probe)
     return store
