@@ -225,11 +225,8 @@ class Store:
             raise ArtifactIntegrityError(f"{muri} is not a valid Agent Forge manifest") from None
         return manifest, hashlib.sha256(data).hexdigest()
 
-    def verify(self, uri: str, expected_digest: str | None = None, deep: bool = True) -> dict[str, Any]:
-        """Check a prefix against its manifest; return the manifest or raise naming the bad file.
-
-        deep=True re-hashes every file (catches same-size tampering); deep=False checks presence and size.
-        """
+    def _checked_manifest(self, uri: str, expected_digest: str | None) -> tuple[dict[str, Any], str, set[str]]:
+        """Manifest, its digest and the files present; raises on a pinned-digest mismatch or a foreign file."""
         manifest, digest = self.read_manifest(uri)
         if expected_digest and digest != expected_digest:
             raise ArtifactIntegrityError(
@@ -237,10 +234,17 @@ class Store:
                 "the artifact was replaced after it was referenced"
             )
         present = set(self.list_files(uri)) - {MANIFEST}
-        listed = set(manifest["files"])
-        foreign = sorted(present - listed)
+        foreign = sorted(present - set(manifest["files"]))
         if foreign:
             raise ArtifactIntegrityError(f"{uri}: file {foreign[0]!r} is not in the manifest (foreign file)")
+        return manifest, digest, present
+
+    def verify(self, uri: str, expected_digest: str | None = None, deep: bool = True) -> dict[str, Any]:
+        """Check a prefix against its manifest; return the manifest or raise naming the bad file.
+
+        deep=True re-hashes every file (catches same-size tampering); deep=False checks presence and size.
+        """
+        manifest, digest, present = self._checked_manifest(uri, expected_digest)
         for rel, meta in sorted(manifest["files"].items()):
             furi = self.uri_join(uri, rel)
             if rel not in present:
@@ -269,16 +273,7 @@ class Store:
 
     def download(self, uri: str, local_dir: Path, expected_digest: str | None = None) -> dict[str, Any]:
         """Copy a verified prefix to ``local_dir``; every file is hashed as it arrives."""
-        manifest, digest = self.read_manifest(uri)
-        if expected_digest and digest != expected_digest:
-            raise ArtifactIntegrityError(
-                f"{uri}/manifest.json has digest {digest[:12]}..., expected {expected_digest[:12]}...: "
-                "the artifact was replaced after it was referenced"
-            )
-        present = set(self.list_files(uri)) - {MANIFEST}
-        foreign = sorted(present - set(manifest["files"]))
-        if foreign:
-            raise ArtifactIntegrityError(f"{uri}: file {foreign[0]!r} is not in the manifest (foreign file)")
+        manifest, digest, present = self._checked_manifest(uri, expected_digest)
         local_dir = Path(local_dir)
         for rel, meta in sorted(manifest["files"].items()):
             furi = self.uri_join(uri, rel)
