@@ -45,7 +45,7 @@ class StoreConfig(_Frozen):
     @model_validator(mode="after")
     def _scheme(self) -> "StoreConfig":
         scheme = self.url.split("://", 1)[0] if "://" in self.url else "file"
-        if scheme not in ("file", "s3", "memory"):
+        if scheme not in ("file", "s3"):
             raise ValueError(f"store.url scheme {scheme!r} is not supported; use file:// or s3://")
         if scheme == "s3" and len(self.url[5:].split("/", 1)[0]) < 3:
             raise ValueError("store.url: an S3 bucket name needs at least 3 characters")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import forge_models
 from forge_models.runtime import ArtifactIntegrityError, ForgeError, PhaseContext
+from tasks.locks import StoreLock
 from tasks.store import ArtifactRef, Store, is_transient
 from tasks.tracking import Tracking, flatten
 
@@ -100,7 +101,10 @@ def _artifact(kind: str, **kwargs):
     """Create a Prefect artifact when inside a run; never fail the phase because of the UI."""
     try:
         from prefect import artifacts
+        from prefect.context import FlowRunContext, TaskRunContext
 
+        if TaskRunContext.get() is None and FlowRunContext.get() is None:
+            return None  # plain library call: no run to attach to (and no API to start)
         return getattr(artifacts, kind)(**kwargs)
     except Exception as exc:  # noqa: BLE001
         log.debug("prefect artifact %s not created: %s", kind, exc)
@@ -202,7 +206,9 @@ def run_phase(
     t0 = time.monotonic()
     store = Store(store_url)
     out_uri = store.uri(phase, key)
-    if store.exists(store.uri_join(out_uri, "manifest.json")):
+    manifest_uri = store.uri_join(out_uri, "manifest.json")
+
+    def reuse() -> PhaseResult:
         manifest = store.verify(out_uri)
         log.info("[%s] reusing committed output %s", phase, out_uri)
         return PhaseResult(
@@ -210,6 +216,28 @@ def run_phase(
             seconds=time.monotonic() - t0,
         )
 
+    if store.exists(manifest_uri):
+        return reuse()
+    # One writer per output: a concurrent run with the same key waits here and then reuses our output.
+    lock = StoreLock(store, f"{phase}/{key}")
+    if not lock.acquire(done=lambda: store.exists(manifest_uri)):
+        return reuse()
+    try:
+        if store.exists(manifest_uri):  # committed between our check and the lock
+            return reuse()
+        return _compute(
+            phase=phase, kind=kind, key=key, store=store, out_uri=out_uri, config_section=config_section,
+            inputs=inputs, body=body, tracking=tracking, parent_run_id=parent_run_id, device=device,
+            precision=precision, seed=seed, threads=threads, t0=t0, lock=lock,
+        )
+    finally:
+        lock.release()
+
+
+def _compute(
+    *, phase, kind, key, store: Store, out_uri, config_section, inputs, body: Body, tracking, parent_run_id,
+    device, precision, seed, threads, t0, lock: StoreLock,
+) -> PhaseResult:
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -242,6 +270,7 @@ def run_phase(
             rel = folder.relative_to(ckpt_dir).as_posix()
             stage = rel.rsplit("/", 1)[0] if "/" in rel else ""
             store.upload_dir(folder, store.uri_join(ckpt_uri, rel), last="COMPLETE")
+            lock.refresh()
             # Drop older checkpoints of the same stage only once the new one is complete remotely.
             stage_uri = store.uri_join(ckpt_uri, stage) if stage else ckpt_uri
             for other in {f.split("/", 1)[0] for f in store.list_files(stage_uri)}:

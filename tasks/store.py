@@ -107,7 +107,7 @@ class Store:
     def __init__(self, url: str):
         self.url = normalise_url(url)
         self.protocol = self.url.split("://", 1)[0]
-        if self.protocol not in ("file", "s3", "memory", "gs", "az", "abfs"):
+        if self.protocol not in ("file", "s3"):
             raise ValueError(f"unsupported store URL {url!r}: use file://PATH or s3://BUCKET/PREFIX")
         options: dict[str, Any] = {}
         if self.protocol == "s3":
@@ -152,6 +152,19 @@ class Store:
         if self.protocol == "file":
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self._call(f"write {uri}", self.fs.pipe_file, path, data)
+
+    def create_bytes(self, uri: str, data: bytes) -> None:
+        """Write an object that must not exist yet (create-only where the store supports it)."""
+        path = self._path(uri)
+        try:
+            if self.protocol == "file":
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                with open(path, "xb") as f:
+                    f.write(data)
+            else:
+                self._call(f"create {uri}", self.fs.pipe_file, path, data, mode="create")
+        except FileExistsError:
+            raise ArtifactIntegrityError(f"{uri} already exists: another writer committed this output first") from None
 
     def put_file(self, local: Path, uri: str) -> None:
         path = self._path(uri)
@@ -202,7 +215,7 @@ class Store:
             "files": entries,
         }
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        self.write_bytes(self.uri_join(uri, MANIFEST), data)
+        self.create_bytes(self.uri_join(uri, MANIFEST), data)
         return hashlib.sha256(data).hexdigest()
 
     @staticmethod

@@ -209,3 +209,12 @@ def test_real_corpus_source_on_s3_is_mixed_in(bucket, s3_server, tmp_path):
     missing = load_config("tiny", overrides=[f"data.sources=[{{path: 's3://{bucket}/corpora/nope.jsonl'}}]"])
     with pytest.raises(ForgeError, match="nope.jsonl does not exist"):
         _materialize_sources(missing, tmp_path)
+
+
+def test_concurrent_runs_on_s3_write_the_output_once(bucket):
+    from tests.unit.test_locks import _racing_runs
+
+    calls, results, errors = _racing_runs(f"s3://{bucket}/forge", n=2)
+    assert errors == [] and len(calls) == 1
+    assert sorted(r.executed for r in results) == [False, True]
+    assert results[0].ref.digest == results[1].ref.digest

@@ -1,0 +1,92 @@
+"""Config of Phase 4 (BitNet b1.58): frozen, documented, validated before any training starts.
+
+Defaults follow the HF fine-tuning recipe where it applies (lr 1e-4, lambda = min(step / warmup, 1));
+step counts are smaller than its 5,000 x 2M tokens because the `tiny`/`small` presets override them anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from forge_models.config import DATA_KINDS, Frozen
+
+__all__ = ["BitNetConfig"]
+
+
+class BitNetConfig(Frozen):
+    """Phase 4: convert linear layers to BitNet b1.58, fine-tune with a lambda warm-up, store packed."""
+
+    steps: int = Field(1000, ge=1, le=10_000_000, description="Quantisation-aware fine-tuning optimizer steps.")
+    warmup_steps: int = Field(
+        200,
+        ge=0,
+        description=(
+            "Quantisation warm-up: lambda = min(step / warmup_steps, 1) blends full precision (0) into the "
+            "ternary layer (1); 0 = fully quantised from the first step. Must be < steps so the last steps "
+            "train the model that is stored."
+        ),
+    )
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Constant AdamW learning rate of the latent weights (HF recipe: 1e-4).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on latent matrices (not norms/embeddings).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per step.")
+    seq_len: int = Field(256, ge=8, le=32768, description="Tokens per sequence.")
+    data_mix: dict[str, float] = Field(
+        default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0, "text": 1.0},
+        description="Sampling weight of each data kind (kinds absent from the corpus are ignored).",
+    )
+    keep_patterns: list[str] = Field(
+        default_factory=lambda: ["lm_head", "halt"],
+        description=(
+            "Module names kept in high precision besides embeddings, norms and the output embedding (which are "
+            "always kept): exact name, trailing dotted name ('halt' = the Cognate halting head), or full regex."
+        ),
+    )
+    act_norm: Literal["rms", "none"] = Field(
+        "rms",
+        description=(
+            "Normalisation before activation quantisation: 'rms' = learned-gain RMSNorm per BitLinear (exported "
+            "as transformers' use_rms_norm=True), 'none' = quantise the layer input as is."
+        ),
+    )
+    packing: Literal["2bit", "base3"] = Field(
+        "2bit",
+        description=(
+            "Stored format of ternary weights: '2bit' (4 per byte, transformers' BitNet layout, loadable with "
+            "AutoModelForCausalLM) or 'base3' (5 per byte, 1.6 bits, read only by forge_models.bitnet.load_packed)."
+        ),
+    )
+    kept_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Stored dtype of everything not ternary (embeddings, lm_head, norms, biases)."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every this many optimizer steps.")
+    max_loss_increase: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Quality gate: held-out loss (nats/token) of the fine-tuned ternary model may exceed the input "
+            "model's by at most this much, else the phase fails and nothing is stored."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "BitNetConfig":
+        unknown = sorted(set(self.data_mix) - set(DATA_KINDS))
+        if unknown:
+            raise ValueError(f"unknown data kinds {unknown} in bitnet.data_mix; use {list(DATA_KINDS)}")
+        if not any(w > 0 for w in self.data_mix.values()) or any(w < 0 for w in self.data_mix.values()):
+            raise ValueError("bitnet.data_mix weights must be >= 0 with at least one > 0")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"bitnet.warmup_steps ({self.warmup_steps}) must be < steps ({self.steps}): the model must train "
+                f"fully quantised (lambda = 1) for at least one step before it is stored"
+            )
+        for pattern in self.keep_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bitnet.keep_patterns: {pattern!r} is not a valid regular expression: {exc}") from exc
+        return self

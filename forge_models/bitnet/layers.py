@@ -1,0 +1,239 @@
+"""The two BitNet b1.58 linear layers: :class:`BitLinear` for training, :class:`PackedBitLinear` for inference.
+
+``BitLinear`` keeps latent full-precision master weights and computes, at quantisation strength
+``lambda`` (``quant_strength``)::
+
+    x_n = rms_norm(x)                                 # learned-gain RMSNorm, or nothing (act_norm="none")
+    x_e = (1 - lambda) * x + lambda * STE(q8(x_n))    # q8: per-token absmax int8, dequantised
+    w_e = (1 - lambda) * W + lambda * STE(q3(W))      # q3: absmean ternary, dequantised
+    y   = x_e @ w_e.T + b
+
+so lambda = 0 is exactly ``nn.Linear`` (the normalisation is bypassed too) and lambda = 1 is exactly the
+fully quantised layer of transformers' ``BitLinear`` with ``use_rms_norm=True`` (same ``LlamaRMSNorm``,
+same quantisers). The STE passes the gradient of ``x_e``/``w_e`` straight to ``x_n``/``W``, so the latent
+weights train through the quantised forward pass; the norm's gain gets its gradient through ``x_n``.
+
+Why the interpolation also covers the normalisation: per-token absmax quantisation is scale-invariant
+(q8(c x) = c q8(x) for c > 0), so a parameter-free RMS normalisation before it would only rescale each
+token's output; with a learned gain it reweights the input channels before rounding, which is what the
+reference asks for ("normalise before quantising"). But on a pretrained model it changes the function,
+so at lambda = 0 it must be absent and it is blended in with the quantisation.
+
+``PackedBitLinear`` holds only 2-bit codes (``ceil(out/4) * in`` bytes), a float32 ``weight_scale`` (s_w),
+the bias and the norm gain. Its forward pass quantises activations to int8, expands the 2-bit codes to an
+int8 ``(in, out)`` operand (bit shifts, no float), multiplies with an int32 accumulator
+(``torch._int_mm``: oneDNN VNNI/AMX kernels on x86) and applies one scale division,
+``y = acc / (s_x * s_w)`` — the same expression, in the same order, as transformers' ``BitLinear``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from forge_models.bitnet.packing import pack_2bit, packed_rows
+from forge_models.bitnet.quant import ActivationSTE, WeightSTE, activation_quant, weight_quant
+from forge_models.runtime import ConfigError
+
+__all__ = ["ActNorm", "BitLinear", "PackedBitLinear", "MATMUL_BACKENDS", "default_backend", "integer_linear"]
+
+ActNorm = Literal["rms", "none"]
+
+
+def _make_norm(act_norm: str, in_features: int, eps: float, device: torch.device | None) -> nn.Module | None:
+    if act_norm == "none":
+        return None
+    if act_norm == "rms":
+        # transformers' own class, so the exported layer computes bit for bit what its BitLinear computes.
+        return LlamaRMSNorm(in_features, eps=eps).to(device=device)
+    raise ConfigError(f"act_norm must be 'rms' or 'none', got {act_norm!r}")
+
+
+class BitLinear(nn.Linear):
+    """A linear layer trained towards ternary weights and int8 activations (see the module docstring).
+
+    A subclass of ``nn.Linear`` on purpose: ``weight``/``bias`` keep their names and meaning (latent
+    weights), and wrappers that target linear layers (LoRA, later phases) keep training it through the
+    quantised forward pass.
+
+    Attributes:
+        quant_strength: lambda in [0, 1]; 1 after conversion (set it with
+            :func:`forge_models.bitnet.convert.set_quant_strength`).
+        rms_norm: the activation normalisation (``LlamaRMSNorm``), or None for ``act_norm="none"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        act_norm: ActNorm = "rms",
+        rms_norm_eps: float = 1e-6,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.act_norm = act_norm
+        self.rms_norm_eps = float(rms_norm_eps)
+        self.rms_norm = _make_norm(act_norm, in_features, rms_norm_eps, device)
+        self.quant_strength = 1.0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, act_norm: ActNorm = "rms", rms_norm_eps: float = 1e-6) -> "BitLinear":
+        """A BitLinear sharing ``linear``'s weight and bias Parameters (no copy), at full strength."""
+        with torch.device("meta"):  # skip allocating and initialising a weight that is replaced at once
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        act_norm="none", rms_norm_eps=rms_norm_eps)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.act_norm = act_norm
+        layer.rms_norm = _make_norm(act_norm, linear.in_features, rms_norm_eps, linear.weight.device)
+        layer.train(linear.training)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam = float(self.quant_strength)
+        if lam == 0.0:
+            return F.linear(x, self.weight, self.bias)
+        x_n = self.rms_norm(x) if self.rms_norm is not None else x
+        if lam == 1.0 and not torch.is_grad_enabled():
+            # Inference at full strength: the exact integer product, as PackedBitLinear and transformers'
+            # BitLinear compute it, so evaluating this model is evaluating the exported one bit for bit.
+            q, scale = weight_quant(self.weight)
+            y = integer_linear(x_n, q.t().contiguous(), scale, default_backend())
+            return (y if self.bias is None else y + self.bias).to(x.dtype)
+        x_e = ActivationSTE.apply(x_n)
+        w_e = WeightSTE.apply(self.weight)
+        if lam != 1.0:
+            x_e = (1.0 - lam) * x + lam * x_e
+            w_e = (1.0 - lam) * self.weight + lam * w_e
+        return F.linear(x_e, w_e, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act_norm={self.act_norm}, quant_strength={self.quant_strength:g}"
+
+
+# ------------------------------------------------------------------------------------ packed inference
+
+
+def _int_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(x_q, w_t)
+
+
+def _int32_matmul(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    # A plain integer GEMM: exact, portable, slower than _int_mm. Kept as a reference backend.
+    return torch.mm(x_q.to(torch.int32), w_t.to(torch.int32))
+
+
+MATMUL_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "int_mm": _int_mm,
+    "int32": _int32_matmul,
+}
+"""Integer GEMMs ``(m, k) int8 @ (k, n) int8 -> (m, n) int32``, by name."""
+
+
+def default_backend() -> str:
+    """``int_mm`` where torch has it (it does on x86 CPUs since 2.x), else the plain int32 GEMM."""
+    return "int_mm" if hasattr(torch, "_int_mm") else "int32"
+
+
+def integer_linear(
+    x: torch.Tensor, w_t: torch.Tensor, weight_scale: torch.Tensor, backend: str, offset_codes: bool = False
+) -> torch.Tensor:
+    """``(x_q @ W_q.T) / (s_x * s_w)`` in float32: int8 activations times an int8 ``(in, out)`` operand.
+
+    ``w_t`` is W_q transposed, or with ``offset_codes`` the codes W_q + 1 in {0, 1, 2} (then
+    ``rowsum(x_q)`` is subtracted from the int32 accumulator). One scale division, in transformers' order.
+    """
+    lead = x.shape[:-1]
+    x_q, s_x = activation_quant(x.reshape(-1, x.shape[-1]))
+    acc = MATMUL_BACKENDS[backend](x_q, w_t)
+    if offset_codes:
+        acc = acc - x_q.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    return (acc.float() / (s_x * weight_scale)).reshape(*lead, -1)
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only ternary linear layer computed from 2-bit codes with integer arithmetic.
+
+    Buffers: ``codes`` — uint8 ``(in, ceil(out/4))``, the transformers-layout packed matrix transposed so
+    that the expanded operand is a contiguous ``(in, 4 * ceil(out/4))`` int8 matrix, the layout
+    ``torch._int_mm`` is fast with; ``weight_scale`` — float32 ``(1,)``, s_w = 1/mean|W| (output divided);
+    ``bias``; and ``rms_norm`` if the layer normalises activations.
+
+    Per call the codes are expanded with two integer ops into a transient int8 matrix of ``in * out``
+    bytes (4x the resident codes, freed after the call); the codes are {0, 1, 2} = W_q + 1, so
+    ``x_q @ W_q.T = x_q @ codes - rowsum(x_q)`` and no -1 pass over the matrix is needed.
+    """
+
+    def __init__(
+        self,
+        ternary: torch.Tensor,
+        weight_scale: torch.Tensor | float,
+        bias: torch.Tensor | None = None,
+        rms_norm_weight: torch.Tensor | None = None,
+        rms_norm_eps: float = 1e-6,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if ternary.ndim != 2:
+            raise ConfigError(f"PackedBitLinear needs a 2-D ternary matrix, got shape {tuple(ternary.shape)}")
+        self.out_features, self.in_features = int(ternary.shape[0]), int(ternary.shape[1])
+        self.backend = backend or default_backend()
+        if self.backend not in MATMUL_BACKENDS:
+            raise ConfigError(f"unknown integer matmul backend {self.backend!r}; use one of {sorted(MATMUL_BACKENDS)}")
+        self.register_buffer("codes", pack_2bit(ternary).t().contiguous())
+        scale = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(1).clone()
+        self.register_buffer("weight_scale", scale.to(ternary.device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.rms_norm: nn.Module | None = None
+        if rms_norm_weight is not None:
+            self.rms_norm = LlamaRMSNorm(self.in_features, eps=rms_norm_eps).to(ternary.device)
+            with torch.no_grad():
+                self.rms_norm.weight.copy_(rms_norm_weight.float())
+            self.rms_norm.requires_grad_(False)
+        self.register_buffer(
+            "_shifts", torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=ternary.device).view(1, 4, 1),
+            persistent=False,
+        )
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, backend: str | None = None) -> "PackedBitLinear":
+        """Freeze a trained BitLinear at full strength into its packed form."""
+        q, scale = weight_quant(layer.weight)
+        norm_w = layer.rms_norm.weight.detach() if layer.rms_norm is not None else None
+        eps = layer.rms_norm.variance_epsilon if layer.rms_norm is not None else layer.rms_norm_eps
+        return cls(q, scale, layer.bias, norm_w, eps, backend)
+
+    def ternary(self) -> torch.Tensor:
+        """The int8 ternary matrix ``(out, in)`` (for tests and export; not used by forward)."""
+        rows = packed_rows(self.out_features, 4)
+        codes = (self.codes.unsqueeze(1) >> self._shifts) & 3  # (in, 4, rows)
+        return (codes.reshape(self.in_features, 4 * rows)[:, : self.out_features].t().to(torch.int8) - 1).contiguous()
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer keeps in memory between calls (codes, scale, bias, norm gain)."""
+        tensors = [self.codes, self.weight_scale] + ([self.bias] if self.bias is not None else [])
+        tensors += list(self.rms_norm.parameters()) if self.rms_norm is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rms_norm(x.float()) if self.rms_norm is not None else x
+        # (in, 1, rows) >> (1, 4, 1) -> (in, 4, rows): column block i holds output rows i*rows .. i*rows+rows-1,
+        # which is exactly the output order, so a reshape (no copy) gives the (in, 4*rows) operand.
+        w_t = ((self.codes.unsqueeze(1) >> self._shifts) & 3).view(torch.int8).reshape(self.in_features, -1)
+        y = integer_linear(h, w_t, self.weight_scale, self.backend, offset_codes=True)
+        y = y[..., : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, act_norm={'rms' if self.rms_norm is not None else 'none'}, "
+                f"backend={self.backend}")

@@ -1,0 +1,159 @@
+"""Sparsifiers for task vectors (deltas against the base), one tensor at a time.
+
+Each function keeps some entries of a delta and zeroes the rest, then optionally rescales what is kept:
+
+- ``magnitude``: the top ``density`` fraction by |delta| (TIES trim, https://arxiv.org/abs/2306.01708).
+- ``magnitude_outliers``: drop the largest ``gamma`` fraction and enough of the smallest to keep
+  ``density`` (Model Breadcrumbs, https://arxiv.org/abs/2312.06795).
+- ``bernoulli``: keep each entry with probability ``density`` (DARE, https://arxiv.org/abs/2311.03099).
+- ``della_magprune``: keep probability linear in the magnitude rank within each row, in
+  [density - epsilon, density + epsilon] (DELLA, https://arxiv.org/abs/2406.11617).
+
+Rescaling (``rescale_norm``):
+
+- ``"inverse"``: divide each kept entry by its keep probability, as both papers do (DARE: 1/(1-p) with
+  drop rate p = 1 - density; DELLA: 1/p_i per entry). The merged delta is then unbiased: E[out] = delta.
+- ``"l1"`` / ``"l2"`` / ``"linf"``: mergekit's ``rescaled_masked_tensor`` (since mergekit PR #245): scale
+  the masked tensor so that its norm equals the original's. mergekit's ``rescale: true`` means ``"l1"``.
+- ``None``: no rescaling.
+
+Trimming is always per tensor (mergekit's convention); the TIES paper trims over the whole flattened
+model instead (see ``forge_models.merge.methods``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = ["RescaleNorm", "rescale_masked", "magnitude", "magnitude_outliers", "bernoulli", "della_magprune"]
+
+RescaleNorm = Literal["inverse", "l1", "l2", "linf"]
+_EPS = 1e-7
+
+
+def rescale_masked(
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    norm: RescaleNorm | None,
+    keep_probability: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``delta * mask``, rescaled by keep probability ("inverse") or to match a norm of ``delta``."""
+    masked = delta * mask
+    if norm is None:
+        return masked
+    if norm == "inverse":
+        if keep_probability is None:
+            raise ValueError("rescale_norm 'inverse' needs the keep probability (random sparsifiers only)")
+        return masked / keep_probability
+    if norm == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = delta.norm(), masked.norm()
+    elif norm == "linf":
+        before, after = delta.abs().max(), masked.abs().max()
+    else:
+        raise ValueError(f"unknown rescale_norm {norm!r}; use inverse, l1, l2 or linf")
+    # Like mergekit: an (almost) all-zero delta or mask is returned unscaled instead of dividing by ~0.
+    if before < _EPS or after < _EPS:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale_norm: RescaleNorm | None = None) -> torch.Tensor:
+    """Keep the ``int(density * numel)`` entries of largest magnitude (TIES "trim").
+
+    Ties in magnitude are broken by position (stable sort), so the result is deterministic; mergekit
+    uses an unstable argsort. ``density >= 1`` returns ``delta`` itself.
+    """
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k < 1:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {delta.numel()} entries")
+    if rescale_norm == "inverse":
+        raise ValueError("magnitude trimming is deterministic; use rescale_norm l1/l2/linf or none")
+    order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[order[:k]] = 1
+    return rescale_masked(delta, mask.view_as(delta), rescale_norm)
+
+
+def magnitude_outliers(
+    delta: torch.Tensor, density: float, gamma: float = 0.01, rescale_norm: RescaleNorm | None = None
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``int(gamma * numel)`` largest entries and the smallest ones, keeping
+    exactly ``int(density * numel)`` entries.
+
+    If ``density + gamma > 1`` fewer large outliers are dropped so the density is still met (mergekit's
+    rule). Deviation from mergekit: mergekit slices ``[n_bot:-n_top]``, which keeps *nothing* when
+    ``int(gamma * numel)`` is 0 (e.g. any tensor under 100 entries at gamma 0.01); here the kept range
+    is ``[n_bot, numel - n_top)``, so the kept count is always ``int(density * numel)``.
+    """
+    if density >= 1:
+        return delta
+    if rescale_norm == "inverse":
+        raise ValueError("breadcrumbs trimming is deterministic; use rescale_norm l1/l2/linf or none")
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    order = torch.argsort(delta.abs().reshape(-1), stable=True)  # ascending magnitude
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[n_bot : n - n_top]] = 1
+    return rescale_masked(delta, mask.view_as(delta), rescale_norm)
+
+
+def bernoulli(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    rescale_norm: RescaleNorm | None = "inverse",
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density`` (drop rate p = 1 - density).
+
+    ``rescale_norm="inverse"`` is the paper's delta_hat = (1 - m) * delta / (1 - p); mergekit's default
+    (``rescale: true``) corresponds to ``"l1"``. The mask is drawn from ``generator``, so a fixed seed
+    gives the same output.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        raise ValueError(f"DARE density must be in (0, 1], got {density}")
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) < density
+    return rescale_masked(delta, keep.to(delta.dtype), rescale_norm, keep_probability=density)
+
+
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    rescale_norm: RescaleNorm | None = "inverse",
+) -> torch.Tensor:
+    """DELLA MagPrune: within each row (a 1-D tensor is one row) the entry of rank r (0 = smallest of n)
+    is kept with probability ``density - epsilon + 2 * epsilon * r / (n - 1)``.
+
+    Rows follow mergekit's ``della_magprune`` (rank-normalised to [0, 1], so the mean keep probability
+    is ``density``). ``"inverse"`` divides each kept entry by its own keep probability, as the DELLA
+    paper's rescaling step does; mergekit uses the L1 rescale.
+    """
+    if density >= 1:
+        return delta
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1, got {density} +/- {epsilon}")
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    if n > 1:
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
+        rank01 = ranks / (n - 1)
+    else:
+        rank01 = torch.full(rows.shape, 0.5)  # a single entry sits in the middle of its row
+    probability = (density - epsilon) + 2 * epsilon * rank01
+    keep = torch.rand(rows.shape, generator=generator, dtype=torch.float32, device=delta.device) < probability
+    out = rescale_masked(rows, keep.to(delta.dtype), rescale_norm, keep_probability=probability.to(delta.dtype))
+    return out.reshape(delta.shape)
