@@ -53,6 +53,9 @@ class PipelineResult(BaseModel):
     mlflow_ui: str | None = None
     prefect_ui: str | None = None
     phases: list[PhaseSummary]
+    test_metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per model of the last phase: the harness on the test split."
+    )
 
     def phase(self, name: str) -> PhaseSummary:
         for p in self.phases:
@@ -145,7 +148,14 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
             summaries.append(_summary(name, result, cached, time.monotonic() - t0))
             logger.info("%s: %s -> %s", name, "cached" if cached else "computed", result.ref.uri)
             previous = result
+        test_metrics: dict[str, dict[str, float]] = {}
+        if config.final_test_eval:
+            from flows.evaluate import run_evaluation
+
+            for ev in run_evaluation(config, data.ref, previous.ref, "test", result_storage=storage):
+                test_metrics[ev.model] = ev.metrics
         if tracking and parent:
+            tracking.log_metrics(parent, {f"test/{m}/{k}": v for m, ms in test_metrics.items() for k, v in ms.items()})
             final = summaries[-1]
             tracking.log_metrics(parent, {f"{final.name}/{k}": v for k, v in final.metrics.items()})
             tracking.log_metrics(parent, {f"seconds/{s.name}": s.seconds for s in summaries})
@@ -162,6 +172,7 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         mlflow_ui=tracking.ui_command() if tracking else None,
         prefect_ui=prefect_ui_url(flow_run.ui_url),
         phases=summaries,
+        test_metrics=test_metrics,
     )
 
 
@@ -190,4 +201,5 @@ def result_json(result: PipelineResult) -> dict[str, Any]:
             }
             for p in result.phases
         ],
+        "test_metrics": result.test_metrics,
     }

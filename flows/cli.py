@@ -128,6 +128,15 @@ def _print_summary(result, seconds: float) -> None:
             mt.add_row(m, *("-" if v is None else (f"{v:,.0f}" if c == "params" else f"{v:.4g}")
                             for c, v in zip(MODEL_COLUMNS, cells)))
         console.print(mt)
+    if result.test_metrics:
+        tt = Table(title="test split (never seen by training or selection)")
+        tt.add_column("model")
+        cols = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
+        for c in cols:
+            tt.add_column(c, justify="right")
+        for m, ms in result.test_metrics.items():
+            tt.add_row(m, *("-" if ms.get(c) is None else f"{ms[c]:.4g}" for c in cols))
+        console.print(tt)
     console.print(f"store: {result.store}")
     if result.mlflow_ui:
         console.print(f"MLflow UI:  {result.mlflow_ui}   (parent run {result.mlflow_run_id})")

@@ -76,6 +76,26 @@ class DeviceConfig(_Frozen):
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (None: torch's default).")
 
 
+class RunnerConfig(_Frozen):
+    """Where fanned-out work (mapped Prefect tasks: model evaluations, EvoMerge populations) runs."""
+
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="threads (one process), dask (prefect-dask) or ray (prefect-ray, install it yourself)."
+    )
+    max_workers: int = Field(2, ge=1, le=1024, description="Parallel tasks for the threads runner.")
+    address: str | None = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786) or Ray cluster; None starts a local one."
+    )
+    n_workers: int = Field(2, ge=1, le=1024, description="Workers of the local Dask cluster started when address is None.")
+    processes: bool = Field(
+        False, description="Local Dask cluster: worker processes (True) or threads in this process (False)."
+    )
+    gpus_per_task: float = Field(
+        0.0, ge=0, le=64,
+        description="GPU resource annotation per mapped task (Dask resources {'GPU': n}, Ray num_gpus); 0 = none.",
+    )
+
+
 class ForgeConfig(_Frozen):
     """The whole Agent Forge pipeline: which phases run, on what data, where results go."""
 
@@ -93,6 +113,10 @@ class ForgeConfig(_Frozen):
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="Device and precision.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Task runner for mapped work.")
+    final_test_eval: bool = Field(
+        True, description="After the last phase, evaluate each of its models on the test split (mapped tasks)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ForgeConfig":

@@ -35,6 +35,9 @@ from tasks.tracking import Tracking, flatten
 
 log = logging.getLogger("agent_forge")
 
+MODEL_LOAD_LOCK = threading.Lock()
+"""Serialises from_pretrained across threads: it switches torch's process-wide default device to meta."""
+
 
 class PhaseResult(BaseModel):
     """A phase task's return value (JSON-serialised as the Prefect result; never weights)."""

@@ -284,11 +284,22 @@ class Store:
                 raise TransientStorageError(f"read {uri}: {exc}") from exc
             raise
 
-    def download(self, uri: str, local_dir: Path, expected_digest: str | None = None) -> dict[str, Any]:
-        """Copy a verified prefix to ``local_dir``; every file is hashed as it arrives."""
+    def download(
+        self, uri: str, local_dir: Path, expected_digest: str | None = None, only: str | None = None
+    ) -> dict[str, Any]:
+        """Copy a verified prefix to ``local_dir``; every file is hashed as it arrives.
+
+        ``only``: copy just the files under this sub-folder (the rest is still checked for presence).
+        """
         manifest, digest, present = self._checked_manifest(uri, expected_digest)
         local_dir = Path(local_dir)
+        if only is not None and not any(rel.startswith(only.rstrip("/") + "/") for rel in manifest["files"]):
+            raise ArtifactIntegrityError(f"{uri} has no folder {only!r}")
         for rel, meta in sorted(manifest["files"].items()):
+            if only is not None and not rel.startswith(only.rstrip("/") + "/"):
+                if rel not in present:
+                    raise ArtifactIntegrityError(f"{self.uri_join(uri, rel)} is listed in the manifest but missing")
+                continue
             furi = self.uri_join(uri, rel)
             if rel not in present:
                 raise ArtifactIntegrityError(f"{furi} is listed in the manifest but missing")

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from forge_models.bitnet.layers import ActNorm, BitLinear
@@ -153,3 +154,36 @@ def set_quant_strength(model: nn.Module, strength: float) -> int:
     for _, layer in layers:
         layer.quant_strength = float(strength)
     return len(layers)
+
+
+@torch.no_grad()
+def calibrate_act_norms(model: nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
+    """Set each BitLinear norm gain to the mean RMS of that layer's input on ``input_ids`` (at lambda = 0).
+
+    A unit-gain RMSNorm rescales every token of a pretrained layer's input to RMS 1, which changes what
+    the model computes; a gain equal to the typical input RMS keeps the scale, so fine-tuning starts
+    near the input model. Returns the gains by layer. Strengths are restored afterwards.
+    """
+    layers = [(n, m) for n, m in bit_linears(model) if m.rms_norm is not None]
+    saved = {n: m.quant_strength for n, m in bit_linears(model)}
+    rms: dict[str, float] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=n: rms.__setitem__(
+            name, float(args[0].float().pow(2).mean(-1).sqrt().mean())))
+        for n, m in layers
+    ]
+    try:
+        set_quant_strength(model, 0.0)
+        was_training = model.training
+        model.eval()
+        model(input_ids=input_ids)
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in bit_linears(model):
+            m.quant_strength = saved[n]
+    for n, m in layers:
+        if n in rms:
+            m.rms_norm.weight.fill_(rms[n])
+    return rms

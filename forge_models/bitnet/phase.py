@@ -129,6 +129,11 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     before = _evaluate(model, inputs, held_out, ctx)
 
     conversion = convert_to_bitnet(model, cfg.keep_patterns, cfg.act_norm)
+    import os
+    if os.environ.get("PILOT_CALIB"):
+        from forge_models.bitnet.convert import calibrate_act_norms
+        s = TokenSampler(train_examples, inputs.tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed + 99)
+        calibrate_act_norms(model, s.batch(0).to(ctx.device))
     set_quant_strength(model, 1.0)
     no_ft = _evaluate(model, inputs, held_out, ctx)
 

@@ -99,7 +99,7 @@ def dfs_route(
             raise ValueError("DFS scales must be finite numbers")
     out_scales = [1.0]
     for prev, cur in zip(chosen, chosen[1:]):
-        joint = owner[prev][0] != owner[cur][0]
+        joint = True
         out_scales.append(float(scales[prev][cur]) if (joint and scales is not None) else 1.0)
     return DFSRoute(layers=tuple(owner[g] for g in chosen), scales=tuple(out_scales))
 

@@ -385,7 +385,7 @@ class _Planner:
             values, per_model = self.method.resolve(values, per_model, _numel(shape), out_name)
         except ValueError as exc:
             names = ", ".join(ref for ref, _, _ in others)
-            raise ConfigError(f"{self.recipe.merge_method} ({names}): {exc}") from None
+            raise ConfigError(f"{self.recipe.merge_method}: {exc} (input models in order: {names})") from None
 
         # Like mergekit, the result takes the base's dtype (the first input's without a base) unless the
         # recipe sets out_dtype or dtype.

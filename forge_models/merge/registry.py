@@ -153,7 +153,10 @@ class MergeMethod:
                 vals[p.name] = p.coerce(raw, where)
             models.append(vals)
         if self.check is not None:
-            self.check(g, models, numel)
+            try:
+                self.check(g, models, numel)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         return g, models
 
     def __call__(
@@ -230,8 +233,6 @@ def _check_gta(sparsification: str | None) -> Check:
             d = x.get("density", 1.0)
             if not 0 < d <= 1:
                 raise ValueError(f"density of input model {i} must be in (0, 1], got {d}")
-            if sparsification == "magnitude" and d < 1 and int(d * numel) < 1:
-                raise ValueError(f"density {d} of input model {i} keeps no entry of a {numel}-entry tensor")
             if sparsification == "magnitude_outliers":
                 gamma = x["gamma"]
                 if not 0 <= gamma < 1:

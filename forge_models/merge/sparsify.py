@@ -62,16 +62,17 @@ def rescale_masked(
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale_norm: RescaleNorm | None = None) -> torch.Tensor:
-    """Keep the ``int(density * numel)`` entries of largest magnitude (TIES "trim").
+    """Keep the ``int(density * numel)`` entries of largest magnitude (TIES "trim"), at least one.
 
     Ties in magnitude are broken by position (stable sort), so the result is deterministic; mergekit
-    uses an unstable argsort. ``density >= 1`` returns ``delta`` itself.
+    uses an unstable argsort (identical results unless magnitudes tie). ``density >= 1`` returns
+    ``delta`` itself. When ``int(density * numel)`` is 0 (a 1-entry bias such as Cognate's
+    ``model.halt.bias`` at any density < 1) the largest entry is kept, as mergekit 0.1.5 does (older
+    mergekit failed an assertion there).
     """
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k < 1:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {delta.numel()} entries")
+    k = max(1, int(density * delta.numel()))
     if rescale_norm == "inverse":
         raise ValueError("magnitude trimming is deterministic; use rescale_norm l1/l2/linf or none")
     order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
@@ -84,19 +85,19 @@ def magnitude_outliers(
     delta: torch.Tensor, density: float, gamma: float = 0.01, rescale_norm: RescaleNorm | None = None
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma * numel)`` largest entries and the smallest ones, keeping
-    exactly ``int(density * numel)`` entries.
+    exactly ``int(density * numel)`` entries (at least one, as in :func:`magnitude`).
 
     If ``density + gamma > 1`` fewer large outliers are dropped so the density is still met (mergekit's
-    rule). Deviation from mergekit: mergekit slices ``[n_bot:-n_top]``, which keeps *nothing* when
-    ``int(gamma * numel)`` is 0 (e.g. any tensor under 100 entries at gamma 0.01); here the kept range
-    is ``[n_bot, numel - n_top)``, so the kept count is always ``int(density * numel)``.
+    rule). The kept range of the ascending magnitude order is ``[n_bot, numel - n_top)``, as in mergekit
+    0.1.5; older mergekit sliced ``[n_bot:-n_top]``, which keeps *nothing* when ``int(gamma * numel)`` is
+    0 (any tensor under 100 entries at gamma 0.01).
     """
     if density >= 1:
         return delta
     if rescale_norm == "inverse":
         raise ValueError("breadcrumbs trimming is deterministic; use rescale_norm l1/l2/linf or none")
     n = delta.numel()
-    keep = int(density * n)
+    keep = max(1, int(density * n))
     n_top = int(gamma * n)
     n_bot = n - keep - n_top
     if n_bot < 0:

@@ -1,0 +1,40 @@
+"""Sub-flow: evaluate every model of an artifact on a held-out split, fanned out as mapped tasks.
+
+The task runner is ``config.runner`` (threads by default; a Dask or Ray cluster for scale-out), so this
+is the place where evaluation work leaves the machine that runs the pipeline.
+
+    from flows.evaluate import run_evaluation
+    scores = run_evaluation(config, dataset_ref, artifact_ref, split="test")   # {model: metrics}
+"""
+
+from __future__ import annotations
+
+from prefect import flow, unmapped
+
+from flows.config import ForgeConfig
+from flows.runners import make_task_runner, resource_annotation
+from tasks.evaluate import ModelEvaluation, evaluate_model_task, model_folders
+from tasks.runtime import _artifact, metrics_table
+from tasks.store import ArtifactRef, Store
+
+COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
+
+
+@flow(name="evaluate-models", persist_result=False)
+def evaluate_models(config: ForgeConfig, dataset: ArtifactRef, artifact: ArtifactRef, split: str = "test") -> list[ModelEvaluation]:
+    names = model_folders(Store(config.store.url), artifact)
+    with resource_annotation(config.runner):
+        futures = evaluate_model_task.map(unmapped(config), unmapped(dataset), unmapped(artifact), names, unmapped(split))
+    results = [f.result() for f in futures]
+    table = metrics_table({"after": {r.model: r.metrics for r in results}}, COLUMNS)
+    _artifact("create_markdown_artifact", key="test-evaluation",
+              markdown=f"# {split} split: {artifact.uri}\n\n{table}\n", description=f"{split}-split evaluation")
+    return results
+
+
+def run_evaluation(config: ForgeConfig, dataset: ArtifactRef, artifact: ArtifactRef, split: str = "test",
+                   result_storage=None) -> list[ModelEvaluation]:
+    options = {"task_runner": make_task_runner(config.runner)}
+    if result_storage is not None:
+        options["result_storage"] = result_storage
+    return evaluate_models.with_options(**options)(config, dataset, artifact, split)
