@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo test test-fast bench venv clean up browser
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ demo: $(STAMP)
 	mkdir -p forge-store
 	$(VENV)/bin/forge run --preset tiny --summary-json forge-store/demo-summary.json
 
-test: $(STAMP)
+# The Prefect UI browser check needs Debian's chromium; installed here when possible, else that check skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "chromium not installed: the browser check will be skipped"
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -29,6 +35,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/cognate_throughput.py
 	$(VENV)/bin/python bench/cache_rerun.py
+
+up: $(STAMP)
+	$(VENV)/bin/forge ui
 
 clean:
 	rm -rf forge-store forge-mlflow .prefect

@@ -5,6 +5,9 @@
     forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
     forge inspect URI
     forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
+    forge ui [--s3]                                           # local Prefect + MLflow (+ S3) servers
+    forge deploy [--pool P] [--presets tiny,small] [--cron C] # deployments on a work pool
+    forge serve [--presets tiny] [--cron C]                   # serve the deployments from this process
 
 Exit codes: 0 success, 1 a phase failed, 2 invalid configuration or arguments (every problem listed).
 """
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(phase)
     inspect = sub.add_parser("inspect", help="Verify an artifact and print its manifest, config and metrics.")
     inspect.add_argument("uri")
+    sub.add_parser("ui", help="Start the local stack (Prefect + MLflow servers, optional S3); see forge ui --help.")
+    sub.add_parser("deploy", help="Register deployments per preset on a work pool; see forge deploy --help.")
+    sub.add_parser("serve", help="Serve the deployments from this process; see forge serve --help.")
     cfg = sub.add_parser("config", help="Print the resolved configuration.")
     _common(cfg)
     return parser
@@ -196,6 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "aiobotocore", "s3fs", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("ui", "deploy", "serve"):
+        try:
+            if argv[0] == "ui":
+                from flows.stack import main as ui_main
+
+                return ui_main(argv[1:])
+            from flows.deploy import main as deploy_main
+
+            return deploy_main(argv[0], argv[1:])
+        except ConfigProblems as exc:
+            print(f"forge: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":
