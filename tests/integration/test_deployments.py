@@ -129,3 +129,53 @@ def _browser_check(ui: str, flow_run_id: str, tmp: Path) -> None:
     subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=180)
     assert shot.is_file() and shot.stat().st_size > 10_000, "a screenshot of the flow run page was saved"
     assert "cognate" in dom.stdout and "data" in dom.stdout, dom.stdout[-2000:]
+
+
+def test_forge_ui_s3_and_serve_then_ctrl_c_stops_everything(tmp_path):
+    ports = {"prefect": free_port(), "mlflow": free_port(), "s3": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FORGE_", "AWS_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--s3", "--prefect-port", str(ports["prefect"]),
+         "--mlflow-port", str(ports["mlflow"]), "--s3-port", str(ports["s3"]), "--home", str(tmp_path / "stack")],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    serve = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = ui.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "FORGE STACK READY" in line:
+                break
+        assert any("FORGE STACK READY" in x for x in lines), "".join(lines)
+        exports = dict(x.removeprefix("export ").strip().split("=", 1) for x in lines if x.startswith("export "))
+        assert exports["FORGE_STORE"] == "s3://forge/store"
+        assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['prefect']}/api"
+        # the result-storage block was saved on the server
+        blocks = _api(exports["PREFECT_API_URL"], "/block_documents/filter", {})
+        assert any(b["name"].startswith("forge-results-") for b in blocks)
+
+        serve_env = {**env, **exports, "PREFECT_HOME": str(tmp_path / "serve-home")}
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--presets", "tiny", "--cron", "30 2 * * *"],
+                                 env=serve_env, cwd=ROOT, stdout=open(tmp_path / "serve.log", "wb"),
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        names = set()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and names != {"tiny-manual", "tiny-scheduled"}:
+            time.sleep(2)
+            names = {d["name"] for d in _api(exports["PREFECT_API_URL"], "/deployments/filter", {})}
+        assert names == {"tiny-manual", "tiny-scheduled"}, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if serve is not None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(60)
+        os.killpg(ui.pid, signal.SIGINT)
+        ui.wait(90)
+    assert ui.returncode == 0
+    for port in ports.values():  # nothing the stack started is still listening
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
