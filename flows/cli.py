@@ -5,6 +5,7 @@
     forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
     forge inspect URI
     forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
+    forge merge --config recipe.yaml --out DIR                # mergekit-format recipe, streamed
     forge ui [--s3]                                           # local Prefect + MLflow (+ S3) servers
     forge deploy [--pool P] [--presets tiny,small] [--cron C] # deployments on a work pool
     forge serve [--presets tiny] [--cron C]                   # serve the deployments from this process
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(phase)
     inspect = sub.add_parser("inspect", help="Verify an artifact and print its manifest, config and metrics.")
     inspect.add_argument("uri")
+    sub.add_parser("merge", help="Run a mergekit-format recipe: forge merge --config recipe.yaml --out DIR.")
     sub.add_parser("ui", help="Start the local stack (Prefect + MLflow servers, optional S3); see forge ui --help.")
     sub.add_parser("deploy", help="Register deployments per preset on a work pool; see forge deploy --help.")
     sub.add_parser("serve", help="Serve the deployments from this process; see forge serve --help.")
@@ -203,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "aiobotocore", "s3fs", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":
+        from forge_models.merge.__main__ import main as merge_main
+
+        return merge_main(argv[1:])
     if argv and argv[0] in ("ui", "deploy", "serve"):
         try:
             if argv[0] == "ui":
