@@ -9,7 +9,8 @@ Modules, one concern each:
 - ``recipe``: the mergekit YAML format as a frozen pydantic model; gradients and filters;
 - ``plan``: recipe + model folders -> every output tensor with its inputs and resolved parameters,
   with every check done before any tensor is read;
-- ``safetensors_io``: tensor-at-a-time reading and pre-planned shard writing;
+- ``safetensors_io``: tensor-at-a-time (and row-range) reading and pre-planned shard writing;
+- ``chunked``: row-chunked kernels that merge one tensor with bounded memory, equal to ``methods``;
 - ``streaming``: ``merge_models``, the streaming merge to a Hugging Face folder;
 - ``dfs``: data-flow-space layer routing (Akiba et al. 2024).
 
@@ -23,10 +24,10 @@ or from the shell: ``python -m forge_models.merge --config recipe.yaml --out out
 """
 
 from forge_models.merge.dfs import DFSRoute, build_dfs_model, dfs_route
-from forge_models.merge.plan import MergePlan, build_plan, tensor_seed
+from forge_models.merge.plan import MergePlan, build_plan, tensor_generators, tensor_seed
 from forge_models.merge.recipe import MergeRecipe, evaluate_setting, load_recipe
 from forge_models.merge.registry import METHODS, MergeMethod, get_method, merge_tensors, method_names
-from forge_models.merge.streaming import MergeResult, compute_tensor, merge_models
+from forge_models.merge.streaming import MergeResult, compute_tensor, merge_models, merge_tensor_into
 
 __all__ = [
     "METHODS",
@@ -40,8 +41,10 @@ __all__ = [
     "MergePlan",
     "build_plan",
     "tensor_seed",
+    "tensor_generators",
     "MergeResult",
     "merge_models",
+    "merge_tensor_into",
     "compute_tensor",
     "DFSRoute",
     "dfs_route",

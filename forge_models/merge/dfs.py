@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 __all__ = ["DFSRoute", "dfs_route", "build_dfs_model", "find_layer_stack"]
@@ -99,7 +98,7 @@ def dfs_route(
             raise ValueError("DFS scales must be finite numbers")
     out_scales = [1.0]
     for prev, cur in zip(chosen, chosen[1:]):
-        joint = True
+        joint = owner[prev][0] != owner[cur][0]
         out_scales.append(float(scales[prev][cur]) if (joint and scales is not None) else 1.0)
     return DFSRoute(layers=tuple(owner[g] for g in chosen), scales=tuple(out_scales))
 

@@ -22,8 +22,12 @@ from forge_models.merge import sparsify as sp
 __all__ = [
     "linear",
     "generalized_task_arithmetic",
+    "combine_task_vectors",
+    "per_model_generators",
     "consensus_mask",
     "slerp",
+    "slerp_sums",
+    "slerp_coefficients",
     "model_stock",
     "model_stock_ratio",
     "passthrough",
@@ -73,7 +77,7 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Task arithmetic with optional sparsification and sign consensus (mergekit's
     ``generalized_task_arithmetic``): theta = theta_b + lambda * tau.
@@ -103,6 +107,7 @@ def generalized_task_arithmetic(
     density = list(density) if density is not None else [1.0] * n
     gamma = list(gamma) if gamma is not None else [0.01] * n
     epsilon = list(epsilon) if epsilon is not None else [0.15] * n
+    generators = per_model_generators(generator, n)
     norm = rescale_norm if rescale else None
 
     weighted: list[torch.Tensor] = []
@@ -113,14 +118,26 @@ def generalized_task_arithmetic(
         elif sparsification == "magnitude_outliers":
             delta = sp.magnitude_outliers(delta, density[i], gamma[i], norm)
         elif sparsification == "random":
-            delta = sp.bernoulli(delta, density[i], generator, norm)
+            delta = sp.bernoulli(delta, density[i], generators[i], norm)
         elif sparsification == "della_magprune":
-            delta = sp.della_magprune(delta, density[i], epsilon[i], generator, norm)
+            delta = sp.della_magprune(delta, density[i], epsilon[i], generators[i], norm)
         elif sparsification is not None:
             raise ValueError(f"unknown sparsification {sparsification!r}")
         # delta is a fresh tensor owned here (x - base, or a sparsifier's output), so scale it in place.
         weighted.append(delta.mul_(float(weight[i])))
+    return base + combine_task_vectors(weighted, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
+
+def combine_task_vectors(
+    weighted: list[torch.Tensor],
+    weight: Sequence[float],
+    *,
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """tau from weighted (sparsified) task vectors w_i delta_i: steps 2-3 of
+    :func:`generalized_task_arithmetic`, elementwise, so it also runs on row chunks. Consumes ``weighted``."""
     if consensus is None:
         mixed = weighted[0]
         for d in weighted[1:]:
@@ -129,30 +146,44 @@ def generalized_task_arithmetic(
             total = float(sum(weight))
             mixed.div_(total if abs(total) >= 1e-8 else 1.0)
     else:
-        if consensus == "sum":
-            votes = torch.zeros_like(base)
-            for d in weighted:
+        votes = torch.zeros_like(weighted[0])
+        for d in weighted:
+            if consensus == "sum":
                 votes.add_(d)
-        elif consensus == "count":
-            votes = torch.zeros_like(base)
-            for d in weighted:
+            elif consensus == "count":
                 votes.add_(torch.sign(d))
-        else:
-            raise ValueError(f"unknown consensus {consensus!r}; use sum or count")
-        elected = torch.where(votes >= 0, 1.0, -1.0).to(base.dtype)
+            else:
+                raise ValueError(f"unknown consensus {consensus!r}; use sum or count")
+        elected = torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
         del votes
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
+        mixed = torch.zeros_like(elected)
+        divisor = torch.zeros_like(elected)
         for w, d in zip(weight, weighted):
-            agree = consensus_mask(d, elected).to(base.dtype)
-            mixed.add_(d * agree)
+            agree = consensus_mask(d, elected).to(d.dtype)
+            mixed.add_(d.mul_(agree))
             divisor.add_(agree, alpha=float(w))
+            del agree
         if normalize:
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
+    weighted.clear()
     if lambda_ != 1:
         mixed.mul_(float(lambda_))
-    return base + mixed
+    return mixed
+
+
+def per_model_generators(
+    generator: torch.Generator | Sequence[torch.Generator | None] | None, n: int
+) -> list[torch.Generator | None]:
+    """One generator per input model. A single generator is shared (drawn from model after model); a
+    sequence gives each model its own stream, which is what lets a row-chunked merge draw the very same
+    masks as a whole-tensor one (``torch.rand`` streams concatenate across calls)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n
+    gens = list(generator)
+    if len(gens) != n:
+        raise ValueError(f"{len(gens)} generators for {n} models")
+    return gens
 
 
 def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, t: float, eps: float = 1e-8,
@@ -168,19 +199,29 @@ def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, t: float, eps:
     """
     if len(tensors) != 1:
         raise ValueError(f"slerp merges the base with exactly one other model, got {len(tensors)} others")
-    v0, v1 = base, tensors[0]
-    n0 = float(torch.linalg.vector_norm(v0, dtype=torch.float64))
-    n1 = float(torch.linalg.vector_norm(v1, dtype=torch.float64))
-    dot = float(torch.sum(v0 * v1, dtype=torch.float64))
-    dot /= (n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0)
+    s0, s1 = slerp_coefficients(slerp_sums(base, tensors[0]), t, eps=eps, dot_threshold=dot_threshold)
+    return base * s0 + tensors[0] * s1
+
+
+def slerp_sums(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """(sum v0^2, sum v1^2, sum v0 v1) in float64: additive, so row chunks can be summed."""
+    return torch.stack([
+        torch.sum(v0.double() ** 2) if v0.dtype != torch.float64 else torch.sum(v0**2),
+        torch.sum(v1.double() ** 2) if v1.dtype != torch.float64 else torch.sum(v1**2),
+        torch.sum(v0 * v1, dtype=torch.float64),
+    ])
+
+
+def slerp_coefficients(sums: torch.Tensor, t: float, *, eps: float = 1e-8,
+                       dot_threshold: float = 0.9995) -> tuple[float, float]:
+    """The weights (s0, s1) of v0 and v1 from :func:`slerp_sums`."""
+    n0, n1 = math.sqrt(float(sums[0])), math.sqrt(float(sums[1]))
+    dot = float(sums[2]) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
     if abs(dot) > dot_threshold:
-        s0, s1 = 1.0 - t, t
-    else:
-        theta = math.acos(max(-1.0, min(1.0, dot)))
-        sin_theta = math.sin(theta)
-        s0 = math.sin(theta - theta * t) / sin_theta
-        s1 = math.sin(theta * t) / sin_theta
-    return v0 * s0 + v1 * s1
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    return math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
 
 
 def model_stock_ratio(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:

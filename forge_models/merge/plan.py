@@ -34,7 +34,8 @@ from forge_models.merge.registry import MergeMethod, get_method
 from forge_models.merge.safetensors_io import TensorInfo, read_model_index
 from forge_models.runtime import ConfigError
 
-__all__ = ["SourceModel", "TensorInput", "PlannedTensor", "MergePlan", "build_plan", "tensor_seed", "open_source"]
+__all__ = ["SourceModel", "TensorInput", "PlannedTensor", "MergePlan", "build_plan", "tensor_seed",
+           "tensor_generators", "open_source"]
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
 HEAD = "lm_head.weight"
@@ -175,7 +176,7 @@ class PlannedTensor:
     base: TensorInput | None
     values: Mapping[str, Any]  # resolved global parameters
     per_model: tuple[Mapping[str, Any], ...]  # resolved per-model parameters, aligned with inputs
-    seed: int | None  # generator seed for random methods
+    seed: int | None  # random methods: the merge seed (generators come from tensor_generators)
     copy: bool = False  # non-floating tensor: copied from the first input
 
     def all_inputs(self) -> tuple[TensorInput, ...]:
@@ -207,10 +208,16 @@ class MergePlan:
         return sum(_numel(t.shape) * t.dtype.itemsize for t in self.tensors)
 
 
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """The generator seed of one output tensor: stable across runs and processes, independent of order."""
-    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
+def tensor_seed(seed: int, tensor_name: str, model_index: int = 0) -> int:
+    """The generator seed of one input model's mask for one output tensor: stable across runs and
+    processes, independent of the order of work and of chunking."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def tensor_generators(seed: int, tensor_name: str, n: int) -> list[torch.Generator]:
+    """One seeded generator per input model (besides the base) for the random methods (DARE, DELLA)."""
+    return [torch.Generator().manual_seed(tensor_seed(seed, tensor_name, i)) for i in range(n)]
 
 
 @dataclass
@@ -399,7 +406,7 @@ class _Planner:
             base=base_in,
             values=values,
             per_model=tuple(per_model),
-            seed=tensor_seed(self.seed, out_name) if self.method.random else None,
+            seed=self.seed if self.method.random else None,
         ))
 
 

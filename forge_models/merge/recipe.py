@@ -24,6 +24,12 @@ filter matches everything); or a list of conditionals (the first match wins). A 
 up on the slice source (the model), then the slice, then the top-level ``parameters``; a global value on
 the slice, then the top level.
 
+Beyond mergekit: the task-vector methods take ``rescale_norm`` (``inverse`` = divide kept entries by
+their keep probability, the DARE / DELLA papers' rescale and the default of dare_* / della*; ``l1`` =
+mergekit's ``rescale: true``, the default of ties / breadcrumbs; ``l2``, ``linf``). Refused with a reason:
+``modules``, ``tokenizer`` (vocabulary building), ``chat_template``, ``tokenizer_source: union``, slice
+``residual_weight``, parameters a method does not have (mergekit ignores those silently), hub model ids.
+
 ``dfs`` (not in mergekit; Akiba et al. 2024, https://arxiv.org/abs/2403.13187) takes ``models`` (their
 layers are laid out in that order) and the top-level parameters ``repeats`` (r), ``indicator`` (T = M * r
 numbers; a slot is used where its value is > 0) and optionally ``scales`` (an M x M matrix; see
@@ -34,7 +40,7 @@ model).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -164,7 +164,7 @@ class MergeMethod:
         tensors: Sequence[torch.Tensor],
         base: torch.Tensor | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **params: Any,
     ) -> torch.Tensor:
         """Merge one tensor position. Per-model parameters are lists aligned with ``tensors`` (a scalar
@@ -196,7 +196,7 @@ class MergeMethod:
         base: torch.Tensor | None,
         values: Mapping[str, Any],
         per_model: Sequence[Mapping[str, Any]],
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> torch.Tensor:
         """Call ``fn`` with already resolved values (the streaming merge's entry point)."""
         kwargs: dict[str, Any] = {}
@@ -401,16 +401,19 @@ def merge_tensors(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seed: int | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """Merge one tensor position with a registered method, e.g.
     ``merge_tensors("ties", [a, b], base, weight=[1, 1], density=0.5)``.
 
-    ``seed`` builds a generator for the random methods when ``generator`` is not given.
+    Random methods draw from ``generator`` (one shared, or one per input model); without it, ``seed``
+    makes one generator per model (``tensor_generators(seed, "", n)``).
     """
     spec = get_method(method)
     if spec.random and generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        from forge_models.merge.plan import tensor_generators
+
+        generator = tensor_generators(seed, "", len(tensors))
     return spec(tensors, base, generator=generator, **params)

@@ -137,7 +137,10 @@ def read_model_index(folder: str | Path) -> dict[str, TensorInfo]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactIntegrityError(f"{index}: not a valid safetensors index ({exc})") from None
         out: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
@@ -164,20 +167,36 @@ class TensorReader:
         self.bytes_read = 0
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        """The whole tensor."""
+        return self._read(info, info.start, info.nbytes).reshape(info.shape)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 (row-major storage makes them one contiguous byte range);
+        a 1-D tensor's rows are its elements."""
+        if not info.shape:
+            raise ValueError("a 0-dim tensor has no rows")
+        rows = info.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows {start}:{stop} outside 0:{rows}")
+        row_bytes = info.nbytes // rows if rows else 0
+        return self._read(info, info.start + start * row_bytes, (stop - start) * row_bytes).reshape(
+            (stop - start, *info.shape[1:]))
+
+    def _read(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
         # A single read(2) returns at most ~2 GiB on Linux, so large tensors take several calls.
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.start + done)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
-                raise ArtifactIntegrityError(f"{info.file}: unexpected end of file at byte {info.start + done}")
+                raise ArtifactIntegrityError(f"{info.file}: unexpected end of file at byte {offset + done}")
             done += got
-        self.bytes_read += info.nbytes
-        return buf.view(info.dtype).reshape(info.shape)
+        self.bytes_read += nbytes
+        return buf.view(info.dtype)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -240,6 +259,7 @@ class ShardWriter:
             raise ValueError("duplicate tensor names in the layout")
         self._shards = shards
         self._next = 0
+        self._rows_done = 0  # rows written so far of the current tensor (write_rows)
         self._file = None
         self._open_shard = -1
         self.total_size = sum(_numel(s) * d.itemsize for _, s, d in layout)
@@ -263,20 +283,39 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor (CPU, declared shape and dtype)."""
+        slot = self._expect(name)
+        if tuple(tensor.shape) != slot.shape or self._rows_done:
+            raise RuntimeError(f"{name}: planned shape {list(slot.shape)}, got {list(tensor.shape)}")
+        self._append(name, slot, tensor)
+        self._next += 1
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next rows (along dim 0) of the current tensor; it is complete after its last row."""
+        slot = self._expect(name)
+        if not slot.shape or tuple(rows.shape[1:]) != slot.shape[1:]:
+            raise RuntimeError(f"{name}: planned shape {list(slot.shape)}, got rows of {list(rows.shape)}")
+        if self._rows_done + rows.shape[0] > slot.shape[0]:
+            raise RuntimeError(f"{name}: more than the planned {slot.shape[0]} rows")
+        self._append(name, slot, rows)
+        self._rows_done += rows.shape[0]
+        if self._rows_done == slot.shape[0]:
+            self._rows_done = 0
+            self._next += 1
+
+    def _expect(self, name: str) -> _Slot:
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected {expected}, got {name}")
-        slot = self._slots[name]
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise RuntimeError(
-                f"{name}: planned {slot.dtype}{list(slot.shape)}, got {tensor.dtype}{list(tensor.shape)}"
-            )
+        return self._slots[name]
+
+    def _append(self, name: str, slot: _Slot, tensor: torch.Tensor) -> None:
+        if tensor.dtype != slot.dtype:
+            raise RuntimeError(f"{name}: planned dtype {slot.dtype}, got {tensor.dtype}")
         if slot.shard != self._open_shard:
             self._start_shard(slot.shard)
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self.bytes_written += data.numel()
-        self._next += 1
 
     def finalize(self) -> Path:
         """Close the last shard, rename all shards, write the index last. Returns the index path."""

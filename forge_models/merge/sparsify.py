@@ -27,7 +27,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["RescaleNorm", "rescale_masked", "magnitude", "magnitude_outliers", "bernoulli", "della_magprune"]
+__all__ = ["RescaleNorm", "rescale_masked", "magnitude", "magnitude_outliers", "bernoulli", "della_magprune",
+           "RankSelector"]
 
 RescaleNorm = Literal["inverse", "l1", "l2", "linf"]
 _EPS = 1e-7
@@ -158,3 +159,69 @@ def della_magprune(
     keep = torch.rand(rows.shape, generator=generator, dtype=torch.float32, device=delta.device) < probability
     out = rescale_masked(rows, keep.to(delta.dtype), rescale_norm, keep_probability=probability.to(delta.dtype))
     return out.reshape(delta.shape)
+
+
+class RankSelector:
+    """Chunk-by-chunk equivalent of keeping the entries whose rank in a *stable* sort of ``|delta|`` lies
+    in ``[lo, hi)``: ``magnitude`` is ranks [0, k) descending, ``magnitude_outliers`` ranks
+    [n_bot, n_bot + keep) ascending. Equal magnitudes are ranked by position, as a stable sort does.
+
+    Built from the full magnitude vector with one selection (``numpy.partition``: one copy of the
+    vector; an argsort would add int64 indices of twice its size and take ~10x longer, and
+    ``torch.kthvalue`` also allocates int64 indices); :meth:`mask` then takes consecutive flat chunks in
+    order.
+    """
+
+    def __init__(self, magnitudes: torch.Tensor, lo: int, hi: int, descending: bool, *, inplace: bool = False) -> None:
+        a = magnitudes.detach().reshape(-1).cpu()
+        n = a.numel()
+        if not 0 <= lo < hi <= n:
+            raise ValueError(f"rank range [{lo}, {hi}) outside 0..{n}")
+        self.lo, self.hi, self.descending = lo, hi, descending
+        # Ascending positions of the values at ranks lo and hi - 1 of the requested order.
+        first, last = (n - 1 - lo, n - hi) if descending else (lo, hi - 1)
+        if a.dtype in (torch.float32, torch.float64):
+            # inplace: reorder the caller's buffer (the counts below do not depend on order).
+            picked = a.numpy() if inplace else a.numpy().copy()
+        else:
+            picked = a.float().numpy()  # already a fresh copy
+        picked.partition(sorted({first, last}))
+        self.first, self.last = float(picked[first]), float(picked[last])
+        del picked
+        self.before: dict[float, int] = {}
+        for v in {self.first, self.last}:
+            # count_nonzero: a bool .sum() would materialise an int64 copy of the whole vector.
+            self.before[v] = int(torch.count_nonzero(a > v if descending else a < v))
+        self.seen = dict.fromkeys(self.before, 0)
+
+    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
+        """Boolean keep-mask of the next chunk (flattened order continues where the last chunk ended)."""
+        a = magnitudes.reshape(-1)
+        if self.descending:
+            keep = (a < self.first) & (a > self.last)
+        else:
+            keep = (a > self.first) & (a < self.last)
+        for v, before in self.before.items():
+            eq = a == v
+            count = int(torch.count_nonzero(eq))
+            if count:
+                rank = before + self.seen[v] + torch.cumsum(eq, 0) - 1
+                keep |= eq & (rank >= self.lo) & (rank < self.hi)
+                self.seen[v] += count
+        return keep.view(magnitudes.shape)
+
+    @classmethod
+    def top_k(cls, magnitudes: torch.Tensor, density: float, *, inplace: bool = False) -> "RankSelector":
+        """The selection of :func:`magnitude` (keep ``max(1, int(density * numel))`` largest).
+        ``inplace`` lets the selection reorder ``magnitudes`` instead of copying it."""
+        n = magnitudes.numel()
+        return cls(magnitudes, 0, max(1, int(density * n)), descending=True, inplace=inplace)
+
+    @classmethod
+    def outliers(cls, magnitudes: torch.Tensor, density: float, gamma: float, *, inplace: bool = False) -> "RankSelector":
+        """The selection of :func:`magnitude_outliers`."""
+        n = magnitudes.numel()
+        keep = max(1, int(density * n))
+        n_top = int(gamma * n)
+        n_bot = max(0, n - keep - n_top)
+        return cls(magnitudes, n_bot, n_bot + keep, descending=False, inplace=inplace)

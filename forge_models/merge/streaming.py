@@ -7,10 +7,11 @@ Order of work: plan (every check, no tensor data) -> for each output tensor: rea
 float32, cast, append to its shard -> ``config.json``, tokenizer files, ``mergekit_config.yml`` -> shards
 renamed -> ``model.safetensors.index.json`` written last. A folder without the index is incomplete.
 
-Memory: the live tensors are the inputs of one output tensor (N models' copies of one weight, upcast to
-float32) plus the method's temporaries (a few more of the same size); nothing is cached between tensors
-and shards are never held in memory. Peak memory therefore grows with the largest tensor times the
-number of models, not with model size.
+Memory: a tensor is merged in row chunks of ``chunk_bytes`` (``forge_models.merge.chunked``): the live
+data are the N inputs' rows of one chunk plus the method's temporaries; TIES / breadcrumbs also hold one
+model's |delta| of the current tensor while finding its thresholds. Task-vector methods with a
+norm-matching rescale (no chunked kernel) hold the N inputs of one whole tensor. Nothing is cached between
+tensors and shards are never held in memory, so peak memory does not grow with model size.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from forge_models.merge.plan import TOKENIZER_FILES, MergePlan, PlannedTensor, TensorInput, build_plan
+from forge_models.merge import chunked
+from forge_models.merge.plan import TOKENIZER_FILES, MergePlan, PlannedTensor, TensorInput, build_plan, tensor_generators
 from forge_models.merge.recipe import MergeRecipe, load_recipe
 from forge_models.merge.safetensors_io import ShardWriter, TensorReader
 from forge_models.runtime import ConfigError, ForgeError, NullTracker, Tracker
 
-__all__ = ["MergeResult", "merge_models", "compute_tensor", "DEFAULT_SHARD_BYTES"]
+__all__ = ["MergeResult", "merge_models", "merge_tensor_into", "compute_tensor", "DEFAULT_SHARD_BYTES"]
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 """mergekit's and Hugging Face's default shard size; memory does not depend on it here."""
@@ -43,7 +45,8 @@ class MergeResult:
     method: str
     num_tensors: int
     num_layers: int
-    bytes_read: int
+    input_bytes: int  # bytes of the source tensors merged, each counted once
+    bytes_read: int  # bytes actually read (TIES / breadcrumbs / two-pass methods read some inputs twice)
     bytes_written: int
     seconds: float
     files: tuple[str, ...]
@@ -55,6 +58,7 @@ def merge_models(
     *,
     seed: int = 0,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_bytes: int = chunked.DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     base_dir: str | Path | None = None,
     tracker: Tracker | None = None,
@@ -64,9 +68,12 @@ def merge_models(
     Args:
         recipe: a :class:`MergeRecipe` or the path of a recipe YAML.
         out_dir: output folder; must not exist or be empty (see ``overwrite``).
-        seed: seed of the random methods (DARE, DELLA); each tensor draws from its own generator seeded
-            by ``tensor_seed(seed, name)``, so results do not depend on the order of work.
-        max_shard_bytes: split the weights into shards of at most this size.
+        seed: seed of the random methods (DARE, DELLA); each tensor and input model draws from its own
+            generator (``tensor_generators(seed, name, n)``), so results depend neither on the order of
+            work nor on chunking.
+        max_shard_bytes: split the weights into shards of at most this size (memory does not depend on it).
+        chunk_bytes: merge tensors in row chunks of about this many working bytes per input (results do
+            not depend on it, except slerp's float64 sums in the last bits).
         overwrite: replace an existing model folder (one holding config.json or weights) at ``out_dir``.
         base_dir: resolve relative model paths against this folder (default: the working directory,
             as mergekit does).
@@ -88,9 +95,7 @@ def merge_models(
     try:
         with TensorReader() as reader:
             for done, planned in enumerate(plan.tensors, start=1):
-                merged = compute_tensor(plan, planned, reader)
-                writer.write(planned.name, merged)
-                del merged
+                merge_tensor_into(plan, planned, reader, writer, chunk_bytes)
                 tracker.progress(done, len(plan.tensors), planned.name)
             bytes_read = reader.bytes_read
         (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
@@ -109,6 +114,7 @@ def merge_models(
         method=recipe.merge_method,
         num_tensors=len(plan.tensors),
         num_layers=plan.num_layers,
+        input_bytes=plan.bytes_to_read,
         bytes_read=bytes_read,
         bytes_written=writer.bytes_written,
         seconds=seconds,
@@ -116,24 +122,70 @@ def merge_models(
     )
 
 
+def merge_tensor_into(plan: MergePlan, planned: PlannedTensor, reader: TensorReader, writer: ShardWriter,
+                      chunk_bytes: int = chunked.DEFAULT_CHUNK_BYTES) -> None:
+    """Merge one output tensor and append it to ``writer``: in row chunks when the method has a chunked
+    kernel, else as a whole with the reference function (:func:`compute_tensor`)."""
+    generators = _generators(planned)
+    kernel = None
+    if not planned.copy and planned.shape:
+        kernel = chunked.kernel_for(plan.method, planned.values, planned.per_model, generators)
+    ranges: list[tuple[int, int]] = []
+    if kernel is not None:
+        wide = any(plan.sources[i.source].tensors[i.name].dtype == torch.float64 for i in planned.all_inputs())
+        ranges = chunked.row_ranges(planned.shape, chunk_bytes, 8 if wide else 4,
+                                    whole=kernel.whole_1d and len(planned.shape) == 1)
+    if kernel is None or (len(ranges) == 1 and getattr(kernel, "reference_when_whole", False)):
+        writer.write(planned.name, compute_tensor(plan, planned, reader))
+        return
+    inputs = list(planned.inputs)
+
+    def read(index: int, start: int, stop: int) -> torch.Tensor:
+        which = planned.base if index < 0 else inputs[index]
+        return _cast(plan, reader.read_rows(plan.sources[which.source].tensors[which.name], start, stop))
+
+    kernel.prepare(read, ranges)
+    for start, stop in ranges:
+        rows = kernel.rows(read, start, stop)
+        _check_finite(planned, rows)
+        writer.write_rows(planned.name, rows.to(planned.dtype).contiguous())
+        del rows
+
+
 def compute_tensor(plan: MergePlan, planned: PlannedTensor, reader: TensorReader) -> torch.Tensor:
-    """Read one output tensor's inputs, merge them, return the result in the planned dtype."""
+    """Read one output tensor's inputs whole, merge them with the method's reference function, return the
+    result in the planned dtype."""
     if planned.copy:
         return _read(plan, reader, planned.inputs[0], cast=False)
     base = _read(plan, reader, planned.base) if planned.base is not None else None
     tensors = [_read(plan, reader, one) for one in planned.inputs]
-    generator = torch.Generator().manual_seed(planned.seed) if planned.seed is not None else None
-    merged = plan.method.apply(tensors, base, planned.values, planned.per_model, generator)
+    merged = plan.method.apply(tensors, base, planned.values, planned.per_model, _generators(planned))
     del base, tensors
+    _check_finite(planned, merged)
+    return merged.to(planned.dtype).contiguous()
+
+
+def _generators(planned: PlannedTensor) -> list[torch.Generator] | None:
+    if planned.seed is None:
+        return None
+    return tensor_generators(planned.seed, planned.name, len(planned.inputs))
+
+
+def _check_finite(planned: PlannedTensor, merged: torch.Tensor) -> None:
     if not bool(torch.isfinite(merged).all()):
         raise ForgeError(f"{planned.name}: the merge produced NaN or infinite values (check the inputs for "
                          f"non-finite weights and the recipe's weights / lambda); nothing was finalised")
-    return merged.to(planned.dtype).contiguous()
 
 
 def _read(plan: MergePlan, reader: TensorReader, which: TensorInput, cast: bool = True) -> torch.Tensor:
     x = reader.read(plan.sources[which.source].tensors[which.name])
-    if not cast or not x.is_floating_point():
+    if not cast:
+        return x
+    return _cast(plan, x)
+
+
+def _cast(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
+    if not x.is_floating_point():
         return x
     if plan.input_dtype is not None and x.dtype != plan.input_dtype:
         x = x.to(plan.input_dtype)  # mergekit rounds every input to the recipe's dtype first
