@@ -111,8 +111,10 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
     """Run Agent Forge: build the data, then each phase in ``config.phases`` (cached by content)."""
     from prefect.runtime import flow_run
 
+    from tasks.bitnet import bitnet_task
     from tasks.cognate import cognate_task
     from tasks.data import data_task
+    from tasks.imports import import_task
 
     logger = get_run_logger()
     store = preflight(config)
@@ -132,19 +134,23 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         )
         tracking.log_params(parent, flatten("", config.model_dump(mode="json", exclude={"store", "tracking"}), {}))
     summaries: list[PhaseSummary] = []
-    tasks = {"cognate": cognate_task}
+    tasks = {"cognate": cognate_task, "bitnet": bitnet_task}
     try:
         t0 = time.monotonic()
         data, cached = _run_step(data_task.with_options(result_storage=storage), "data", config, parent_run_id=parent)
         summaries.append(_summary("data", data, cached, time.monotonic() - t0))
         previous = data
+        if config.phases[0] != "cognate":  # the pipeline starts from a given model folder
+            t0 = time.monotonic()
+            previous, cached = _run_step(import_task.with_options(result_storage=storage), "import", config, parent_run_id=parent)
+            summaries.append(_summary("import", previous, cached, time.monotonic() - t0))
         for name in config.phases:
             t0 = time.monotonic()
             task_fn = tasks[name].with_options(result_storage=storage)
             if name == "cognate":
                 result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent)
-            else:  # later phases take the previous phase's output
-                result, cached = _run_step(task_fn, name, config, previous, parent_run_id=parent)
+            else:  # later phases take the data and the previous phase's output
+                result, cached = _run_step(task_fn, name, config, dataset=data, previous=previous, parent_run_id=parent)
             summaries.append(_summary(name, result, cached, time.monotonic() - t0))
             logger.info("%s: %s -> %s", name, "cached" if cached else "computed", result.ref.uri)
             previous = result

@@ -70,8 +70,10 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> lis
     An input is a plain Hugging Face model folder, or an artifact URI (verified against its manifest, then
     copied to ``./forge-inputs/<digest>/``) whose model folders are used.
     """
-    if name != "cognate":
-        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: cognate)"])
+    from flows.config import IMPLEMENTED_PHASES
+
+    if name not in IMPLEMENTED_PHASES:
+        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: {list(IMPLEMENTED_PHASES)})"])
     folders: list[str] = []
     for x in inputs:
         path = Path(x.removeprefix("file://"))
@@ -81,6 +83,11 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> lis
             folders += _artifact_models(x)
         else:
             raise ConfigProblems([f"--input {x!r}: not a Hugging Face model folder (no config.json) nor an artifact URI"])
+    if name != "cognate":
+        if len(folders) != 1:
+            raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
+        return [f"phases=[{name}]", f"input={json.dumps(folders[0])}", "data.tokenizer.kind=pretrained",
+                f"data.tokenizer.path={json.dumps(folders[0])}"]
     sets = ["phases=[cognate]"]
     if folders:
         sets += [
@@ -174,11 +181,13 @@ def _export(uri: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store.download(uri, Path(tmp))
         out.mkdir(parents=True, exist_ok=True)
-        for cfg in sorted(Path(tmp).glob("*/config.json")):
-            dest = out / cfg.parent.name
-            if dest.exists():
+        models = sorted(Path(tmp).glob("*/config.json"))
+        for cfg in models:
+            # One model: DIR is the model folder itself; several: DIR/<name>/.
+            dest = out if len(models) == 1 else out / cfg.parent.name
+            if dest.exists() and dest != out:
                 shutil.rmtree(dest)
-            shutil.copytree(cfg.parent, dest)
+            shutil.copytree(cfg.parent, dest, dirs_exist_ok=True)
             print(f"wrote {dest}")
 
 

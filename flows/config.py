@@ -18,12 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from forge_models.bitnet.config import BitNetConfig
 from forge_models.config import CognateConfig, DataConfig, EvalConfig
 
 PHASE_ORDER = ("cognate", "evomerge", "quietstar", "bitnet", "training", "baking", "experts", "compression")
 """The eight phases, in pipeline order."""
 
-IMPLEMENTED_PHASES = ("cognate",)
+IMPLEMENTED_PHASES = ("cognate", "bitnet")
 """Phases this version can run; the others are refused by validation with a pointer to their issue."""
 
 PRESETS = ("tiny", "small", "full")
@@ -109,7 +110,13 @@ class ForgeConfig(_Frozen):
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus, splits and tokenizer.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="The held-out evaluation harness.")
+    input: str | None = Field(
+        None,
+        description="Hugging Face model folder fed to the first phase when the pipeline does not start with "
+        "cognate (e.g. phases [bitnet]); its tokenizer must be the data tokenizer.",
+    )
     cognate: CognateConfig = Field(default_factory=CognateConfig, description="Phase 1: Cognate pretraining.")
+    bitnet: BitNetConfig = Field(default_factory=BitNetConfig, description="Phase 4: BitNet b1.58 ternarisation.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="Device and precision.")
@@ -146,6 +153,27 @@ class ForgeConfig(_Frozen):
                 f"eval.seq_len ({self.eval.seq_len}) exceeds cognate.arch.max_position_embeddings "
                 f"({self.cognate.arch.max_position_embeddings})"
             )
+        first = self.phases[0] if self.phases else None
+        if first and first != "cognate" and not self.input:
+            problems.append(
+                f"input: the pipeline starts at {first!r}, so it needs an input model folder "
+                f"(set input, or use: forge phase {first} --input DIR)"
+            )
+        if self.input and first == "cognate":
+            problems.append("input: only used when the pipeline does not start with cognate (use cognate.base_models)")
+        if self.input and self.data.tokenizer.kind != "pretrained":
+            problems.append(
+                "data.tokenizer: an input model brings its own vocabulary; set data.tokenizer.kind=pretrained and "
+                "data.tokenizer.path to the input folder"
+            )
+        if "bitnet" in self.phases and self.phases.index("bitnet") > 0 and self.phases[self.phases.index("bitnet") - 1] == "cognate":
+            names = (["trunk"] + [v.name for v in self.cognate.variants]) if self.cognate.source == "scratch" else (
+                [f"model-{i}" for i in range(len(self.cognate.base_models))] + (["base"] if self.cognate.common_base else []))
+            if len(names) > 1 and self.bitnet.input_model not in names:
+                problems.append(
+                    f"bitnet.input_model: cognate produces {names}; name the one to ternarise "
+                    f"(got {self.bitnet.input_model!r})"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -85,6 +85,37 @@ def serve(presets: list[str], cron: str, overrides: list[str]) -> None:
     prefect_serve(*deployments)
 
 
+YAML_HEADER = """# Prefect deployments of the Agent Forge flow, the same ones `forge deploy` registers (a test keeps them
+# equal; regenerate with: .venv/bin/python -m flows.deploy): per preset a manual deployment and a scheduled
+# one (03:00 daily), on the process work pool `forge-gpu` (one worker per GPU:
+# `prefect worker start --pool forge-gpu --limit 1`).
+#   FORGE_CHECKOUT=$PWD prefect deploy --all --prefect-file deployments/prefect.yaml
+# Parameters are the preset's ForgeConfig without `store` (runs use the worker's FORGE_STORE); the
+# Prefect UI shows them as a form and validates edits against the schema.
+"""
+
+
+def write_prefect_yaml(path: Path = ROOT / "deployments" / "prefect.yaml", cron: str = "0 3 * * *") -> None:
+    import yaml
+
+    doc: dict[str, Any] = {
+        "name": "agent-forge", "prefect-version": "3.9.1",
+        "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $FORGE_CHECKOUT }}"}}],
+        "deployments": [],
+    }
+    for preset in PRESETS:
+        params = preset_parameters(preset, [])
+        for suffix, schedule in (("manual", None), ("scheduled", cron)):
+            doc["deployments"].append({
+                "name": f"{preset}-{suffix}", "entrypoint": ENTRYPOINT,
+                "description": f"Agent Forge, {preset} preset ({suffix}).", "tags": ["agent-forge", preset],
+                "parameters": params, "enforce_parameter_schema": True,
+                "work_pool": {"name": "forge-gpu", "job_variables": {}},
+                "schedules": [{"cron": schedule, "timezone": "UTC"}] if schedule else [],
+            })
+    path.write_text(YAML_HEADER + yaml.safe_dump(doc, sort_keys=False, width=120))
+
+
 def main(command: str, argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=f"forge {command}")
     ap.add_argument("--presets", default="tiny", help="Comma-separated presets (default: tiny).")
@@ -102,3 +133,7 @@ def main(command: str, argv: list[str]) -> int:
         return 0
     serve(presets, args.cron, args.overrides)
     return 0
+
+
+if __name__ == "__main__":
+    write_prefect_yaml()

@@ -99,6 +99,13 @@ def tiny_overrides(**extra: str) -> list[str]:
         "cognate.min_unigram_gain": "0.3",
         "cognate.variants": "[{name: math, act_threshold: 0.95, max_refine_steps: 2, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {arithmetic: 3, tool: 1}}}, "
                             "{name: story, act_threshold: 0.99, max_refine_steps: 1, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {narrative: 3, persona: 1}}}]",
+        "bitnet.steps": "30",
+        "bitnet.warmup_steps": "10",
+        "bitnet.lr": "0.001",
+        "bitnet.batch_size": "8",
+        "bitnet.seq_len": "64",
+        "bitnet.checkpoint_every": "20",
+        "bitnet.max_loss_increase": "1.5",
         "device.precision": "fp32",
         "device.device": "cpu",
     }

@@ -9,7 +9,14 @@ Library use::
 """
 
 from forge_models.bitnet.config import BitNetConfig
-from forge_models.bitnet.convert import Conversion, bit_linears, convert_to_bitnet, matches_any, set_quant_strength
+from forge_models.bitnet.convert import (
+    Conversion,
+    bit_linears,
+    calibrate_act_norms,
+    convert_to_bitnet,
+    matches_any,
+    set_quant_strength,
+)
 from forge_models.bitnet.export import (
     export_packed,
     folder_bytes,
@@ -43,6 +50,7 @@ __all__ = [
     "Conversion",
     "convert_to_bitnet",
     "set_quant_strength",
+    "calibrate_act_norms",
     "bit_linears",
     "matches_any",
     "export_packed",

@@ -63,6 +63,11 @@ class BitNetConfig(Frozen):
         "float32", description="Stored dtype of everything not ternary (embeddings, lm_head, norms, biases)."
     )
     checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every this many optimizer steps.")
+    input_model: str | None = Field(
+        None,
+        description="Which model of a multi-model input to convert (e.g. Cognate's 'trunk' or a variant's name); "
+        "None: the input's only model.",
+    )
     max_loss_increase: float = Field(
         1.0,
         ge=0,

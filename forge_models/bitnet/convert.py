@@ -28,7 +28,7 @@ from torch import nn
 from forge_models.bitnet.layers import ActNorm, BitLinear
 from forge_models.runtime import ConfigError
 
-__all__ = ["Conversion", "convert_to_bitnet", "set_quant_strength", "bit_linears", "matches_any"]
+__all__ = ["Conversion", "convert_to_bitnet", "set_quant_strength", "bit_linears", "matches_any", "calibrate_act_norms"]
 
 
 @dataclass
@@ -166,10 +166,11 @@ def calibrate_act_norms(model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
     """
     layers = [(n, m) for n, m in bit_linears(model) if m.rms_norm is not None]
     saved = {n: m.quant_strength for n, m in bit_linears(model)}
-    rms: dict[str, float] = {}
+    seen: dict[str, list[float]] = {n: [] for n, _ in layers}  # a recurrent model calls a layer repeatedly
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=n: rms.__setitem__(
-            name, float(args[0].float().pow(2).mean(-1).sqrt().mean())))
+        m.register_forward_pre_hook(
+            lambda mod, args, name=n: seen[name].append(float(args[0].float().pow(2).mean(-1).sqrt().mean()))
+        )
         for n, m in layers
     ]
     try:
@@ -183,6 +184,7 @@ def calibrate_act_norms(model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
             h.remove()
         for n, m in bit_linears(model):
             m.quant_strength = saved[n]
+    rms = {n: sum(v) / len(v) for n, v in seen.items() if v}
     for n, m in layers:
         if n in rms:
             m.rms_norm.weight.fill_(rms[n])

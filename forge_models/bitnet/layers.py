@@ -19,9 +19,9 @@ token's output; with a learned gain it reweights the input channels before round
 reference asks for ("normalise before quantising"). But on a pretrained model it changes the function,
 so at lambda = 0 it must be absent and it is blended in with the quantisation.
 
-``PackedBitLinear`` holds only 2-bit codes (``ceil(out/4) * in`` bytes), a float32 ``weight_scale`` (s_w),
-the bias and the norm gain. Its forward pass quantises activations to int8, expands the 2-bit codes to an
-int8 ``(in, out)`` operand (bit shifts, no float), multiplies with an int32 accumulator
+``PackedBitLinear`` holds only 2-bit fields (``ceil(out/4) * in`` bytes), a float32 ``weight_scale`` (s_w),
+the bias and the norm gain. Its forward pass quantises activations to int8, expands the 2-bit fields to
+an int8 ``(in, out)`` operand (two shifts, no float), multiplies with an int32 accumulator
 (``torch._int_mm``: oneDNN VNNI/AMX kernels on x86) and applies one scale division,
 ``y = acc / (s_x * s_w)`` — the same expression, in the same order, as transformers' ``BitLinear``.
 """
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from forge_models.bitnet.packing import pack_2bit, packed_rows
+from forge_models.bitnet.packing import pack_fields
 from forge_models.bitnet.quant import ActivationSTE, WeightSTE, activation_quant, weight_quant
 from forge_models.runtime import ConfigError
 
@@ -122,6 +122,15 @@ class BitLinear(nn.Linear):
 
 
 def _int_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    if x_q.is_cuda:
+        # cuBLASLt's int8 GEMM wants more than 16 rows and the other sizes multiples of 8. Other shapes get
+        # the same integers from a float64 GEMM (exact: |acc| < 2^53). Untested: no GPU on the dev machines.
+        if x_q.shape[1] % 8 or w_t.shape[1] % 8:
+            return torch.mm(x_q.double(), w_t.double()).to(torch.int32)
+        rows = x_q.shape[0]
+        if rows <= 16:
+            x_q = torch.cat([x_q, x_q.new_zeros(17 - rows, x_q.shape[1])])
+            return torch._int_mm(x_q, w_t)[:rows]
     return torch._int_mm(x_q, w_t)
 
 
@@ -142,33 +151,31 @@ def default_backend() -> str:
     return "int_mm" if hasattr(torch, "_int_mm") else "int32"
 
 
-def integer_linear(
-    x: torch.Tensor, w_t: torch.Tensor, weight_scale: torch.Tensor, backend: str, offset_codes: bool = False
-) -> torch.Tensor:
-    """``(x_q @ W_q.T) / (s_x * s_w)`` in float32: int8 activations times an int8 ``(in, out)`` operand.
+def integer_linear(x: torch.Tensor, w_t: torch.Tensor, weight_scale: torch.Tensor, backend: str) -> torch.Tensor:
+    """``(x_q @ W_q.T) / (s_x * s_w)`` in float32: int8 activations times the int8 ``(in, out)`` operand W_q.T.
 
-    ``w_t`` is W_q transposed, or with ``offset_codes`` the codes W_q + 1 in {0, 1, 2} (then
-    ``rowsum(x_q)`` is subtracted from the int32 accumulator). One scale division, in transformers' order.
+    One scale division of the int32 accumulator, in transformers' order (so the result is bit-identical to
+    its BitLinear, which divides a float product of the same integers).
     """
     lead = x.shape[:-1]
     x_q, s_x = activation_quant(x.reshape(-1, x.shape[-1]))
     acc = MATMUL_BACKENDS[backend](x_q, w_t)
-    if offset_codes:
-        acc = acc - x_q.sum(dim=-1, keepdim=True, dtype=torch.int32)
-    return (acc.float() / (s_x * weight_scale)).reshape(*lead, -1)
+    return acc.float().div_(s_x * weight_scale).reshape(*lead, -1)
 
 
 class PackedBitLinear(nn.Module):
-    """Inference-only ternary linear layer computed from 2-bit codes with integer arithmetic.
+    """Inference-only ternary linear layer computed from 2-bit fields with integer arithmetic.
 
-    Buffers: ``codes`` — uint8 ``(in, ceil(out/4))``, the transformers-layout packed matrix transposed so
-    that the expanded operand is a contiguous ``(in, 4 * ceil(out/4))`` int8 matrix, the layout
-    ``torch._int_mm`` is fast with; ``weight_scale`` — float32 ``(1,)``, s_w = 1/mean|W| (output divided);
-    ``bias``; and ``rms_norm`` if the layer normalises activations.
+    Buffers: ``codes`` — uint8 ``(in, ceil(out/4))``: transformers' packed layout, transposed so the
+    expanded operand is a contiguous ``(in, 4 * ceil(out/4))`` int8 matrix (the layout ``torch._int_mm`` is
+    fast with), and holding each weight as a 2-bit two's-complement field (-1 = 0b11, 0, 1) rather than
+    transformers' ``v + 1``, so that two shifts expand it to signed int8 with no further pass;
+    ``weight_scale`` — float32 ``(1,)``, s_w = 1/mean|W| (the output is divided by it); ``bias``; and
+    ``rms_norm`` if the layer normalises activations. The file format is converted at load.
 
-    Per call the codes are expanded with two integer ops into a transient int8 matrix of ``in * out``
-    bytes (4x the resident codes, freed after the call); the codes are {0, 1, 2} = W_q + 1, so
-    ``x_q @ W_q.T = x_q @ codes - rowsum(x_q)`` and no -1 pass over the matrix is needed.
+    Per call the fields are expanded into a transient int8 matrix of ``in * out`` bytes (4x the resident
+    codes, freed after the call), multiplied with the int8 activations into an int32 accumulator, and the
+    accumulator is divided once by ``s_x * s_w``.
     """
 
     def __init__(
@@ -183,11 +190,14 @@ class PackedBitLinear(nn.Module):
         super().__init__()
         if ternary.ndim != 2:
             raise ConfigError(f"PackedBitLinear needs a 2-D ternary matrix, got shape {tuple(ternary.shape)}")
+        if bool(((ternary < -1) | (ternary > 1)).any()):
+            raise ConfigError("PackedBitLinear needs ternary values in {-1, 0, 1}")
         self.out_features, self.in_features = int(ternary.shape[0]), int(ternary.shape[1])
         self.backend = backend or default_backend()
         if self.backend not in MATMUL_BACKENDS:
             raise ConfigError(f"unknown integer matmul backend {self.backend!r}; use one of {sorted(MATMUL_BACKENDS)}")
-        self.register_buffer("codes", pack_2bit(ternary).t().contiguous())
+        fields = (ternary.to(torch.int8) & 3).to(torch.uint8)  # two's complement in 2 bits
+        self.register_buffer("codes", pack_fields(fields).t().contiguous())
         scale = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(1).clone()
         self.register_buffer("weight_scale", scale.to(ternary.device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -197,10 +207,19 @@ class PackedBitLinear(nn.Module):
             with torch.no_grad():
                 self.rms_norm.weight.copy_(rms_norm_weight.float())
             self.rms_norm.requires_grad_(False)
+        # Field i (bits 2i, 2i+1) goes to the top of the byte, then an arithmetic shift sign-extends it.
         self.register_buffer(
-            "_shifts", torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=ternary.device).view(1, 4, 1),
+            "_shifts", torch.tensor([6, 4, 2, 0], dtype=torch.uint8, device=ternary.device).view(1, 4, 1),
             persistent=False,
         )
+
+    def _operand(self) -> torch.Tensor:
+        """The signed int8 ``(in, 4 * ceil(out/4))`` matrix W_q.T (padding columns are zero)."""
+        # (in, 1, rows) << (1, 4, 1) -> (in, 4, rows): block i holds output rows i*rows .. i*rows+rows-1,
+        # exactly the output order, so the reshape is free.
+        expanded = (self.codes.unsqueeze(1) << self._shifts).view(torch.int8)
+        expanded >>= 6
+        return expanded.reshape(self.in_features, -1)
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, backend: str | None = None) -> "PackedBitLinear":
@@ -211,10 +230,8 @@ class PackedBitLinear(nn.Module):
         return cls(q, scale, layer.bias, norm_w, eps, backend)
 
     def ternary(self) -> torch.Tensor:
-        """The int8 ternary matrix ``(out, in)`` (for tests and export; not used by forward)."""
-        rows = packed_rows(self.out_features, 4)
-        codes = (self.codes.unsqueeze(1) >> self._shifts) & 3  # (in, 4, rows)
-        return (codes.reshape(self.in_features, 4 * rows)[:, : self.out_features].t().to(torch.int8) - 1).contiguous()
+        """The int8 ternary matrix ``(out, in)`` (for tests and inspection; forward never builds it)."""
+        return self._operand()[:, : self.out_features].t().contiguous()
 
     def resident_bytes(self) -> int:
         """Bytes this layer keeps in memory between calls (codes, scale, bias, norm gain)."""
@@ -224,11 +241,7 @@ class PackedBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.rms_norm(x.float()) if self.rms_norm is not None else x
-        # (in, 1, rows) >> (1, 4, 1) -> (in, 4, rows): column block i holds output rows i*rows .. i*rows+rows-1,
-        # which is exactly the output order, so a reshape (no copy) gives the (in, 4*rows) operand.
-        w_t = ((self.codes.unsqueeze(1) >> self._shifts) & 3).view(torch.int8).reshape(self.in_features, -1)
-        y = integer_linear(h, w_t, self.weight_scale, self.backend, offset_codes=True)
-        y = y[..., : self.out_features]
+        y = integer_linear(h, self._operand(), self.weight_scale, self.backend)[..., : self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)

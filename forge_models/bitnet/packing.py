@@ -23,7 +23,7 @@ import torch
 
 from forge_models.runtime import ArtifactIntegrityError, ConfigError
 
-__all__ = ["Packing", "PACKINGS", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3", "packed_rows"]
+__all__ = ["Packing", "PACKINGS", "pack_fields", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3", "packed_rows"]
 
 
 def _codes(q: torch.Tensor) -> torch.Tensor:
@@ -43,16 +43,19 @@ def packed_rows(out_features: int, values_per_byte: int) -> int:
     return -(-out_features // values_per_byte)
 
 
-def pack_2bit(q: torch.Tensor) -> torch.Tensor:
-    """Ternary ``(out, ...)`` -> uint8 ``(ceil(out/4), ...)`` in transformers' ``pack_weights`` layout."""
-    codes = _codes(q)
+def pack_fields(codes: torch.Tensor) -> torch.Tensor:
+    """2-bit fields ``(out, rest)`` uint8 in [0, 3] -> ``(ceil(out/4), rest)``: row r to bits 2i of row r mod R."""
     out = codes.shape[0]
     rows = packed_rows(out, 4)
     padded = torch.zeros((4 * rows, codes.shape[1]), dtype=torch.uint8, device=codes.device)
     padded[:out] = codes
     blocks = padded.view(4, rows, -1)
-    packed = blocks[0] | (blocks[1] << 2) | (blocks[2] << 4) | (blocks[3] << 6)
-    return packed.reshape((rows, *q.shape[1:]))
+    return blocks[0] | (blocks[1] << 2) | (blocks[2] << 4) | (blocks[3] << 6)
+
+
+def pack_2bit(q: torch.Tensor) -> torch.Tensor:
+    """Ternary ``(out, ...)`` -> uint8 ``(ceil(out/4), ...)`` in transformers' ``pack_weights`` layout."""
+    return pack_fields(_codes(q)).reshape((packed_rows(q.shape[0], 4), *q.shape[1:]))
 
 
 def unpack_2bit(packed: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -56,8 +56,10 @@ def activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``x.shape[:-1] + (1,)`` with ``s_x = 127 / max(max|x|, 1e-5)`` (so ``x ~ x_q / s_x``).
     """
     v = x.detach().float()
-    scale = ACT_QMAX / v.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return (v * scale).round().clamp(ACT_QMIN, ACT_QMAX).to(torch.int8), scale
+    # In-place round/clamp on the product save two temporaries; same values as (v * scale).round().clamp(...),
+    # the expression transformers uses. (torch.linalg.vector_norm(inf) is 5x slower than abs().amax() on CPU.)
+    scale = ACT_QMAX / v.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    return (v * scale).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), scale
 
 
 def weight_fake_quant(weight: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,13 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert doc["store"] == f"file://{tmp_path}/forge-store"
     assert doc["flow_run_id"] and doc["mlflow_run_id"]
     phases = {p["name"]: p for p in doc["phases"]}
-    assert set(phases) == {"data", "cognate"}
+    assert set(phases) == {"data", "cognate", "bitnet"}
+    bit = phases["bitnet"]["metrics"]
+    assert bit["size/ternary_linear"] * 7 < bit["size/bf16_linear"]  # 2 bits vs 16, measured on disk
+    assert 1.99 < bit["size/bits_per_ternary_weight"] < 2.01
+    assert bit["export/max_rel_logit_diff"] < 1e-4
+    assert bit["bitnet/loss"] - bit["input/loss"] <= 1.0  # the quality gate of the preset
+    assert set(doc["test_metrics"]) == {"model"}
     cog = phases["cognate"]
     assert cog["status"] == "completed" and not cog["cached"]
     for name in ("trunk", "math", "dialog", "story"):
@@ -50,8 +56,26 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     phase = _forge(["phase", "cognate", "--input", str(tmp_path / "forge-store" / uri.split("/forge-store/")[1] / "trunk"),
                     "--out", str(trunk_dir), "--set", "data.synthetic.n_examples=1000"], tmp_path, timeout=900)
     assert phase.returncode == 0, phase.stdout[-3000:] + phase.stderr[-3000:]
-    assert (trunk_dir / "model-0" / "model.safetensors").is_file()
-    assert (trunk_dir / "model-0" / "config.json").is_file()
+    assert (trunk_dir / "model.safetensors").is_file() and (trunk_dir / "config.json").is_file()
+
+    # phase 4 alone on a plain Hugging Face folder: the exported folder loads with transformers' BitNet support
+    packed = tmp_path / "packed"
+    bn = _forge(["phase", "bitnet", "--input", str(trunk_dir), "--out", str(packed),
+                 "--set", "bitnet.steps=30", "--set", "bitnet.warmup_steps=10", "--set", "data.synthetic.n_examples=1000"],
+                tmp_path, timeout=900)
+    assert bn.returncode == 0, bn.stdout[-3000:] + bn.stderr[-3000:]
+    config = json.loads((packed / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitnet"
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, torch, forge_models; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+         "ids = t('Q: What is 2 + 3?', return_tensors='pt').input_ids;"
+         "print(type(m.model.layers[0].self_attn.q_proj).__name__, bool(torch.isfinite(m(ids).logits).all()))",
+         str(packed)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.split()[-2:] == ["BitLinear", "True"]
 
     # a bad config fails before any compute with exit code 2
     bad = _forge(["run", "--preset", "tiny", "--set", "cognate.arch.num_heads=0"], tmp_path, timeout=300)

@@ -9,7 +9,7 @@ from flows.cli import main
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
     cfg = load_config(preset=preset)
-    assert cfg.phases == ["cognate"]
+    assert cfg.phases == ["cognate", "bitnet"]
     assert len(cfg.cognate.variants) == 3
 
 

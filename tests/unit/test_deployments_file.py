@@ -18,7 +18,7 @@ def test_prefect_yaml_matches_forge_deploy():
         preset = d["name"].split("-")[0]
         assert d["entrypoint"] == ENTRYPOINT
         assert d["work_pool"]["name"] == "forge-gpu"
-        assert d["parameters"] == preset_parameters(preset, []), f"{d['name']} drifted from flows/presets/{preset}.yaml"
+        assert d["parameters"] == preset_parameters(preset, []), f"{d['name']} drifted from flows/presets/{preset}.yaml: run .venv/bin/python -m flows.deploy"
         ForgeConfig.model_validate(d["parameters"]["config"])  # the server would accept it
         assert bool(d["schedules"]) == d["name"].endswith("scheduled")
     path, func = ENTRYPOINT.split(":")

@@ -1,0 +1,179 @@
+"""Packed BitNet inference on CPU against the same model in fp32 and bf16: tokens/s and weight memory.
+
+    .venv/bin/python bench/bitnet_inference.py [--shape cognate-25m] [--threads 2] [--repeats 5]
+                                              [--out bench/out/bitnet_inference.json]
+
+One randomly initialised Llama-architecture model (the shape of the `full` preset's ~25M Cognate model,
+as a plain decoder so every variant does exactly the same work; tokens/s do not depend on the weight
+values) is run three ways:
+
+- ``fp32``: the float model as is;
+- ``bf16``: the same model cast to bfloat16 (oneDNN/AMX bf16 GEMMs where the CPU has them);
+- ``packed``: converted with ``convert_to_bitnet`` (act_norm "rms"), exported with ``export_packed``
+  (2-bit) and reloaded with ``load_packed``: every linear layer a ``PackedBitLinear`` holding 2-bit codes
+  and computing int8 x ternary with ``torch._int_mm`` and one scale division. Embeddings, ``lm_head`` and
+  norms stay float32.
+
+Measured, interleaved (fp32, bf16, packed, fp32, ...) so machine noise hits all three; medians reported:
+
+- ``prefill``: one forward pass over ``batch x seq`` tokens, tokens/s;
+- ``decode``: greedy generation of ``new_tokens`` tokens at batch 1 with the KV cache, tokens/s;
+- ``weight memory``: bytes of every parameter and persistent buffer the model holds, split into the linear
+  layers that BitNet converts and the rest (the packed layers' transient int8 operand, allocated per call
+  and freed, is reported separately as the largest one).
+
+Goal (issue 5): packed at least as fast as fp32, and >= 5x less weight memory. The numbers are printed
+and written as JSON whatever they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from forge_models.bitnet import PackedBitLinear, convert_to_bitnet, export_packed, load_packed
+
+SHAPES = {
+    # The `full` preset's Cognate shape (hidden 512, 8 layers, SwiGLU 1376), vocabulary 8192.
+    "cognate-25m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376,
+                        vocab_size=8192),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688, vocab_size=2048),
+    "1b-layer": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, intermediate_size=5632,
+                     vocab_size=8192),
+}
+
+
+def build(shape: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=1024, tie_word_embeddings=True, **SHAPES[shape])
+    return LlamaForCausalLM(cfg).eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of distinct parameters and persistent buffers: converted linear layers vs everything else."""
+    seen, linear, other = set(), 0, 0
+    linear_prefixes = tuple(
+        f"{n}." for n, m in model.named_modules()
+        if isinstance(m, PackedBitLinear) or (isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    )
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        if name.startswith(linear_prefixes):
+            linear += t.numel() * t.element_size()
+        else:
+            other += t.numel() * t.element_size()
+    return {"linear": linear, "other": other, "total": linear + other}
+
+
+@torch.no_grad()
+def time_prefill(model, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids)
+    return ids.numel() / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cognate-25m")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the dev box has 2 cores)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", default="bench/out/bitnet_inference.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    fp32 = build(args.shape)
+    bf16 = build(args.shape).to(torch.bfloat16)
+    converted = build(args.shape)
+    report = convert_to_bitnet(converted, act_norm="rms")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_packed(converted, tmp)
+        packed = load_packed(tmp)
+    models = {"fp32": fp32, "bf16": bf16, "packed": packed}
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = fp32.config.vocab_size
+    ids = torch.randint(2, vocab, (args.batch, args.seq), generator=gen)
+    prompt = torch.randint(2, vocab, (1, 16), generator=gen)
+    with torch.no_grad():  # the packed model computes what the converted in-memory model computes
+        same = torch.equal(packed(input_ids=ids[:1]).logits, converted(input_ids=ids[:1]).logits)
+
+    for model in models.values():  # warm-up: first-call allocations and kernel selection
+        time_prefill(model, ids[:1, :16])
+        time_decode(model, prompt, 2)
+    prefill = {k: [] for k in models}
+    decode = {k: [] for k in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            prefill[name].append(time_prefill(model, ids))
+            decode[name].append(time_decode(model, prompt, args.new_tokens))
+
+    memory = {k: weight_bytes(m) for k, m in models.items()}
+    largest = max((m for _, m in packed.named_modules() if isinstance(m, PackedBitLinear)),
+                  key=lambda m: m.in_features * m.out_features)
+    result = {
+        "shape": args.shape,
+        "config": SHAPES[args.shape],
+        "converted_layers": len(report.converted),
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "batch_x_seq": [args.batch, args.seq],
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "packed_equals_in_memory_logits": same,
+        "prefill_tokens_per_s": {k: statistics.median(v) for k, v in prefill.items()},
+        "decode_tokens_per_s": {k: statistics.median(v) for k, v in decode.items()},
+        "prefill_samples": prefill,
+        "decode_samples": decode,
+        "weight_bytes": memory,
+        "packed_transient_operand_bytes_max": largest.in_features * 4 * -(-largest.out_features // 4),
+        "load_average": os.getloadavg(),
+    }
+    result["ratios"] = {
+        "prefill_packed_vs_fp32": result["prefill_tokens_per_s"]["packed"] / result["prefill_tokens_per_s"]["fp32"],
+        "decode_packed_vs_fp32": result["decode_tokens_per_s"]["packed"] / result["decode_tokens_per_s"]["fp32"],
+        "linear_memory_fp32_vs_packed": memory["fp32"]["linear"] / memory["packed"]["linear"],
+        "linear_memory_bf16_vs_packed": memory["bf16"]["linear"] / memory["packed"]["linear"],
+        "total_memory_fp32_vs_packed": memory["fp32"]["total"] / memory["packed"]["total"],
+        "total_memory_bf16_vs_packed": memory["bf16"]["total"] / memory["packed"]["total"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+    print(f"shape {args.shape} {SHAPES[args.shape]}, {args.threads} threads, load average {result['load_average']}")
+    print(f"packed logits == converted in-memory logits: {same}")
+    print(f"{'':8}{'prefill tok/s':>15}{'decode tok/s':>15}{'linear MB':>12}{'total MB':>12}")
+    for k in models:
+        print(f"{k:8}{result['prefill_tokens_per_s'][k]:15.0f}{result['decode_tokens_per_s'][k]:15.1f}"
+              f"{memory[k]['linear'] / 1e6:12.2f}{memory[k]['total'] / 1e6:12.2f}")
+    for k, v in result["ratios"].items():
+        print(f"{k}: {v:.2f}")
+    print(f"largest transient int8 operand per call: {result['packed_transient_operand_bytes_max'] / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Prefect task for phase 4, BitNet b1.58: ternarise the previous phase's model, fine-tune, store packed.
+
+Output prefix: ``model/`` — the packed model as a Hugging Face folder (2-bit weights in transformers'
+BitNet layout plus ``quantization_config``, so ``AutoModelForCausalLM.from_pretrained`` loads it; or the
+denser base-3 packing, loadable with ``forge_models.bitnet.load_packed``), ``qat_curve.png``,
+``phase.json``, ``report.md`` and ``manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from flows.config import ForgeConfig
+from forge_models.runtime import ArtifactIntegrityError, PhaseContext
+from tasks import runtime as rt
+from tasks.cache import phase_key
+from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_table, retry_transient, run_phase
+from tasks.store import ArtifactRef, Store
+from tasks.tracking import Tracking
+
+BITNET_VERSION = "1"
+EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
+
+
+def bitnet_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
+    section = json.dumps({"bitnet": config.bitnet.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
+                          "seed": config.seed, "precision": config.device.precision}, sort_keys=True)
+    return phase_key("bitnet", BITNET_VERSION, section, [previous.digest], dataset.digest)
+
+
+def choose_model(names: list[str], wanted: str | None, uri: str) -> str:
+    if wanted is not None:
+        if wanted not in names:
+            raise ArtifactIntegrityError(f"bitnet.input_model {wanted!r} is not in {uri} (it holds {names})")
+        return wanted
+    if len(names) != 1:
+        raise ArtifactIntegrityError(f"{uri} holds {names}; set bitnet.input_model to the one to ternarise")
+    return names[0]
+
+
+def _body(config: ForgeConfig, previous: ArtifactRef):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        import forge_models  # noqa: F401  (registers Cognate)
+        from transformers import AutoModelForCausalLM
+
+        from forge_models import bitnet
+        from forge_models.data import Corpus
+        from forge_models.tokenizer import load_tokenizer
+
+        dataset_dir, model_root = inputs
+        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
+        name = choose_model(names, config.bitnet.input_model, previous.uri)
+        with rt.MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(model_root / name, dtype=torch.float32)
+        tokenizer = load_tokenizer(model_root / name)
+        corpus = Corpus.load(dataset_dir / "corpus")
+        out = bitnet.run(
+            bitnet.BitNetInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval,
+                                export_dir=out_dir / "model"),
+            config.bitnet, ctx,
+        )
+        if out.curves.get("qat/loss"):
+            loss_curve_png({"qat/loss": out.curves["qat/loss"]}, out_dir / "qat_curve.png", f"BitNet QAT of {name}")
+        size = out.details.get("size", {})
+        conv = out.details.get("conversion", {})
+        lines = [
+            "# Phase 4: BitNet b1.58",
+            "",
+            f"Input: `{previous.uri}/{name}`. Held-out split: **{config.eval.split}**. "
+            f"Packing: {config.bitnet.packing}; activation norm: {config.bitnet.act_norm}; "
+            f"{config.bitnet.steps} QAT steps, lambda warm-up {config.bitnet.warmup_steps}.",
+            "",
+            metrics_table(out.evaluations, EVAL_COLUMNS),
+            "",
+            "| bytes on disk (measured from the files) | value |",
+            "|---|---|",
+            *[f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in size.items()],
+            "",
+            f"Converted to ternary: {len(conv.get('converted', []))} linear layers; kept in high precision: "
+            f"{sorted(conv.get('kept_linear', conv.get('kept', {})))}.",
+            f"Export check: max relative logit difference after reloading the packed folder "
+            f"{out.metrics.get('export/max_rel_logit_diff', float('nan')):.2e}.",
+        ]
+        return PhaseWritten(
+            metrics=out.metrics, report_md="\n".join(lines) + "\n", params=int(out.details.get("params", 0)) or None,
+            steps_run=int(out.details.get("steps_run", 0)), curves=out.curves, details=out.details,
+        )
+
+    return body
+
+
+@task(
+    name="bitnet",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+    cache_key_fn=lambda ctx, p: "bitnet-" + bitnet_key(p["config"], p["dataset"].ref, p["previous"].ref),
+    result_serializer="json",
+    persist_result=True,
+)
+def bitnet_task(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
+    """Ternarise (or reuse) the previous phase's model."""
+    rt.check_input_kind(dataset.ref, "dataset", "bitnet")
+    store = Store(config.store.url)
+    return run_phase(
+        phase="bitnet", kind="model", key=bitnet_key(config, dataset.ref, previous.ref), store_url=config.store.url,
+        config_section=config.bitnet.model_dump(mode="json"), inputs=[dataset.ref, previous.ref],
+        body=_body(config, previous.ref), tracking=Tracking.from_config(config.tracking, store, config.name),
+        parent_run_id=parent_run_id, device=config.device.device, precision=config.device.precision,
+        seed=config.seed, threads=config.device.threads,
+    )
