@@ -35,6 +35,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/cognate_throughput.py
 	$(VENV)/bin/python bench/cache_rerun.py
+	$(VENV)/bin/python bench/bitnet_quality.py
+	$(VENV)/bin/python bench/bitnet_inference.py
+	$(VENV)/bin/python bench/merge_throughput.py
 
 up: $(STAMP)
 	$(VENV)/bin/forge ui
