@@ -86,8 +86,11 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> lis
     if name != "cognate":
         if len(folders) != 1:
             raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
-        return [f"phases=[{name}]", f"input={json.dumps(folders[0])}", "data.tokenizer.kind=pretrained",
+        sets = [f"phases=[{name}]", f"input={json.dumps(folders[0])}", "data.tokenizer.kind=pretrained",
                 f"data.tokenizer.path={json.dumps(folders[0])}"]
+        if name == "bitnet":
+            sets.append("bitnet.input_model=null")  # the imported folder is the only model
+        return sets
     sets = ["phases=[cognate]"]
     if folders:
         sets += [
