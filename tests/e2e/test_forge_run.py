@@ -61,7 +61,8 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     # phase 4 alone on a plain Hugging Face folder: the exported folder loads with transformers' BitNet support
     packed = tmp_path / "packed"
     bn = _forge(["phase", "bitnet", "--input", str(trunk_dir), "--out", str(packed),
-                 "--set", "bitnet.steps=30", "--set", "bitnet.warmup_steps=10", "--set", "data.synthetic.n_examples=1000"],
+                 "--set", "bitnet.steps=60", "--set", "bitnet.warmup_steps=10", "--set", "bitnet.max_loss_increase=1.5",
+                 "--set", "data.synthetic.n_examples=1000"],
                 tmp_path, timeout=900)
     assert bn.returncode == 0, bn.stdout[-3000:] + bn.stderr[-3000:]
     config = json.loads((packed / "config.json").read_text())
