@@ -49,7 +49,7 @@ def _keys(bucket: str, endpoint: str) -> list[str]:
 def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri):
     cfg = _config(bucket, mlflow_uri)
     first = agent_forge(cfg)
-    assert [p.name for p in first.phases] == ["data", "cognate"]
+    assert [p.name for p in first.phases] == ["data", "cognate", "bitnet"]
     assert not any(p.cached for p in first.phases)
     cognate = first.phase("cognate")
     assert cognate.steps_run == 120 + 30 + 30
@@ -78,7 +78,7 @@ def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri)
     parent = client.get_run(first.mlflow_run_id)
     assert parent.data.tags["prefect.flow_run_id"] == first.flow_run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.mlflow_run_id]
-    assert sorted(r.data.tags["forge.phase"] for r in children) == ["cognate", "data"]
+    assert sorted(r.data.tags["forge.phase"] for r in children) == ["bitnet", "cognate", "data"]
     for child in children:
         assert child.data.tags["prefect.task_run_id"]
         assert child.data.tags["prefect.flow_run_id"] == first.flow_run_id
@@ -103,6 +103,7 @@ def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri)
     third = agent_forge(changed)
     assert third.phase("data").cached
     assert not third.phase("cognate").cached
+    assert not third.phase("bitnet").cached, "phases after a changed one recompute too"
     assert third.phase("cognate").artifact.uri != cognate.artifact.uri
 
 
