@@ -35,19 +35,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from forge_models.bitnet.config import BitNetConfig
+from forge_models.checkpoint import digest as checkpoint_digest
+from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
 from forge_models.bitnet.convert import (
     Conversion,
     bit_linears,
@@ -81,8 +80,6 @@ from forge_models.runtime import (
 
 __all__ = ["BitNetInputs", "run"]
 
-COMPLETE_MARKER = "COMPLETE"
-CHECKPOINT_FORMAT = 1
 STAGE = "qat"
 PROGRESS_EVENTS = 100
 HEADLINE_KEYS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
@@ -143,10 +140,10 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     set_quant_strength(model, 1.0)
     no_ft = _evaluate(model, inputs, held_out, ctx)
 
-    digest = _digest({
+    digest = checkpoint_digest({
         "config": cfg.model_dump(mode="json", exclude={"checkpoint_every", "packing", "kept_dtype", "max_loss_increase"}),
         "seed": ctx.seed,
-        "tokenizer": _tokenizer_fingerprint(inputs.tokenizer),
+        "tokenizer": tokenizer_fingerprint(inputs.tokenizer),
         "data": inputs.corpus.digest(),
         "input_model": input_digest,
         "converted": conversion.converted,
@@ -241,9 +238,10 @@ def _train(
     torch.manual_seed(ctx.seed)  # dropout, if the model has any, draws from here
 
     start, curve, lambdas, tokens, seconds, resumed_from = 0, [], [], 0, 0.0, None
-    latest = _latest_checkpoint(stage_dir) if stage_dir is not None else None
+    latest = latest_checkpoint(stage_dir) if stage_dir is not None else None
     if latest is not None:
-        state = _load_checkpoint(latest, digest, model, optimizer, ctx.device)
+        state = load_checkpoint(latest, config_digest=digest, model=model, optimizer=optimizer, device=ctx.device,
+                                what="input model, configuration, data or tokenizer")
         resumed_from = int(state["step"])
         curve = [(int(s), float(v)) for s, v in state["curve"]]
         lambdas = [(int(s), float(v)) for s, v in state["lambdas"]]
@@ -283,7 +281,8 @@ def _train(
         curve.append((done, loss_value))
         lambdas.append((done, lam))
         if stage_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(stage_dir, done, cfg.steps, digest, model, optimizer, ctx, {
+            save_checkpoint(stage_dir, stage=STAGE, step=done, total=cfg.steps, config_digest=digest, model=model,
+                            optimizer=optimizer, ctx=ctx, extra={
                 "curve": curve, "lambdas": lambdas, "tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             })
@@ -314,77 +313,6 @@ def _make_optimizer(model: nn.Module, cfg: BitNetConfig) -> torch.optim.AdamW:
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-
-
-def _latest_checkpoint(stage_dir: Path) -> Path | None:
-    if not stage_dir.is_dir():
-        return None
-    complete = [p for p in stage_dir.glob("step-*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def _save_checkpoint(
-    stage_dir: Path,
-    step: int,
-    total: int,
-    digest: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ctx: PhaseContext,
-    extra: dict[str, Any],
-) -> Path:
-    """Write a complete checkpoint (marker last), drop older ones, then notify the caller."""
-    folder = stage_dir / f"step-{step:06d}"
-    if folder.exists():
-        shutil.rmtree(folder)  # a leftover of a crashed write
-    folder.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(folder / "model.safetensors"))
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, folder / "optimizer.pt")
-    state = {"format": CHECKPOINT_FORMAT, "stage": STAGE, "step": step, "steps_total": total,
-             "final": step == total, "config_digest": digest, **extra}
-    (folder / "state.json").write_text(json.dumps(state, indent=1))
-    (folder / COMPLETE_MARKER).write_text("")
-    for old in stage_dir.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    if ctx.on_checkpoint is not None:
-        ctx.on_checkpoint(folder)
-    return folder
-
-
-def _load_checkpoint(
-    folder: Path, digest: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> dict[str, Any]:
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("config_digest") != digest:
-        raise ConfigError(
-            f"checkpoint {folder} was written for a different input model, configuration, data or tokenizer "
-            f"(digest {state.get('config_digest')} != {digest}); continuing from it would be unsafe. Clear the "
-            f"checkpoint folder {folder.parent.parent} (or use another one) to start over."
-        )
-    safetensors.torch.load_model(model, str(folder / "model.safetensors"), strict=True, device=str(device))
-    if not state["final"]:
-        blob = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        if "cuda" in blob["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return state
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-    }
-    return _digest(payload)
 
 
 def _state_digest(model: nn.Module) -> str:

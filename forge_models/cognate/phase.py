@@ -22,20 +22,17 @@ kept. A stage whose newest checkpoint is final is loaded instead of retrained.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import safetensors.torch
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from forge_models.checkpoint import digest, latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
 from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig, CognateRMSNorm, count_parameters
 from forge_models.config import CognateConfig, EvalConfig, TrainConfig
 from forge_models.data import Corpus, Example
@@ -52,8 +49,6 @@ from forge_models.runtime import (
 
 __all__ = ["CognateInputs", "run"]
 
-COMPLETE_MARKER = "COMPLETE"
-CHECKPOINT_FORMAT = 1
 # Tokens used to measure the mean number of refinement steps at inference (enough for a stable mean).
 REFINE_MEASURE_TOKENS = 4096
 # Progress events per phase: frequent enough for a live bar, rare enough not to flood a tracker.
@@ -219,7 +214,7 @@ def _plan_stages(
         "arch": cfg.arch.model_dump(mode="json"),
         "trunk": cfg.trunk.model_dump(mode="json"),
         "seed": ctx.seed,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": corpus.digest(),
     }
     stages = [
@@ -230,7 +225,7 @@ def _plan_stages(
             act_threshold=cfg.arch.act_threshold,
             max_refine_steps=cfg.arch.max_refine_steps,
             step_offset=0,
-            digest=_digest({**common, "stage": "trunk"}),
+            digest=digest({**common, "stage": "trunk"}),
         )
     ]
     offset = cfg.trunk.steps
@@ -244,25 +239,12 @@ def _plan_stages(
                 max_refine_steps=variant.max_refine_steps,
                 step_offset=offset,
                 # The variant starts from the trunk, so the trunk's settings are part of its identity too.
-                digest=_digest({**common, "stage": variant.name, "index": i,
+                digest=digest({**common, "stage": variant.name, "index": i,
                                 "variant": variant.model_dump(mode="json")}),
             )
         )
         offset += variant.train.steps
     return stages
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the vocabulary and special tokens: a different tokenizer makes old weights meaningless."""
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-    }
-    return _digest(payload)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -284,9 +266,10 @@ def _train_stage(
     torch.manual_seed(stage.seed)  # nothing in the model is random today; this keeps it so if that changes
 
     start, curve, tokens, seconds, resumed_from = 0, [], 0, 0.0, None
-    latest = _latest_checkpoint(stage_dir) if stage_dir is not None else None
+    latest = latest_checkpoint(stage_dir) if stage_dir is not None else None
     if latest is not None:
-        state = _load_checkpoint(latest, stage, model, optimizer, ctx.device)
+        state = load_checkpoint(latest, config_digest=stage.digest, model=model, optimizer=optimizer, device=ctx.device,
+                                what=f"configuration, data or tokenizer than stage {stage.name!r} has now")
         resumed_from = int(state["step"])
         curve = [(int(s), float(v)) for s, v in state["curve"]]
         if state["final"]:
@@ -328,10 +311,11 @@ def _train_stage(
         curve.append((global_step, loss_value))
         done = step + 1
         if stage_dir is not None and (done % cfg.checkpoint_every == 0 or done == tcfg.steps):
-            _save_checkpoint(
-                stage_dir, stage, done, model, optimizer, ctx,
-                {"curve": curve, "tokens": tokens, "seconds": seconds,
-                 "tokens_per_s": tokens / seconds if seconds > 0 else 0.0},
+            save_checkpoint(
+                stage_dir, stage=stage.name, step=done, total=tcfg.steps, config_digest=stage.digest, model=model,
+                optimizer=optimizer, ctx=ctx,
+                extra={"curve": curve, "tokens": tokens, "seconds": seconds,
+                       "tokens_per_s": tokens / seconds if seconds > 0 else 0.0},
             )
         ctx.tracker.log_metrics(
             {
@@ -384,77 +368,6 @@ def _lr_at(step: int, tcfg: TrainConfig) -> float:
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-
-
-def _latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest checkpoint folder of a stage that has its COMPLETE marker, or None."""
-    if not stage_dir.is_dir():
-        return None
-    complete = [p for p in stage_dir.glob("step-*") if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def _save_checkpoint(
-    stage_dir: Path,
-    stage: _Stage,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ctx: PhaseContext,
-    extra: dict[str, Any],
-) -> Path:
-    """Write a complete checkpoint (marker last), drop older ones of the stage, then notify the caller."""
-    folder = stage_dir / f"step-{step:06d}"
-    if folder.exists():
-        shutil.rmtree(folder)  # a leftover of a crashed write: never trust a half-written folder
-    folder.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(folder / "model.safetensors"))
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, folder / "optimizer.pt")
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "stage": stage.name,
-        "step": step,
-        "steps_total": stage.train.steps,
-        "final": step == stage.train.steps,
-        "config_digest": stage.digest,
-        **extra,
-    }
-    (folder / "state.json").write_text(json.dumps(state, indent=1))
-    (folder / COMPLETE_MARKER).write_text("")
-    for old in stage_dir.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    if ctx.on_checkpoint is not None:
-        ctx.on_checkpoint(folder)
-    return folder
-
-
-def _load_checkpoint(
-    folder: Path, stage: _Stage, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-) -> dict[str, Any]:
-    """Load weights (and, for an unfinished stage, optimizer and RNG state); return state.json."""
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("config_digest") != stage.digest:
-        raise ConfigError(
-            f"checkpoint {folder} was written for a different configuration, data or tokenizer than stage "
-            f"{stage.name!r} has now (digest {state.get('config_digest')} != {stage.digest}); continuing from "
-            f"it would be unsafe. Clear the checkpoint folder {folder.parent.parent} (or use another one) to "
-            f"start over."
-        )
-    missing, unexpected = safetensors.torch.load_model(model, str(folder / "model.safetensors"), strict=True,
-                                                       device=str(device))
-    if missing or unexpected:  # strict=True raises already; kept as a guard should that ever change
-        raise ConfigError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
-    if not state["final"]:
-        blob = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        if "cuda" in blob["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return state
 
 
 # --------------------------------------------------------------------------------------- evaluation
