@@ -18,7 +18,7 @@ from flows.config import ForgeConfig
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
-from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_table, retry_transient, run_phase
+from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_table, PHASE_TASK_OPTIONS, run_phase
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking
 
@@ -95,12 +95,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
 
 @task(
     name="bitnet",
-    retries=2,
+    **PHASE_TASK_OPTIONS,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
     cache_key_fn=lambda ctx, p: "bitnet-" + bitnet_key(p["config"], p["dataset"].ref, p["previous"].ref),
-    result_serializer="json",
-    persist_result=True,
 )
 def bitnet_task(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
     """Ternarise (or reuse) the previous phase's model."""

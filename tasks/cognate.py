@@ -23,7 +23,7 @@ from tasks.runtime import (
     check_input_kind,
     loss_curve_png,
     metrics_table,
-    retry_transient,
+    PHASE_TASK_OPTIONS,
     run_phase,
 )
 from tasks.store import ArtifactRef, Store
@@ -96,12 +96,9 @@ def _report(config: ForgeConfig, out, params: dict) -> str:
 
 @task(
     name="cognate",
-    retries=2,
+    **PHASE_TASK_OPTIONS,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
     cache_key_fn=lambda ctx, params: "cognate-" + cognate_key(params["config"], params["dataset"].ref),
-    result_serializer="json",
-    persist_result=True,
 )
 def cognate_task(config: ForgeConfig, dataset: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
     """Train (or reuse) the Cognate trunk and variants, or evaluate and pass on pretrained models."""

@@ -18,7 +18,7 @@ from forge_models.data import build_corpus
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import build_tokenizer
 from tasks.cache import folder_digest, phase_key
-from tasks.runtime import PhaseResult, PhaseWritten, retry_transient, run_phase
+from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
 from tasks.store import is_transient, TransientStorageError
 from tasks.tracking import Tracking
 
@@ -85,12 +85,9 @@ def _body(config: ForgeConfig):
 
 @task(
     name="data",
-    retries=2,
+    **PHASE_TASK_OPTIONS,
     retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
     cache_key_fn=lambda ctx, params: "data-" + data_key(params["config"]),
-    result_serializer="json",
-    persist_result=True,
 )
 def data_task(config: ForgeConfig, parent_run_id: str | None = None) -> PhaseResult:
     """Build (or reuse) the dataset artifact: corpus splits plus tokenizer."""

@@ -21,7 +21,7 @@ from flows.config import ForgeConfig
 from forge_models.runtime import PhaseContext
 from tasks.cache import phase_key
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value
-from tasks.runtime import resolve_device, retry_transient
+from tasks.runtime import resolve_device, PHASE_TASK_OPTIONS
 from tasks.store import ArtifactRef, Store
 
 EVAL_VERSION = "1"
@@ -58,12 +58,9 @@ def _executor() -> str:
 
 @task(
     name="evaluate-model",
-    retries=2,
+    **PHASE_TASK_OPTIONS,
     retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
     cache_key_fn=lambda ctx, p: "evaluate-" + eval_key(p["config"], p["dataset"], p["artifact"], p["model"], p["split"]),
-    result_serializer="json",
-    persist_result=True,
 )
 def evaluate_model_task(
     config: ForgeConfig, dataset: ArtifactRef, artifact: ArtifactRef, model: str, split: str = "test"

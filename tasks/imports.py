@@ -15,7 +15,7 @@ from prefect import task
 from flows.config import ForgeConfig
 from forge_models.runtime import ConfigError, PhaseContext
 from tasks.cache import folder_digest, phase_key
-from tasks.runtime import PhaseResult, PhaseWritten, retry_transient, run_phase
+from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
 
 IMPORT_VERSION = "1"
 ALLOWED = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -44,12 +44,9 @@ def _body(config: ForgeConfig):
 
 @task(
     name="import",
-    retries=2,
+    **PHASE_TASK_OPTIONS,
     retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
     cache_key_fn=lambda ctx, params: "import-" + import_key(params["config"]),
-    result_serializer="json",
-    persist_result=True,
 )
 def import_task(config: ForgeConfig, parent_run_id: str | None = None) -> PhaseResult:
     return run_phase(

@@ -80,6 +80,12 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
+PHASE_TASK_OPTIONS = dict(
+    retries=2, retry_condition_fn=retry_transient, result_serializer="json", persist_result=True,
+)
+"""What every stored step's @task shares: transient-only retries, JSON results persisted under the store."""
+
+
 def _prefect_run_ids() -> dict[str, str | None]:
     try:
         from prefect.runtime import flow_run, task_run
