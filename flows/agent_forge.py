@@ -115,6 +115,7 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
     from tasks.cognate import cognate_task
     from tasks.data import data_task
     from tasks.imports import import_task
+    from tasks.training import training_task
 
     logger = get_run_logger()
     store = preflight(config)
@@ -134,7 +135,7 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         )
         tracking.log_params(parent, flatten("", config.model_dump(mode="json", exclude={"store", "tracking"}), {}))
     summaries: list[PhaseSummary] = []
-    tasks = {"cognate": cognate_task, "bitnet": bitnet_task}
+    tasks = {"cognate": cognate_task, "evomerge": None, "bitnet": bitnet_task, "training": training_task}
     try:
         t0 = time.monotonic()
         data, cached = _run_step(data_task.with_options(result_storage=storage), "data", config, parent_run_id=parent)
@@ -146,9 +147,14 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
             summaries.append(_summary("import", previous, cached, time.monotonic() - t0))
         for name in config.phases:
             t0 = time.monotonic()
-            task_fn = tasks[name].with_options(result_storage=storage)
+            task_fn = tasks[name].with_options(result_storage=storage) if tasks[name] else None
             if name == "cognate":
                 result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent)
+            elif name == "evomerge":  # a sub-flow: its candidates fan out over config.runner
+                from flows.evomerge import run_evomerge
+
+                result = run_evomerge(config, data, previous, parent, result_storage=storage)
+                cached = not result.executed
             else:  # later phases take the data and the previous phase's output
                 result, cached = _run_step(task_fn, name, config, dataset=data, previous=previous, parent_run_id=parent)
             summaries.append(_summary(name, result, cached, time.monotonic() - t0))

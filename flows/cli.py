@@ -212,15 +212,70 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def resolve_recipe_uris(recipe_path: Path, work: Path) -> Path:
+    """A copy of a mergekit recipe whose store URIs (file://, s3://) point at verified local downloads.
+
+    EvoMerge writes its winner's recipe with the parents' store URIs (``<artifact>/<model>``); each one is
+    downloaded once (checked against its artifact's manifest) and replaced by the local folder.
+    """
+    import yaml
+
+    from tasks.store import Store
+
+    data = yaml.safe_load(recipe_path.read_text())
+    local: dict[str, str] = {}
+
+    def fetch(ref: str) -> str:
+        if "://" not in ref:
+            return ref
+        if ref not in local:
+            artifact, name = ref.rstrip("/").rsplit("/", 1)
+            dest = work / f"model-{len(local)}"
+            Store(artifact).download(artifact, dest, only=name)
+            local[ref] = str(dest / name)
+        return local[ref]
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (fetch(v) if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str) else walk(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        return node
+
+    resolved = walk(data)
+    if not local:
+        return recipe_path
+    out = work / "recipe.yaml"
+    out.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return out
+
+
+def cmd_merge(argv: list[str]) -> int:
+    """``forge merge``: the library's merge CLI, plus store URIs as model paths."""
+    from forge_models.merge.__main__ import main as merge_main
+
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        i = argv.index("--config") + 1
+        path = Path(argv[i])
+        if path.is_file() and "://" in path.read_text():
+            with tempfile.TemporaryDirectory(prefix="forge-merge-") as tmp:
+                try:
+                    argv = [*argv[:i], str(resolve_recipe_uris(path, Path(tmp))), *argv[i + 1:]]
+                except Exception as exc:  # noqa: BLE001
+                    print(f"forge merge: cannot fetch a model of the recipe: {exc}", file=sys.stderr)
+                    return 2
+                return merge_main(argv)
+    return merge_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "aiobotocore", "s3fs", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
-        from forge_models.merge.__main__ import main as merge_main
-
-        return merge_main(argv[1:])
+        return cmd_merge(argv[1:])
     if argv and argv[0] in ("ui", "deploy", "serve"):
         try:
             if argv[0] == "ui":

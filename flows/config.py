@@ -20,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forge_models.bitnet.config import BitNetConfig
 from forge_models.config import CognateConfig, DataConfig, EvalConfig
+from forge_models.evomerge.config import EvoMergeConfig
+from forge_models.training.config import TrainingConfig
 
 PHASE_ORDER = ("cognate", "evomerge", "quietstar", "bitnet", "training", "baking", "experts", "compression")
 """The eight phases, in pipeline order."""
 
-IMPLEMENTED_PHASES = ("cognate", "bitnet")
+IMPLEMENTED_PHASES = ("cognate", "evomerge", "bitnet", "training")
 """Phases this version can run; the others are refused by validation with a pointer to their issue."""
 
 PRESETS = ("tiny", "small", "full")
@@ -116,7 +118,11 @@ class ForgeConfig(_Frozen):
         "cognate (e.g. phases [bitnet]); its tokenizer must be the data tokenizer.",
     )
     cognate: CognateConfig = Field(default_factory=CognateConfig, description="Phase 1: Cognate pretraining.")
+    evomerge: EvoMergeConfig = Field(default_factory=EvoMergeConfig, description="Phase 2: evolutionary model merging.")
     bitnet: BitNetConfig = Field(default_factory=BitNetConfig, description="Phase 4: BitNet b1.58 ternarisation.")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Phase 5: the Forge training loop (ten stages, curriculum, dreams)."
+    )
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="Device and precision.")
@@ -166,14 +172,43 @@ class ForgeConfig(_Frozen):
                 "data.tokenizer: an input model brings its own vocabulary; set data.tokenizer.kind=pretrained and "
                 "data.tokenizer.path to the input folder"
             )
-        if "bitnet" in self.phases and self.phases.index("bitnet") > 0 and self.phases[self.phases.index("bitnet") - 1] == "cognate":
-            names = (["trunk"] + [v.name for v in self.cognate.variants]) if self.cognate.source == "scratch" else (
-                [f"model-{i}" for i in range(len(self.cognate.base_models))] + (["base"] if self.cognate.common_base else []))
-            if len(names) > 1 and self.bitnet.input_model not in names:
+        cognate_names = (["trunk"] + [v.name for v in self.cognate.variants]) if self.cognate.source == "scratch" else (
+            [f"model-{i}" for i in range(len(self.cognate.base_models))] + (["base"] if self.cognate.common_base else []))
+        if "evomerge" in self.phases:
+            if self.phases[0] == "evomerge" or self.phases[self.phases.index("evomerge") - 1] != "cognate":
+                problems.append("phases: evomerge merges the models cognate makes, so cognate must run right before it "
+                                "(existing Hugging Face models: cognate.source=pretrained with cognate.base_models)")
+            else:
+                em = self.evomerge
+                if em.base_model is not None and em.base_model not in cognate_names:
+                    problems.append(f"evomerge.base_model: cognate produces {cognate_names}; {em.base_model!r} is not one "
+                                    f"of them (the scratch route's base is 'trunk', the pretrained route's 'base')")
+                merged = em.models if em.models is not None else [n for n in cognate_names if n != em.base_model]
+                unknown = [m for m in merged if m not in cognate_names]
+                if unknown:
+                    problems.append(f"evomerge.models: {unknown} are not produced by cognate ({cognate_names})")
+                elif em.base_model in merged:
+                    problems.append(f"evomerge.models: the base model {em.base_model!r} cannot also be merged")
+                elif len(merged) < 2:
+                    problems.append(f"evomerge: needs at least two models to merge besides the base; cognate produces "
+                                    f"{cognate_names} (add variants)")
+                if em.strategy == "cmaes" and em.cmaes_method == "slerp" and len(merged) != 2:
+                    problems.append("evomerge.cmaes_method: slerp merges exactly two models")
+        if "bitnet" in self.phases and self.phases.index("bitnet") > 0:
+            before = self.phases[self.phases.index("bitnet") - 1]
+            if before == "cognate" and len(cognate_names) > 1 and self.bitnet.input_model not in cognate_names:
                 problems.append(
-                    f"bitnet.input_model: cognate produces {names}; name the one to ternarise "
+                    f"bitnet.input_model: cognate produces {cognate_names}; name the one to ternarise "
                     f"(got {self.bitnet.input_model!r})"
                 )
+            if before == "evomerge" and self.bitnet.input_model not in (None, "merged"):
+                problems.append(f"bitnet.input_model: evomerge produces one model, 'merged'; leave input_model unset "
+                                f"(got {self.bitnet.input_model!r})")
+        if "training" in self.phases and self.phases.index("training") > 0:
+            before = self.phases[self.phases.index("training") - 1]
+            if before == "cognate" and len(cognate_names) > 1:
+                problems.append(f"phases: training trains one model, but cognate produces {cognate_names}; run "
+                                f"evomerge (or bitnet with bitnet.input_model) between them")
         if problems:
             raise ValueError("; ".join(problems))
         return self

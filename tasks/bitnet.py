@@ -2,7 +2,8 @@
 
 Output prefix: ``model/`` — the packed model as a Hugging Face folder (2-bit weights in transformers'
 BitNet layout plus ``quantization_config``, so ``AutoModelForCausalLM.from_pretrained`` loads it; or the
-denser base-3 packing, loadable with ``forge_models.bitnet.load_packed``), ``qat_curve.png``,
+denser base-3 packing, loadable with ``forge_models.bitnet.load_packed``) with ``model/latent/``, the
+latent fp32 weights the training phase continues from (``forge_models.bitnet.load_latent``), ``qat_curve.png``,
 ``phase.json``, ``report.md`` and ``manifest.json`` (last).
 """
 
@@ -22,7 +23,7 @@ from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_tab
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking
 
-BITNET_VERSION = "1"
+BITNET_VERSION = "2"  # 2: the latent weights are stored too
 EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
 
 
@@ -63,6 +64,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
                                 export_dir=out_dir / "model"),
             config.bitnet, ctx,
         )
+        # What later training phases continue from: the latent weights behind the packed ternary ones.
+        bitnet.save_latent(out.models["model"], out_dir / "model" / bitnet.LATENT_DIR,
+                           keep_patterns=config.bitnet.keep_patterns, act_norm=config.bitnet.act_norm)
         if out.curves.get("qat/loss"):
             loss_curve_png({"qat/loss": out.curves["qat/loss"]}, out_dir / "qat_curve.png", f"BitNet QAT of {name}")
         size = out.details.get("size", {})

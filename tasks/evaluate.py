@@ -8,9 +8,7 @@ so a rerun of the same pipeline does not evaluate again.
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -47,15 +45,6 @@ def model_folders(store: Store, artifact: ArtifactRef) -> list[str]:
     return sorted({rel.split("/", 1)[0] for rel in manifest["files"] if rel.endswith("/config.json") and rel.count("/") == 1})
 
 
-def _executor() -> str:
-    try:
-        from distributed import get_worker
-
-        return f"dask:{get_worker().address}"
-    except Exception:  # noqa: BLE001 - not on a Dask worker
-        return f"{socket.gethostname()}:{threading.current_thread().name}"
-
-
 @task(
     name="evaluate-model",
     **PHASE_TASK_OPTIONS,
@@ -85,4 +74,4 @@ def evaluate_model_task(
             net = AutoModelForCausalLM.from_pretrained(tmp / "model" / model, dtype=torch.float32).to(device)
         ctx = PhaseContext(device=device, seed=config.seed, precision=config.device.precision)
         metrics = evaluate(net, tokenizer, corpus.split(split), config.eval, ctx)
-    return ModelEvaluation(model=model, split=split, metrics=metrics, executor=_executor())
+    return ModelEvaluation(model=model, split=split, metrics=metrics, executor=_rt.executor_name())

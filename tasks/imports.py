@@ -17,7 +17,7 @@ from forge_models.runtime import ConfigError, PhaseContext
 from tasks.cache import folder_digest, phase_key
 from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
 
-IMPORT_VERSION = "1"
+IMPORT_VERSION = "2"  # 2: a latent/ sub-folder is imported too
 ALLOWED = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
@@ -36,6 +36,12 @@ def _body(config: ForgeConfig):
         (out_dir / "model").mkdir()
         for p in files:
             shutil.copy2(p, out_dir / "model" / p.name)
+        latent = src / "latent"  # a packed BitNet folder's latent weights: what the training phase continues from
+        if latent.is_dir():
+            (out_dir / "model" / "latent").mkdir()
+            for p in latent.iterdir():
+                if p.is_file() and p.suffix in ALLOWED:
+                    shutil.copy2(p, out_dir / "model" / "latent" / p.name)
         return PhaseWritten(metrics={}, report_md=f"# Input\n\nImported `{src}` ({len(files)} files).\n",
                             details={"source": str(src)})
 

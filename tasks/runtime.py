@@ -62,6 +62,7 @@ class PhaseWritten:
     steps_run: int = 0
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name.json -> rows, logged to MLflow
 
 
 # ---------------------------------------------------------------------------------- Prefect glue
@@ -99,6 +100,18 @@ def _prefect_run_ids() -> dict[str, str | None]:
         }
     except Exception:  # noqa: BLE001 - outside a Prefect run
         return {}
+
+
+def executor_name() -> str:
+    """Where a task runs: ``dask:<worker address>`` on a Dask worker, else ``<host>:<thread name>``."""
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        return f"dask:{get_worker().address}"
+    except Exception:  # noqa: BLE001 - not on a Dask worker
+        return f"{socket.gethostname()}:{threading.current_thread().name}"
 
 
 def prefect_ui_url(url: str | None) -> str | None:
@@ -210,8 +223,13 @@ def run_phase(
     precision: str = "auto",
     seed: int = 0,
     threads: int | None = None,
+    download_inputs: bool = True,
 ) -> PhaseResult:
-    """Reuse the committed output at ``<store>/<phase>/<key>`` or compute, store and track it."""
+    """Reuse the committed output at ``<store>/<phase>/<key>`` or compute, store and track it.
+
+    ``download_inputs=False``: the body reads what it needs from the store itself (its ``inputs`` list is
+    empty); the inputs are still recorded in phase.json.
+    """
     t0 = time.monotonic()
     store = Store(store_url)
     out_uri = store.uri(phase, key)
@@ -237,7 +255,7 @@ def run_phase(
         return _compute(
             phase=phase, kind=kind, key=key, store=store, out_uri=out_uri, config_section=config_section,
             inputs=inputs, body=body, tracking=tracking, parent_run_id=parent_run_id, device=device,
-            precision=precision, seed=seed, threads=threads, t0=t0, lock=lock,
+            precision=precision, seed=seed, threads=threads, t0=t0, lock=lock, download_inputs=download_inputs,
         )
     finally:
         lock.release()
@@ -245,7 +263,7 @@ def run_phase(
 
 def _compute(
     *, phase, kind, key, store: Store, out_uri, config_section, inputs, body: Body, tracking, parent_run_id,
-    device, precision, seed, threads, t0, lock: StoreLock,
+    device, precision, seed, threads, t0, lock: StoreLock, download_inputs: bool = True,
 ) -> PhaseResult:
     dev = resolve_device(device)
     if threads:
@@ -264,7 +282,7 @@ def _compute(
     work = Path(tempfile.mkdtemp(prefix=f"forge-{phase}-"))
     try:
         local_inputs = []
-        for i, ref in enumerate(inputs):
+        for i, ref in enumerate(inputs if download_inputs else []):
             dest = work / "inputs" / str(i)
             store.download(ref.uri, dest, expected_digest=ref.digest)
             local_inputs.append(dest)
@@ -318,6 +336,8 @@ def _compute(
             tracking.log_text(run_id, report, "report.md")
             for png in out_dir.glob("*.png"):
                 tracking.log_artifact(run_id, png)
+            for name, rows in written.tables.items():
+                tracking.log_table(run_id, rows, name)
             tracking.set_tags(run_id, {"forge.output_digest": digest})
             tracking.end(run_id, "FINISHED")
         _artifact("create_markdown_artifact", key=f"{phase}-report", markdown=report, description=f"{phase} report")

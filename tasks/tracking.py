@@ -141,6 +141,12 @@ class Tracking:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_table(self, run_id: str, rows: list[Mapping[str, Any]], name: str) -> None:
+        """A table artifact (MLflow's table format, shown in the run's Artifacts / Evaluation view)."""
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        data = {c: [_cell(row.get(c)) for row in rows] for c in columns}
+        self.client.log_table(run_id, data=data, artifact_file=name)
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -152,6 +158,10 @@ class Tracking:
         if self.uri.startswith("http"):
             return f"open {self.uri}"
         return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"
+
+
+def _cell(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _metric_name(name: str) -> str:

@@ -99,6 +99,10 @@ def tiny_overrides(**extra: str) -> list[str]:
         "cognate.min_unigram_gain": "0.3",
         "cognate.variants": "[{name: math, act_threshold: 0.95, max_refine_steps: 2, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {arithmetic: 3, tool: 1}}}, "
                             "{name: story, act_threshold: 0.99, max_refine_steps: 1, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {narrative: 3, persona: 1}}}]",
+        "evomerge.generations": "2",
+        "evomerge.population": "4",
+        "evomerge.elites": "1",
+        "evomerge.patience": "2",
         "bitnet.steps": "30",
         "bitnet.warmup_steps": "10",
         "bitnet.lr": "0.001",
@@ -106,6 +110,18 @@ def tiny_overrides(**extra: str) -> list[str]:
         "bitnet.seq_len": "64",
         "bitnet.checkpoint_every": "20",
         "bitnet.max_loss_increase": "1.5",
+        "training.stages": "[{name: adapt, group: adapt, steps: 10, exit: warmed_up}, "
+                           "{name: ramp, group: ramp, steps: 10, exit: in_band, curriculum: true, chaos: 0.1}, "
+                           "{name: dream, group: dream, steps: 10, exit: dreams_kept, dreams: true, replay: true}, "
+                           "{name: self, group: self, steps: 10, exit: self_model_fit, self_model: 1.0, lr_decay: true}]",
+        "training.warmup_steps": "5",
+        "training.eval_every": "5",
+        "training.checkpoint_every": "10",
+        "training.dreams.every": "5",
+        "training.dreams.n_samples": "4",
+        "training.curriculum.window": "8",
+        "training.check_tokens": "512",
+        "training.max_loss_increase": "1.0",
         "device.precision": "fp32",
         "device.device": "cpu",
     }

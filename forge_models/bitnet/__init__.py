@@ -24,6 +24,9 @@ from forge_models.bitnet.export import (
     packed_linears,
     safetensors_bytes,
     write_bf16_reference,
+    LATENT_DIR,
+    save_latent,
+    load_latent,
 )
 from forge_models.bitnet.layers import MATMUL_BACKENDS, BitLinear, PackedBitLinear, default_backend, integer_linear
 from forge_models.bitnet.packing import PACKINGS, Packing, pack_2bit, pack_base3, unpack_2bit, unpack_base3
@@ -55,6 +58,9 @@ __all__ = [
     "matches_any",
     "export_packed",
     "load_packed",
+    "LATENT_DIR",
+    "save_latent",
+    "load_latent",
     "packed_linears",
     "safetensors_bytes",
     "folder_bytes",

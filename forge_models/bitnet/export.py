@@ -48,12 +48,18 @@ __all__ = [
     "safetensors_bytes",
     "folder_bytes",
     "packed_linears",
+    "LATENT_DIR",
+    "save_latent",
+    "load_latent",
 ]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bitnet.json"
 KEPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LATENT_DIR = "latent"
+"""Sub-folder of a packed folder holding the latent weights that later training phases continue from."""
+LATENT_META = "bitnet_latent.json"
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,6 +223,64 @@ def load_packed(folder: str | Path, *, device: str | torch.device = "cpu", backe
     if missing:
         raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE} lacks tensors: {sorted(missing)[:5]}")
     return model.to(device).eval()
+
+
+def save_latent(model: nn.Module, folder: str | Path, *, keep_patterns: Iterable[str], act_norm: str) -> Path:
+    """Write a converted model's latent fp32 weights and its conversion settings, so training can go on.
+
+    The packed folder is what runs; this is what trains: later phases (the Forge training loop) rebuild
+    the BitLinear model with :func:`load_latent` and keep training the latent weights through the
+    quantised forward pass. Stored as ``model.safetensors`` + ``config.json`` (without quantization
+    config) + ``bitnet_latent.json``.
+    """
+    layers = dict(bit_linears(model))
+    if not layers:
+        raise ConfigError("save_latent needs a model converted with convert_to_bitnet (it has no BitLinear)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+             for k, v in _dedupe(model.state_dict()).items()}
+    safetensors.torch.save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    config.save_pretrained(folder)
+    meta = {"format": FORMAT_VERSION, "keep_patterns": list(keep_patterns), "act_norm": act_norm,
+            "rms_norm_eps": next(iter(layers.values())).rms_norm_eps, "converted": sorted(layers)}
+    (folder / LATENT_META).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def load_latent(folder: str | Path) -> nn.Module:
+    """Rebuild the BitLinear model (latent fp32 weights, quant strength 1) written by :func:`save_latent`.
+
+    Raises ArtifactIntegrityError naming the file when the folder is incomplete or does not match.
+    """
+    from forge_models.bitnet.convert import convert_to_bitnet
+
+    folder = Path(folder)
+    for name in (LATENT_META, WEIGHTS_FILE, "config.json"):
+        if not (folder / name).is_file():
+            raise ArtifactIntegrityError(f"{folder / name} is missing; {folder} is not a latent BitNet folder")
+    meta = json.loads((folder / LATENT_META).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ArtifactIntegrityError(f"{folder / LATENT_META}: unsupported format {meta.get('format')}")
+    config = AutoConfig.from_pretrained(folder)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config).float()
+    conversion = convert_to_bitnet(model, meta["keep_patterns"], meta["act_norm"], meta["rms_norm_eps"])
+    if sorted(conversion.converted) != meta["converted"]:
+        raise ArtifactIntegrityError(f"{folder / LATENT_META}: the rebuilt model converts different layers "
+                                     f"({len(conversion.converted)} vs {len(meta['converted'])})")
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE} has tensors the model lacks: {result.unexpected_keys[:5]}")
+    missing = set(result.missing_keys) - _tied_aliases(model, tensors)
+    if missing:
+        raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE} lacks tensors: {sorted(missing)[:5]}")
+    return model
 
 
 def _tied_aliases(model: nn.Module, loaded: Iterable[str]) -> set[str]:

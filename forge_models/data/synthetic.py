@@ -155,11 +155,17 @@ _OPS: dict[str, Callable[[int, int], int]] = {
 }
 
 
-def _arithmetic(rng: random.Random, max_operand: int) -> Example:
-    """A 1-3 operation problem whose worked answer evaluates '*' before '+'/'-', left to right."""
-    n_ops = rng.randint(1, 3)
+def _arithmetic(
+    rng: random.Random, max_operand: int, min_ops: int = 1, max_ops: int = 3, op_chars: str = "+-*"
+) -> Example:
+    """A 1-3 operation problem whose worked answer evaluates '*' before '+'/'-', left to right.
+
+    ``min_ops`` / ``max_ops`` / ``op_chars`` are difficulty knobs (the Forge loop's curriculum); their
+    defaults draw exactly what the corpus always drew, so generated data stays byte-identical.
+    """
+    n_ops = rng.randint(min_ops, max_ops)
     numbers = [rng.randint(1, max_operand) for _ in range(n_ops + 1)]
-    ops = [rng.choice("+-*") for _ in range(n_ops)]
+    ops = [rng.choice(op_chars) for _ in range(n_ops)]
     question = " ".join([str(numbers[0])] + [f"{op} {n}" for op, n in zip(ops, numbers[1:])])
     steps, result = _worked_steps(numbers, ops)
     prompt = f"Q: What is {question}?\nA:"
@@ -212,9 +218,12 @@ _TOOL_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _tool(rng: random.Random, max_operand: int) -> Example:
-    """A calculator episode: the assistant calls the tool, reads its result and states the answer."""
-    op = rng.choice("+-*")
+def _tool(rng: random.Random, max_operand: int, op_chars: str = "+-*") -> Example:
+    """A calculator episode: the assistant calls the tool, reads its result and states the answer.
+
+    ``op_chars`` is a difficulty knob (default: every operator, as the corpus always drew).
+    """
+    op = rng.choice(op_chars)
     a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
     question = rng.choice(_TOOL_TEMPLATES[op]).format(a=a, b=b)
     result = _OPS[op](a, b)

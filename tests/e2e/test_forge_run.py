@@ -30,13 +30,34 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert doc["store"] == f"file://{tmp_path}/forge-store"
     assert doc["flow_run_id"] and doc["mlflow_run_id"]
     phases = {p["name"]: p for p in doc["phases"]}
-    assert set(phases) == {"data", "cognate", "bitnet"}
+    assert set(phases) == {"data", "cognate", "evomerge", "bitnet", "training"}
     bit = phases["bitnet"]["metrics"]
     assert bit["size/ternary_linear"] * 7 < bit["size/bf16_linear"]  # 2 bits vs 16, measured on disk
     assert 1.99 < bit["size/bits_per_ternary_weight"] < 2.01
     assert bit["export/max_rel_logit_diff"] < 1e-4
     assert bit["bitnet/loss"] - bit["input/loss"] <= 1.0  # the quality gate of the preset
     assert set(doc["test_metrics"]) == {"model"}
+    # EvoMerge on the tiny Cognate variants: the evolved merge beats every parent on validation fitness
+    evo = phases["evomerge"]["metrics"]
+    for parent in ("math", "dialog", "story"):
+        assert evo["validation/best/fitness"] > evo[f"validation/parent:{parent}/fitness"], (parent, evo)
+    assert evo["validation/best/fitness"] > evo["validation/average/fitness"]
+    assert evo["evaluations"] >= 8 and evo["generations"] >= 2
+    # ... and its recipe.yaml reproduces the stored winner with `forge merge`
+    evo_dir = tmp_path / "forge-store" / phases["evomerge"]["artifact"]["uri"].split("/forge-store/")[1]
+    again = _forge(["merge", "--config", str(evo_dir / "recipe.yaml"), "--out", str(tmp_path / "again")], tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    want = {k: v for f in sorted((evo_dir / "merged").glob("model*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted((tmp_path / "again").glob("model*.safetensors")) for k, v in load_file(f).items()}
+    assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+    # the Forge loop trained the ternary model: stages ran, dreams triggered, stored packed with latent weights
+    tr = phases["training"]["metrics"]
+    assert tr["lambda"] == 1.0 and tr["dream/cycles"] >= 1 and tr["steps"] > 0
+    assert tr["stages/by_criterion"] + tr["stages/by_budget"] == 10
+    tr_dir = tmp_path / "forge-store" / phases["training"]["artifact"]["uri"].split("/forge-store/")[1]
+    assert (tr_dir / "model" / "bitnet.json").is_file() and (tr_dir / "model" / "latent" / "model.safetensors").is_file()
     cog = phases["cognate"]
     assert cog["status"] == "completed" and not cog["cached"]
     for name in ("trunk", "math", "dialog", "story"):
@@ -77,6 +98,21 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     )
     assert check.returncode == 0, check.stderr[-3000:]
     assert check.stdout.split()[-2:] == ["BitLinear", "True"]
+
+    # phase 5 alone on that packed folder: trains the latent weights, writes a packed folder again
+    from tests.conftest import tiny_overrides
+
+    short = [o for o in tiny_overrides() if o.startswith("training.")]
+    trained = tmp_path / "trained"
+    tr = _forge(["phase", "training", "--input", str(packed), "--out", str(trained),
+                 "--set", "data.synthetic.n_examples=1000", *[a for o in short for a in ("--set", o)]], tmp_path, timeout=900)
+    assert tr.returncode == 0, tr.stdout[-3000:] + tr.stderr[-3000:]
+    assert json.loads((trained / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
+    assert (trained / "latent" / "bitnet_latent.json").is_file()
+    from safetensors.torch import load_file as _load
+
+    before, after = _load(str(packed / "latent" / "model.safetensors")), _load(str(trained / "latent" / "model.safetensors"))
+    assert any(not bool((before[k] == after[k]).all()) for k in before if "q_proj" in k)  # the latent weights trained
 
     # a bad config fails before any compute with exit code 2
     bad = _forge(["run", "--preset", "tiny", "--set", "cognate.arch.num_heads=0"], tmp_path, timeout=300)

@@ -49,7 +49,7 @@ def _keys(bucket: str, endpoint: str) -> list[str]:
 def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri):
     cfg = _config(bucket, mlflow_uri)
     first = agent_forge(cfg)
-    assert [p.name for p in first.phases] == ["data", "cognate", "bitnet"]
+    assert [p.name for p in first.phases] == ["data", "cognate", "evomerge", "bitnet", "training"]
     assert not any(p.cached for p in first.phases)
     cognate = first.phase("cognate")
     assert cognate.steps_run == 120 + 30 + 30
@@ -78,7 +78,7 @@ def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri)
     parent = client.get_run(first.mlflow_run_id)
     assert parent.data.tags["prefect.flow_run_id"] == first.flow_run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.mlflow_run_id]
-    assert sorted(r.data.tags["forge.phase"] for r in children) == ["bitnet", "cognate", "data"]
+    assert sorted(r.data.tags["forge.phase"] for r in children) == ["bitnet", "cognate", "data", "evomerge", "training"]
     for child in children:
         assert child.data.tags["prefect.task_run_id"]
         assert child.data.tags["prefect.flow_run_id"] == first.flow_run_id
@@ -88,6 +88,26 @@ def test_s3_run_manifests_mlflow_and_cached_rerun(bucket, s3_server, mlflow_uri)
     assert len(client.get_metric_history(cog_run.info.run_id, "trunk/loss")) >= 100
     artifacts = {a.path for a in client.list_artifacts(cog_run.info.run_id)}
     assert {"report.md", "loss_curve.png"} <= artifacts
+    # EvoMerge: per-generation best / mean / diversity, lineage and population tables, the fitness plot
+    evo = first.phase("evomerge")
+    evo_run = next(r for r in children if r.data.tags["forge.phase"] == "evomerge")
+    best = [m.value for m in client.get_metric_history(evo_run.info.run_id, "generation/best")]
+    assert len(best) == evo.metrics["generations"] and best == sorted(best)
+    assert len(client.get_metric_history(evo_run.info.run_id, "generation/diversity")) == len(best)
+    assert {"lineage.json", "population.json", "comparison.json", "fitness.png", "report.md"} <= {
+        a.path for a in client.list_artifacts(evo_run.info.run_id)}
+    evo_prefix = evo.artifact.uri.removeprefix(f"s3://{bucket}/")
+    assert {f"{evo_prefix}/merged/model.safetensors", f"{evo_prefix}/recipe.yaml", f"{evo_prefix}/search.json"} <= set(keys)
+    # losers were deleted from the store; what is left is at most the final population plus the winner's lineage
+    search = json.loads(boto3.client("s3", endpoint_url=s3_server).get_object(Bucket=bucket, Key=f"{evo_prefix}/search.json")["Body"].read())
+    kept = {k.split("/")[3] for k in keys if k.startswith("forge/evomerge-candidates/") and k.endswith("/manifest.json")}
+    allowed = {c["key"] for c in search["population"]} | {c["key"] for c in search["lineage"]}
+    assert search["winner"] and kept <= allowed and evo.metrics["evaluations"] > len(kept)
+    # training on the ternary model: stored packed again, with its latent weights
+    train = first.phase("training")
+    train_prefix = train.artifact.uri.removeprefix(f"s3://{bucket}/")
+    assert {f"{train_prefix}/model/bitnet.json", f"{train_prefix}/model/latent/model.safetensors"} <= set(keys)
+    assert train.metrics["lambda"] == 1.0 and train.metrics["dream/cycles"] >= 1
 
     # the same config again: every step is a cache hit and no training step runs
     second = agent_forge(cfg)

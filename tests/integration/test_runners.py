@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 def test_mapped_evaluation_on_local_dask_cluster(tmp_path):
     store = f"file://{tmp_path}/store"
-    base = tiny_overrides(**{"final_test_eval": "false", "tracking.enabled": "false"})
+    base = tiny_overrides(**{"final_test_eval": "false", "tracking.enabled": "false", "phases": "[cognate]"})
     cfg = load_config("tiny", overrides=base, store=store)
     result = agent_forge(cfg)
     data, cognate = result.phase("data").artifact, result.phase("cognate").artifact
@@ -33,3 +33,27 @@ def test_mapped_evaluation_on_local_dask_cluster(tmp_path):
     for e in on_dask:  # perplexity does not depend on the generation budget changed above
         assert e.metrics["loss"] == pytest.approx(by_model[e.model]["loss"], rel=1e-6)
         assert e.metrics["ppl_tokens"] == by_model[e.model]["ppl_tokens"]
+
+
+def test_evomerge_candidates_fan_out_on_dask(tmp_path):
+    """Each generation's candidates are mapped tasks on the configured runner: here, 2 Dask workers."""
+    import json
+
+    from flows.evomerge import run_evomerge
+    from tasks.store import Store
+
+    store = f"file://{tmp_path}/store"
+    base = tiny_overrides(**{"final_test_eval": "false", "tracking.enabled": "false", "phases": "[cognate]"})
+    cfg = load_config("tiny", overrides=base, store=store)
+    result = agent_forge(cfg)
+    from tasks.runtime import PhaseResult
+
+    data = PhaseResult(phase="data", key="k", ref=result.phase("data").artifact, executed=False, seconds=0)
+    cognate = PhaseResult(phase="cognate", key="k", ref=result.phase("cognate").artifact, executed=False, seconds=0)
+    dask_cfg = load_config("tiny", overrides=base + ["phases=[cognate, evomerge]", "runner.kind=dask", "runner.n_workers=2",
+                                                    "evomerge.generations=1"], store=store)
+    out = run_evomerge(dask_cfg, data, cognate)
+    meta = json.loads(Store(store).read_bytes(Store.uri_join(out.ref.uri, "phase.json")))
+    executors = meta["details"]["executors"]
+    assert executors and all(e.startswith("dask:tcp://127.0.0.1:") for e in executors), executors
+    assert len(executors) == 2  # both workers took candidates

@@ -579,3 +579,29 @@ def test_config_rejects_contradictions_before_any_work():
     with pytest.raises(ValidationError):
         BitNetConfig(extra_field=1)
     assert all(f.description for f in BitNetConfig.model_fields.values())
+
+
+def test_latent_weights_round_trip_so_training_can_continue(tmp_path):
+    from forge_models.bitnet import load_latent, save_latent
+    from tasks.training import load_input_model
+
+    model = tiny_cognate(seed=3)
+    convert_to_bitnet(model, keep_patterns=["lm_head", "halt"], act_norm="rms")
+    calibrate_act_norms(model, torch.randint(0, 97, (2, 16)))
+    export_packed(model, tmp_path / "packed")
+    save_latent(model, tmp_path / "packed" / "latent", keep_patterns=["lm_head", "halt"], act_norm="rms")
+    again = load_latent(tmp_path / "packed" / "latent")
+    want, got = model.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # latent, not ternary
+    assert len(bitnet.bit_linears(again)) == len(bitnet.bit_linears(model))
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    loaded, meta = load_input_model(tmp_path / "packed")  # what the training phase does with a BitNet input
+    assert meta["act_norm"] == "rms" and bitnet.bit_linears(loaded)
+    # a packed folder without its latent weights cannot be trained: clear error, no silent fallback
+    import shutil
+
+    shutil.rmtree(tmp_path / "packed" / "latent")
+    with pytest.raises(ArtifactIntegrityError, match="without its latent weights"):
+        load_input_model(tmp_path / "packed")

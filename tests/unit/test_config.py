@@ -9,7 +9,7 @@ from flows.cli import main
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
     cfg = load_config(preset=preset)
-    assert cfg.phases == ["cognate", "bitnet"]
+    assert cfg.phases == ["cognate", "evomerge", "bitnet", "training"]
     assert len(cfg.cognate.variants) == 3
 
 
@@ -49,7 +49,7 @@ def test_contradictions_across_sections():
     with pytest.raises(ConfigProblems, match="needs data.tokenizer.kind 'pretrained'"):
         load_config("tiny", overrides=["cognate.source=pretrained", "cognate.base_models=[/x]", "cognate.variants=[]"])
     with pytest.raises(ConfigProblems, match="not implemented in this version"):
-        load_config("tiny", overrides=["phases=[cognate, evomerge]"])
+        load_config("tiny", overrides=["phases=[cognate, quietstar]"])
     with pytest.raises(ConfigProblems, match="warmup_steps"):
         load_config("tiny", overrides=["cognate.trunk.steps=10", "cognate.trunk.warmup_steps=10"])
     with pytest.raises(ConfigProblems, match="unique"):
@@ -94,3 +94,22 @@ def test_flow_parameter_is_the_config_form():
     cognate = schema["definitions"]["CognateConfig"]["properties"]
     assert "Quality gate" in cognate["min_unigram_gain"]["description"]
     assert schema["definitions"]["ForgeConfig"]["additionalProperties"] is False
+
+
+def test_evomerge_config_checks_against_what_cognate_makes():
+    with pytest.raises(ConfigProblems, match="must not optimise on the test split"):
+        load_config("tiny", overrides=["evomerge.fitness.split=test"])
+    with pytest.raises(ConfigProblems, match="evomerge.base_model: cognate produces"):
+        load_config("tiny", overrides=["evomerge.base_model=base"])
+    with pytest.raises(ConfigProblems, match="at least two models"):
+        load_config("tiny", overrides=["evomerge.models=[math]"])
+    with pytest.raises(ConfigProblems, match=r"evomerge.models: \['poetry'\]"):
+        load_config("tiny", overrides=["evomerge.models=[math, poetry]"])
+    with pytest.raises(ConfigProblems, match="cognate must run right before it"):
+        load_config("tiny", overrides=["phases=[evomerge, bitnet]", "input=/x"])
+    with pytest.raises(ConfigProblems, match="evomerge produces one model"):
+        load_config("tiny", overrides=["bitnet.input_model=trunk"])
+    with pytest.raises(ConfigProblems, match="name the one to ternarise"):
+        load_config("tiny", overrides=["phases=[cognate, bitnet]"])
+    cfg = load_config("tiny", overrides=["phases=[cognate, bitnet]", "bitnet.input_model=story"])
+    assert cfg.bitnet.input_model == "story"

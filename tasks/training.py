@@ -1,0 +1,168 @@
+"""Prefect task for phase 5, the Forge training loop: train the previous phase's model through ten stages.
+
+Input: the one model of the previous phase's artifact. A BitNet artifact (``model/`` with ``model/latent/``)
+is rebuilt from its latent weights (``forge_models.bitnet.load_latent``), so training goes through the
+quantised forward pass and keeps the model ternary; anything else is loaded as a Hugging Face causal LM.
+
+Output prefix: ``model/`` (a BitNet input is stored packed again, with its new latent weights in
+``model/latent/``; a full-precision input as a plain Hugging Face folder), ``loss_curve.png``,
+``curriculum.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from prefect import task
+
+from flows.config import ForgeConfig
+from forge_models.runtime import ArtifactIntegrityError, PhaseContext
+from tasks import runtime as rt
+from tasks.bitnet import choose_model
+from tasks.cache import phase_key
+from tasks.runtime import PHASE_TASK_OPTIONS, PhaseResult, PhaseWritten, loss_curve_png, metrics_table, run_phase
+from tasks.store import ArtifactRef, Store
+from tasks.tracking import Tracking
+
+TRAINING_VERSION = "1"
+EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
+
+
+def training_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
+    section = json.dumps({"training": config.training.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
+                          "packing": config.bitnet.packing, "seed": config.seed, "precision": config.device.precision},
+                         sort_keys=True)
+    return phase_key("training", TRAINING_VERSION, section, [previous.digest], dataset.digest)
+
+
+def load_input_model(folder: Path):
+    """The model to train: BitLinear from latent weights for a packed BitNet folder, else from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_models import bitnet
+
+    latent = folder / bitnet.LATENT_DIR
+    if latent.is_dir():
+        return bitnet.load_latent(latent), json.loads((latent / "bitnet_latent.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "bitnet":
+        raise ArtifactIntegrityError(
+            f"{folder} is a packed BitNet folder without its latent weights (latent/); the training loop needs "
+            "them to keep training the ternary model. Run the bitnet phase of this pipeline to produce them."
+        )
+    with rt.MODEL_LOAD_LOCK:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), None
+
+
+def _curriculum_png(curves: dict, path: Path, band: tuple[float, float]) -> bool:
+    success, difficulty = curves.get("curriculum/success") or [], curves.get("curriculum/difficulty") or []
+    if not success:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"target band {band[0]:.2f}-{band[1]:.2f}")
+    ax.plot(*zip(*success), marker=".", label="held-out success (fresh tasks)")
+    if difficulty:
+        ax.plot(*zip(*difficulty), label="difficulty")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Edge-of-chaos curriculum")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _body(config: ForgeConfig, previous: ArtifactRef):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        import forge_models  # noqa: F401  (registers Cognate)
+
+        from forge_models import bitnet, training
+        from forge_models.data import Corpus
+        from forge_models.tokenizer import load_tokenizer
+
+        dataset_dir, model_root = inputs
+        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
+        name = choose_model(names, None, previous.uri)
+        model, latent_meta = load_input_model(model_root / name)
+        tokenizer = load_tokenizer(model_root / name)
+        corpus = Corpus.load(dataset_dir / "corpus")
+        out = training.run(training.TrainingInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval),
+                           config.training, ctx)
+        trained = out.models["model"]
+        if latent_meta is not None:
+            bitnet.export_packed(trained, out_dir / "model", tokenizer=tokenizer, packing=config.bitnet.packing)
+            bitnet.save_latent(trained, out_dir / "model" / bitnet.LATENT_DIR,
+                               keep_patterns=latent_meta["keep_patterns"], act_norm=latent_meta["act_norm"])
+        else:
+            trained.save_pretrained(out_dir / "model")
+            tokenizer.save_pretrained(out_dir / "model")
+        if out.curves.get("train/loss"):
+            loss_curve_png({"train/loss": out.curves["train/loss"], "check/val_loss": out.curves.get("check/val_loss", [])},
+                           out_dir / "loss_curve.png", f"Forge training loop on {name}")
+        _curriculum_png(out.curves, out_dir / "curriculum.png",
+                        (config.training.curriculum.band_low, config.training.curriculum.band_high))
+        stages = out.details.get("stages", [])
+        rows = [
+            f"| {s['index']} | {s['name']} | {s['group']} | {s['steps']}/{s['budget']} | {s['exit_criterion']} | "
+            f"**{s['ended_by']}** | {s.get('exit_reason', '')} | {s['seconds']:.1f} |"
+            for s in stages
+        ]
+        m = out.metrics
+        lines = [
+            "# Phase 5: the Forge training loop",
+            "",
+            f"Input: `{previous.uri}/{name}`" + (" (BitNet: trained through the quantised forward pass, latent "
+                                                   "weights updated, stored packed)" if latent_meta else "")
+            + f". Held-out split: **{config.eval.split}**. Grokfast: "
+            + (f"{config.training.grokfast.kind} (alpha {config.training.grokfast.alpha}, lambda "
+               f"{config.training.grokfast.lamb})" if config.training.grokfast.enabled else "off") + ".",
+            "",
+            metrics_table(out.evaluations, EVAL_COLUMNS),
+            "",
+            "| # | stage | group | steps / budget | exit criterion | ended by | why | seconds |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Dreams: {int(m.get('dream/cycles', 0))} cycles, {int(m.get('dream/kept', 0))} of "
+            f"{int(m.get('dream/generated', 0))} samples kept and replayed. Curriculum: in the band "
+            f"{m.get('curriculum/in_band_fraction', float('nan')):.0%} of checks, final difficulty "
+            f"{m.get('curriculum/final_difficulty', float('nan')):.3f}. Self-model head loss "
+            f"{m.get('self_model/loss', float('nan')):.3f} vs {m.get('self_model/copy_loss', float('nan')):.3f} for "
+            f"copying its input (the head is not exported). Rollbacks: {int(m.get('rollbacks', 0))}.",
+        ]
+        for rb in out.details.get("rollbacks", []):
+            lines.append(f"- rollback: {rb}")
+        return PhaseWritten(
+            metrics=out.metrics, report_md="\n".join(lines) + "\n", steps_run=int(out.details.get("steps_run", 0)),
+            curves=out.curves, details={k: v for k, v in out.details.items() if k in ("stages", "rollbacks", "dreams")},
+            tables={"stages.json": [{k: v for k, v in s.items() if not isinstance(v, dict)} for s in stages]},
+        )
+
+    return body
+
+
+@task(
+    name="training",
+    **PHASE_TASK_OPTIONS,
+    retry_delay_seconds=[2, 10],
+    cache_key_fn=lambda ctx, p: "training-" + training_key(p["config"], p["dataset"].ref, p["previous"].ref),
+)
+def training_task(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
+    """Train (or reuse) the previous phase's model with the Forge loop."""
+    rt.check_input_kind(dataset.ref, "dataset", "training")
+    store = Store(config.store.url)
+    return run_phase(
+        phase="training", kind="model", key=training_key(config, dataset.ref, previous.ref), store_url=config.store.url,
+        config_section=config.training.model_dump(mode="json"), inputs=[dataset.ref, previous.ref],
+        body=_body(config, previous.ref), tracking=Tracking.from_config(config.tracking, store, config.name),
+        parent_run_id=parent_run_id, device=config.device.device, precision=config.device.precision,
+        seed=config.seed, threads=config.device.threads,
+    )

@@ -1,0 +1,265 @@
+"""EvoMerge (phase 2) library: genomes, recipes, the fitness, and the GA / CMA-ES searches."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from forge_models.evomerge import (
+    SEARCHABLE_METHODS,
+    EvoMergeConfig,
+    FitnessConfig,
+    Genome,
+    MergeSpace,
+    evolve,
+    fitness_of,
+    gene_specs,
+)
+from forge_models.evomerge.genome import diversity
+from forge_models.merge import METHODS, MergeRecipe, merge_tensors
+from forge_models.runtime import ConfigError
+
+SPACE3 = MergeSpace(models=("math", "dialog", "story"), base="trunk", layer_groups=2)
+PATHS = {"trunk": "/m/trunk", "math": "/m/math", "dialog": "/m/dialog", "story": "/m/story"}
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_refuses_the_test_split_and_unknown_things():
+    with pytest.raises(ValidationError, match="must not optimise on the test split"):
+        FitnessConfig(split="test")
+    with pytest.raises(ValidationError, match="unknown fitness metric"):
+        FitnessConfig(weights={"bleu": 1.0})
+    with pytest.raises(ValidationError, match="'loss' weight must be <= 0"):
+        FitnessConfig(weights={"arith_em": 1.0, "loss": 0.5})
+    with pytest.raises(ValidationError, match="cannot be searched"):
+        EvoMergeConfig(methods=["dfs"])
+    with pytest.raises(ValidationError, match="elites"):
+        EvoMergeConfig(population=2, elites=2)
+    assert set(SEARCHABLE_METHODS) <= set(METHODS)
+
+
+def test_fitness_is_the_weighted_sum_and_refuses_missing_metrics():
+    m = {"arith_em": 0.5, "tool_correct": 0.25, "choice_acc": 1.0, "loss": 2.0}
+    assert fitness_of(m, {"arith_em": 1, "tool_correct": 1, "choice_acc": 1, "loss": -0.1}) == pytest.approx(1.55)
+    with pytest.raises(ConfigError, match="arith_em"):
+        fitness_of({"loss": 2.0}, {"arith_em": 1.0})
+
+
+# ------------------------------------------------------------------------------------------ genome
+
+
+def test_gene_layout_follows_the_method_schema():
+    names = lambda m: [s.name for s in gene_specs(m, SPACE3)]  # noqa: E731
+    assert names("linear") == [f"weight.{m}.{g}" for m in SPACE3.models for g in (0, 1)]
+    assert names("task_arithmetic") == names("linear")  # normalize false: no redundant lambda gene
+    ties = names("ties")
+    assert ties[:6] == names("linear") and ties[6:12] == [f"density.{m}.{g}" for m in SPACE3.models for g in (0, 1)]
+    assert ties[-1] == "lambda"
+    assert "lambda" not in names("dare_ties") and len(names("dare_ties")) == 12
+    assert names("model_stock") == []
+    two = MergeSpace(models=("a", "b"), base="trunk", layer_groups=3)
+    assert [s.name for s in gene_specs("slerp", two)] == ["t.0", "t.1", "t.2"]
+    assert SPACE3.usable("slerp") is not None and two.usable("slerp") is None
+    assert MergeSpace(models=("a", "b"), base=None).usable("ties") is not None
+
+
+@pytest.mark.parametrize("method", [m for m in SEARCHABLE_METHODS if m != "slerp"])
+def test_every_searchable_genome_is_a_valid_mergekit_recipe(method):
+    g = Genome.random(method, SPACE3, random.Random(3))
+    recipe = MergeRecipe.model_validate(g.recipe(SPACE3, PATHS))
+    assert recipe.merge_method == method
+    again = MergeRecipe.model_validate(__import__("yaml").safe_load(recipe.to_yaml()))
+    assert again == recipe
+    genes = g.genes(SPACE3)
+    if "weight.math.0" in genes:
+        math_entry = next(m for m in recipe.models if m.model == "/m/math")
+        assert math_entry.parameters["weight"] == [genes["weight.math.0"], genes["weight.math.1"]]
+
+
+def test_genome_values_are_clipped_rounded_and_keyed_stably():
+    g = Genome.make("ties", [1.7, -3, *[0.123456789] * 4, *[0.0] * 6, 9.0], SPACE3)
+    genes = g.genes(SPACE3)
+    assert genes["weight.math.0"] == 1.0 and genes["weight.math.1"] == 0.0
+    assert genes["weight.dialog.0"] == 0.1235 and genes["density.math.0"] == 0.1 and genes["lambda"] == 1.5
+    assert g.key() == Genome.from_dict(g.to_dict()).key()
+    assert g.key() != Genome.make("ties", [*g.values[:-1], 1.4], SPACE3).key()
+    with pytest.raises(ValueError, match="13 genes"):
+        Genome.make("ties", [0.5], SPACE3)
+
+
+def test_diversity_is_zero_for_clones_and_one_across_methods():
+    a = Genome.center("linear", SPACE3)
+    assert diversity([a, a, a], SPACE3) == 0.0
+    assert diversity([a, Genome.center("ties", SPACE3)], SPACE3) == 1.0
+    b = Genome.make("linear", [1.0] * 6, SPACE3)
+    assert diversity([a, b], SPACE3) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def _planted():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=gen)
+    d1, d2 = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    target = base + 0.7 * d1 + 0.3 * d2
+    space = MergeSpace(models=("a", "b"), base="base")
+    calls: list[int] = []
+
+    def evaluate(genomes):
+        calls.append(len(genomes))
+        out = []
+        for g in genomes:
+            genes = g.genes(space)
+            w = [genes["weight.a.0"], genes["weight.b.0"]]
+            if g.method == "linear":  # normalised: reaches the target at any common scale of (0.7, 0.3)
+                merged = merge_tensors("linear", [base + d1, base + d2], weight=w) if sum(w) > 0 else base
+            else:
+                merged = merge_tensors(g.method, [base + d1, base + d2], base, weight=w)
+            out.append(-float(torch.linalg.norm(merged - target)))
+        return out
+
+    return space, evaluate, calls
+
+
+def test_cmaes_recovers_planted_weights():
+    space, evaluate, calls = _planted()
+    cfg = EvoMergeConfig(strategy="cmaes", cmaes_method="task_arithmetic", generations=15, population=8,
+                         base_model="base", patience=15)
+    result = evolve(space, cfg, evaluate, seed=0)
+    genes = result.best.genome.genes(space)
+    assert abs(genes["weight.a.0"] - 0.7) < 0.05 and abs(genes["weight.b.0"] - 0.3) < 0.05, genes
+    assert result.evaluations == sum(calls) <= 15 * 8
+    assert result.history[-1].best >= result.history[0].best
+
+
+def test_ga_improves_and_never_scores_a_recipe_twice():
+    space, evaluate, calls = _planted()
+    scored: list[str] = []
+
+    def counting(genomes):
+        scored.extend(g.key() for g in genomes)
+        return evaluate(genomes)
+
+    cfg = EvoMergeConfig(strategy="ga", methods=["task_arithmetic", "linear"], generations=12, population=8,
+                         base_model="base", patience=12)
+    result = evolve(space, cfg, counting, seed=1)
+    assert len(scored) == len(set(scored)) == result.evaluations
+    assert result.history[-1].best > result.history[0].best + 1.0  # starts at ||0.2 d1 - 0.2 d2|| ~ 13
+    best = [h.best for h in result.history]
+    assert best == sorted(best)  # elitism: the best never gets worse
+    genes = result.best.genome.genes(space)
+    w = [genes["weight.a.0"], genes["weight.b.0"]]
+    if result.best.genome.method == "linear":
+        w = [x / sum(w) for x in w]
+    assert abs(w[0] - 0.7) < 0.1 and abs(w[1] - 0.3) < 0.1, (result.best.genome.method, genes)
+    # the winner's lineage reaches back to the initial population
+    lineage = result.lineage()
+    assert lineage[0].generation == 0 and lineage[-1].key == result.best.key
+    assert all(p in result.candidates for c in lineage for p in c.parents)
+
+
+def test_ga_follows_the_reference_scheme():
+    space, evaluate, _ = _planted()
+    seen = []
+
+    def record(stats, population, cands):
+        seen.append((stats, [c.origin for c in cands], [c.parents for c in cands]))
+
+    cfg = EvoMergeConfig(strategy="ga", methods=["task_arithmetic", "linear", "ties", "dare_linear"],
+                         generations=3, population=8, base_model="base", patience=5)
+    evolve(space, cfg, evaluate, seed=2, on_generation=record)
+    origins0 = seen[0][1]
+    assert origins0 == ["init"] * 8
+    origins1, parents1 = seen[1][1], seen[1][2]
+    assert origins1 == ["mutation"] * 6 + ["crossover"] * 2
+    top2 = {p[0] for p in parents1[:6]}
+    assert len(top2) == 2  # the top 2 make 3 mutants each
+    assert all(len(p) == 2 for p in parents1[6:])
+
+
+def test_plateau_stops_early_and_cache_is_used():
+    space = MergeSpace(models=("a", "b"), base="base")
+    cfg = EvoMergeConfig(strategy="ga", methods=["model_stock"], generations=20, population=4, elites=1,
+                         base_model="base", patience=2)
+    calls = []
+    result = evolve(space, cfg, lambda gs: calls.append(len(gs)) or [1.0] * len(gs), seed=0)
+    # model_stock has no genes: one recipe, scored once, then every proposal is a cache hit
+    assert result.stopped_by == "plateau" and len(result.history) == 3
+    assert sum(calls) == 1 and result.history[1].cached == 4
+
+
+def test_nan_fitness_never_wins():
+    space = MergeSpace(models=("a", "b"), base="base")
+    cfg = EvoMergeConfig(strategy="ga", methods=["linear"], generations=2, population=4, elites=1,
+                         base_model="base", patience=5)
+    result = evolve(space, cfg, lambda gs: [math.nan] + [0.5] * (len(gs) - 1), seed=0)
+    assert result.best.fitness == 0.5
+
+
+# ------------------------------------------------------------------------- merging real folders
+
+
+def _tensors(folder):
+    import safetensors.torch
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        out.update(safetensors.torch.load_file(f))
+    assert out, f"no weights in {folder}"
+    return out
+
+
+def test_parents_and_average_are_scored_through_exact_linear_recipes(tmp_path):
+    """The final comparison scores each parent as a one-hot linear recipe: it must be that parent, bit for bit."""
+    from flows.evomerge import reference_genomes
+    from forge_models.evomerge import merge_candidate
+    from tests.unit.test_merge import make_llama
+
+    folders = {n: make_llama(tmp_path / n, seed=i) for i, n in enumerate(("trunk", "a", "b", "c"))}
+    space = MergeSpace(models=("a", "b", "c"), base="trunk", layer_groups=2)
+    refs = reference_genomes(space)
+    assert set(refs) == {"parent:a", "parent:b", "parent:c", "average"}
+    merge_candidate(refs["parent:b"], space, folders, tmp_path / "pb")
+    merge_candidate(refs["average"], space, folders, tmp_path / "avg")
+    b = _tensors(folders["b"])
+    got = _tensors(tmp_path / "pb")
+    assert b.keys() == got.keys() and all(torch.equal(b[k], got[k]) for k in b)
+    parts = [_tensors(folders[n]) for n in ("a", "b", "c")]
+    avg = _tensors(tmp_path / "avg")
+    for k in avg:
+        torch.testing.assert_close(avg[k], sum(p[k] for p in parts) / 3)
+
+
+def test_forge_merge_reproduces_a_recipe_that_names_store_uris(tmp_path):
+    """The winner's recipe.yaml names the parents by store URI; `forge merge` fetches (verified) and merges."""
+    import yaml
+
+    from flows.cli import main
+    from forge_models.evomerge import merge_candidate
+    from tasks.store import Store
+    from tests.unit.test_merge import make_llama
+
+    src = tmp_path / "artifact"
+    folders = {n: make_llama(src / n, seed=i) for i, n in enumerate(("trunk", "a", "b"))}
+    store = Store(f"file://{tmp_path}/store")
+    uri = store.uri("cognate", "k1")
+    store.write_prefix(src, uri, "model-set")
+    space = MergeSpace(models=("a", "b"), base="trunk")
+    g = Genome.make("dare_ties", [0.7, 0.4, 0.5, 0.9], space)
+    merge_candidate(g, space, folders, tmp_path / "direct", seed=3)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(g.recipe(space, {n: store.uri_join(uri, n) for n in folders})))
+    assert main(["merge", "--config", str(recipe), "--out", str(tmp_path / "again"), "--seed", "3"]) == 0
+    want = _tensors(tmp_path / "direct")
+    got = _tensors(tmp_path / "again")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # a tampered parent is refused, not merged
+    (tmp_path / "store" / "cognate" / "k1" / "a" / "model.safetensors").write_bytes(b"garbage")
+    assert main(["merge", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--seed", "3"]) == 2
