@@ -146,6 +146,18 @@ def _print_summary(result, seconds: float) -> None:
             mt.add_row(m, *("-" if v is None else (f"{v:,.0f}" if c == "params" else f"{v:.4g}")
                             for c, v in zip(MODEL_COLUMNS, cells)))
         console.print(mt)
+    for p in result.phases:
+        fits = {k: v for k, v in p.metrics.items() if k.endswith("/fitness") and k.count("/") == 2}
+        if not fits:
+            continue
+        et = Table(title=f"{p.name}: fitness of the winner, each parent and the plain average")
+        et.add_column("model")
+        splits = sorted({k.split("/")[0] for k in fits}, key=lambda x: x == "test")
+        for sp in splits:
+            et.add_column(sp, justify="right")
+        for m in dict.fromkeys(k.split("/")[1] for k in fits):
+            et.add_row(m, *(f"{fits[f'{sp}/{m}/fitness']:.4f}" if f"{sp}/{m}/fitness" in fits else "-" for sp in splits))
+        console.print(et)
     if result.test_metrics:
         tt = Table(title="test split (never seen by training or selection)")
         tt.add_column("model")

@@ -270,6 +270,7 @@ class _Loop:
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", None) or 4 * cfg.seq_len)
         self.total = sum(st.steps for st in cfg.stages)
+        self.quant_lambda = _quant_lambda(model)  # BitNet quantisation strength, logged by step (None: not BitNet)
 
         self.head: SelfModelHead | None = None
         self.tap: LayerTap | None = None
@@ -444,6 +445,7 @@ class _Loop:
             "train/stage": float(self.s["stage"] + 1), "batch/curriculum_rows": float(composition["curriculum"]),
             "batch/dream_rows": float(composition["dream"]), "batch/real_rows": float(composition["real"]),
             "curriculum/difficulty": self.controller.difficulty,
+            **({"train/lambda": self.quant_lambda} if self.quant_lambda is not None else {}),
         })
         return logged
 

@@ -478,8 +478,10 @@ def test_trains_the_latent_weights_of_a_bitnet_converted_model(data):
     convert_to_bitnet(model, keep_patterns=["lm_head", "halt"], act_norm="rms")
     stages = [StageConfig(name="warm", group="adapt", steps=6, exit="val_improved"),
               StageConfig(name="ramp", group="ramp", steps=6, exit="in_band", curriculum=True, chaos=0.1)]
-    out = run_phase(data, small_config(stages=stages), model=model)
+    tracker = RecordingTracker()
+    out = run_phase(data, small_config(stages=stages), model=model, tracker=tracker)
     assert out.metrics["lambda"] == 1.0
+    assert [v for _, v in tracker.series("train/lambda")] == [1.0] * int(out.metrics["steps"])  # logged at every step
     trained = dict(bit_linears(out.models["model"]))
     for name, layer in bit_linears(model):
         assert not torch.equal(layer.weight, trained[name].weight), name
