@@ -5,22 +5,27 @@
 
 One randomly initialised Llama-architecture model (the shape of the `full` preset's ~25M Cognate model,
 as a plain decoder so every variant does exactly the same work; tokens/s do not depend on the weight
-values) is run three ways:
+values) is run four ways:
 
 - ``fp32``: the float model as is;
 - ``bf16``: the same model cast to bfloat16 (oneDNN/AMX bf16 GEMMs where the CPU has them);
-- ``packed``: converted with ``convert_to_bitnet`` (act_norm "rms"), exported with ``export_packed``
-  (2-bit) and reloaded with ``load_packed``: every linear layer a ``PackedBitLinear`` holding 2-bit codes
-  and computing int8 x ternary with ``torch._int_mm`` and one scale division. Embeddings, ``lm_head`` and
-  norms stay float32.
+- ``packed_int_mm``: converted with ``convert_to_bitnet`` (act_norm "rms"), exported with ``export_packed``
+  (2-bit) and reloaded with ``load_packed(backend="int_mm")``: every linear layer a ``PackedBitLinear``
+  holding 2-bit codes, expanding them to int8 on every call and computing int8 x ternary with
+  ``torch._int_mm`` and one scale division. Embeddings, ``lm_head`` and norms stay float32.
+- ``packed_rowwise``: the same folder reloaded with ``load_packed(backend="rowwise2bit")`` (the default
+  where torch has fbgemm): calls of <= ``ROWWISE_MAX_ROWS`` rows (decode) run fbgemm's 2-bit row-wise
+  embedding bag straight on the codes; larger calls (prefill) run the ``_int_mm`` path.
 
-Measured, interleaved (fp32, bf16, packed, fp32, ...) so machine noise hits all three; medians reported:
+Measured, interleaved (fp32, bf16, packed_int_mm, packed_rowwise, fp32, ...) so machine noise hits all of
+them; medians reported:
 
 - ``prefill``: one forward pass over ``batch x seq`` tokens, tokens/s;
 - ``decode``: greedy generation of ``new_tokens`` tokens at batch 1 with the KV cache, tokens/s;
 - ``weight memory``: bytes of every parameter and persistent buffer the model holds, split into the linear
   layers that BitNet converts and the rest (the packed layers' transient int8 operand, allocated per call
-  and freed, is reported separately as the largest one).
+  and freed, is reported separately as the largest one; the embedding-bag index cache that all rowwise
+  layers share is counted in the rowwise model's "other").
 
 Goal (issue 5): packed at least as fast as fp32, and >= 5x less weight memory. The numbers are printed
 and written as JSON whatever they are.
@@ -40,7 +45,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from forge_models.bitnet import PackedBitLinear, convert_to_bitnet, export_packed, load_packed
+from forge_models.bitnet import PackedBitLinear, bag_index_bytes, convert_to_bitnet, export_packed, load_packed
 
 SHAPES = {
     # The `full` preset's Cognate shape (hidden 512, 8 layers, SwiGLU 1376), vocabulary 8192.
@@ -111,15 +116,23 @@ def main() -> None:
     report = convert_to_bitnet(converted, act_norm="rms")
     with tempfile.TemporaryDirectory() as tmp:
         export_packed(converted, tmp)
-        packed = load_packed(tmp)
-    models = {"fp32": fp32, "bf16": bf16, "packed": packed}
+        packed = load_packed(tmp, backend="int_mm")
+        rowwise = load_packed(tmp, backend="rowwise2bit")
+    models = {"fp32": fp32, "bf16": bf16, "packed_int_mm": packed, "packed_rowwise": rowwise}
+    packed_names = ("packed_int_mm", "packed_rowwise")
 
     gen = torch.Generator().manual_seed(1)
     vocab = fp32.config.vocab_size
     ids = torch.randint(2, vocab, (args.batch, args.seq), generator=gen)
     prompt = torch.randint(2, vocab, (1, 16), generator=gen)
-    with torch.no_grad():  # the packed model computes what the converted in-memory model computes
-        same = torch.equal(packed(input_ids=ids[:1]).logits, converted(input_ids=ids[:1]).logits)
+    with torch.no_grad():  # the packed models compute what the converted in-memory model computes, bit for bit:
+        reference = converted(input_ids=ids[:1]).logits  # prefill (128 rows per call: the GEMM path)
+        one = converted(input_ids=ids[:1, :1]).logits  # one token (1 row per call: rowwise's embedding bag)
+        same = {k: torch.equal(models[k](input_ids=ids[:1]).logits, reference)
+                and torch.equal(models[k](input_ids=ids[:1, :1]).logits, one) for k in packed_names}
+        tokens = {k: models[k].generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                  for k in packed_names}
+        same["greedy_tokens_int_mm_eq_rowwise"] = torch.equal(*tokens.values())
 
     for model in models.values():  # warm-up: first-call allocations and kernel selection
         time_prefill(model, ids[:1, :16])
@@ -132,6 +145,9 @@ def main() -> None:
             decode[name].append(time_decode(model, prompt, args.new_tokens))
 
     memory = {k: weight_bytes(m) for k, m in models.items()}
+    index_bytes = bag_index_bytes()  # shared by the rowwise layers (filled by the calls above)
+    memory["packed_rowwise"]["other"] += index_bytes
+    memory["packed_rowwise"]["total"] += index_bytes
     largest = max((m for _, m in packed.named_modules() if isinstance(m, PackedBitLinear)),
                   key=lambda m: m.in_features * m.out_features)
     result = {
@@ -145,6 +161,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "packed_equals_in_memory_logits": same,
+        "rowwise_bag_index_bytes": index_bytes,
         "prefill_tokens_per_s": {k: statistics.median(v) for k, v in prefill.items()},
         "decode_tokens_per_s": {k: statistics.median(v) for k, v in decode.items()},
         "prefill_samples": prefill,
@@ -153,22 +170,25 @@ def main() -> None:
         "packed_transient_operand_bytes_max": largest.in_features * 4 * -(-largest.out_features // 4),
         "load_average": os.getloadavg(),
     }
-    result["ratios"] = {
-        "prefill_packed_vs_fp32": result["prefill_tokens_per_s"]["packed"] / result["prefill_tokens_per_s"]["fp32"],
-        "decode_packed_vs_fp32": result["decode_tokens_per_s"]["packed"] / result["decode_tokens_per_s"]["fp32"],
-        "linear_memory_fp32_vs_packed": memory["fp32"]["linear"] / memory["packed"]["linear"],
-        "linear_memory_bf16_vs_packed": memory["bf16"]["linear"] / memory["packed"]["linear"],
-        "total_memory_fp32_vs_packed": memory["fp32"]["total"] / memory["packed"]["total"],
-        "total_memory_bf16_vs_packed": memory["bf16"]["total"] / memory["packed"]["total"],
-    }
+    result["ratios"] = {}
+    for k in packed_names:
+        result["ratios"].update({
+            f"prefill_{k}_vs_fp32": result["prefill_tokens_per_s"][k] / result["prefill_tokens_per_s"]["fp32"],
+            f"decode_{k}_vs_fp32": result["decode_tokens_per_s"][k] / result["decode_tokens_per_s"]["fp32"],
+            f"linear_memory_fp32_vs_{k}": memory["fp32"]["linear"] / memory[k]["linear"],
+            f"total_memory_fp32_vs_{k}": memory["fp32"]["total"] / memory[k]["total"],
+            f"total_memory_bf16_vs_{k}": memory["bf16"]["total"] / memory[k]["total"],
+        })
+    result["ratios"]["decode_packed_rowwise_vs_packed_int_mm"] = (
+        result["decode_tokens_per_s"]["packed_rowwise"] / result["decode_tokens_per_s"]["packed_int_mm"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
     print(f"shape {args.shape} {SHAPES[args.shape]}, {args.threads} threads, load average {result['load_average']}")
     print(f"packed logits == converted in-memory logits: {same}")
-    print(f"{'':8}{'prefill tok/s':>15}{'decode tok/s':>15}{'linear MB':>12}{'total MB':>12}")
+    print(f"{'':16}{'prefill tok/s':>15}{'decode tok/s':>15}{'linear MB':>12}{'total MB':>12}")
     for k in models:
-        print(f"{k:8}{result['prefill_tokens_per_s'][k]:15.0f}{result['decode_tokens_per_s'][k]:15.1f}"
+        print(f"{k:16}{result['prefill_tokens_per_s'][k]:15.0f}{result['decode_tokens_per_s'][k]:15.1f}"
               f"{memory[k]['linear'] / 1e6:12.2f}{memory[k]['total'] / 1e6:12.2f}")
     for k, v in result["ratios"].items():
         print(f"{k}: {v:.2f}")

@@ -28,7 +28,19 @@ from forge_models.bitnet.export import (
     save_latent,
     load_latent,
 )
-from forge_models.bitnet.layers import MATMUL_BACKENDS, BitLinear, PackedBitLinear, default_backend, integer_linear
+from forge_models.bitnet.layers import (
+    MATMUL_BACKENDS,
+    PACKED_BACKENDS,
+    ROWWISE_BACKEND,
+    ROWWISE_MAX_ROWS,
+    BitLinear,
+    PackedBitLinear,
+    bag_index_bytes,
+    default_backend,
+    default_packed_backend,
+    integer_linear,
+    rowwise_available,
+)
 from forge_models.bitnet.packing import PACKINGS, Packing, pack_2bit, pack_base3, unpack_2bit, unpack_base3
 from forge_models.bitnet.phase import BitNetInputs, run
 from forge_models.bitnet.quant import (
@@ -48,6 +60,12 @@ __all__ = [
     "BitLinear",
     "PackedBitLinear",
     "MATMUL_BACKENDS",
+    "PACKED_BACKENDS",
+    "ROWWISE_BACKEND",
+    "ROWWISE_MAX_ROWS",
+    "bag_index_bytes",
+    "default_packed_backend",
+    "rowwise_available",
     "default_backend",
     "integer_linear",
     "Conversion",

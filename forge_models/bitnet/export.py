@@ -173,8 +173,11 @@ def export_packed(
 def load_packed(folder: str | Path, *, device: str | torch.device = "cpu", backend: str | None = None) -> nn.Module:
     """Rebuild the model of a packed folder with :class:`PackedBitLinear` layers (integer inference).
 
-    Kept tensors are loaded in float32. Raises ArtifactIntegrityError naming the file when the folder is
-    incomplete or does not match the architecture in its config.
+    Kept tensors are loaded in float32. ``backend`` picks the layers' integer kernel (see
+    :data:`forge_models.bitnet.layers.PACKED_BACKENDS`); unset, it is ``"rowwise2bit"`` where torch has fbgemm
+    (decode-sized calls read the 2-bit codes with an embedding-bag kernel, prefill uses ``_int_mm``), else
+    ``"int_mm"``. Every backend gives bit-identical outputs. Raises ArtifactIntegrityError naming the file
+    when the folder is incomplete or does not match the architecture in its config.
     """
     folder = Path(folder)
     for name in (META_FILE, WEIGHTS_FILE, "config.json"):

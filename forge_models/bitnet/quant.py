@@ -49,17 +49,19 @@ def weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w * scale).round().clamp(-1, 1).to(torch.int8), scale
 
 
-def activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_quant(x: torch.Tensor, *, as_float: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (last dim) absmax 8-bit quantisation.
 
     Returns ``(x_q, s_x)``: int8 values in [-128, 127] of ``x``'s shape, and float32 scales of shape
-    ``x.shape[:-1] + (1,)`` with ``s_x = 127 / max(max|x|, 1e-5)`` (so ``x ~ x_q / s_x``).
+    ``x.shape[:-1] + (1,)`` with ``s_x = 127 / max(max|x|, 1e-5)`` (so ``x ~ x_q / s_x``). With
+    ``as_float`` the same integers are returned in float32 (for kernels that take float weights).
     """
     v = x.detach().float()
     # In-place round/clamp on the product save two temporaries; same values as (v * scale).round().clamp(...),
     # the expression transformers uses. (torch.linalg.vector_norm(inf) is 5x slower than abs().amax() on CPU.)
     scale = ACT_QMAX / v.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
-    return (v * scale).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), scale
+    q = (v * scale).round_().clamp_(ACT_QMIN, ACT_QMAX)
+    return (q if as_float else q.to(torch.int8)), scale
 
 
 def weight_fake_quant(weight: torch.Tensor) -> torch.Tensor:
