@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,17 +29,34 @@ BIN = Path(sys.executable).parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
+def _retry_503(call):
+    # A busy Prefect server (SQLite locked) answers 503 Service Unavailable: the request was not applied.
+    for attempt in range(5):
+        try:
+            return call()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 4:
+                raise
+            time.sleep(2 * (attempt + 1))
+
+
 def _api(url: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(
-        url + path, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
+    def call():
+        req = urllib.request.Request(
+            url + path, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+
+    return _retry_503(call)
 
 
 def _get(url: str, path: str):
-    with urllib.request.urlopen(url + path, timeout=30) as r:
-        return json.loads(r.read())
+    def call():
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    return _retry_503(call)
 
 
 @pytest.fixture
