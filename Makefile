@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bitnet_quality.py
 	$(VENV)/bin/python bench/bitnet_inference.py
 	$(VENV)/bin/python bench/merge_throughput.py
+	$(VENV)/bin/python bench/evomerge_tiny.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/python bench/grokfast_repro.py --steps 2000 --runs ema,ma,none --threads 1
+	OMP_NUM_THREADS=1 $(VENV)/bin/python bench/training_loop.py
 
 up: $(STAMP)
 	$(VENV)/bin/forge ui
