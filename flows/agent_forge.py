@@ -135,7 +135,8 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         )
         tracking.log_params(parent, flatten("", config.model_dump(mode="json", exclude={"store", "tracking"}), {}))
     summaries: list[PhaseSummary] = []
-    tasks = {"cognate": cognate_task, "evomerge": None, "bitnet": bitnet_task, "training": training_task}
+    # Phase tasks by name; evomerge is a sub-flow instead (its candidates are the tasks, fanned out on config.runner).
+    tasks = {"cognate": cognate_task, "bitnet": bitnet_task, "training": training_task}
     try:
         t0 = time.monotonic()
         data, cached = _run_step(data_task.with_options(result_storage=storage), "data", config, parent_run_id=parent)
@@ -147,16 +148,15 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
             summaries.append(_summary("import", previous, cached, time.monotonic() - t0))
         for name in config.phases:
             t0 = time.monotonic()
-            task_fn = tasks[name].with_options(result_storage=storage) if tasks[name] else None
-            if name == "cognate":
-                result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent)
-            elif name == "evomerge":  # a sub-flow: its candidates fan out over config.runner
+            if name == "evomerge":
                 from flows.evomerge import run_evomerge
 
                 result = run_evomerge(config, data, previous, parent, result_storage=storage)
                 cached = not result.executed
-            else:  # later phases take the data and the previous phase's output
-                result, cached = _run_step(task_fn, name, config, dataset=data, previous=previous, parent_run_id=parent)
+            else:
+                task_fn = tasks[name].with_options(result_storage=storage)
+                inputs = {} if name == "cognate" else {"previous": previous}  # later phases take the previous output
+                result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent, **inputs)
             summaries.append(_summary(name, result, cached, time.monotonic() - t0))
             logger.info("%s: %s -> %s", name, "cached" if cached else "computed", result.ref.uri)
             previous = result

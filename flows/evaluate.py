@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, unmapped
 
 from flows.config import ForgeConfig
-from flows.runners import make_task_runner, resource_annotation
+from flows.runners import resource_annotation, subflow_options
 from tasks.evaluate import ModelEvaluation, evaluate_model_task, model_folders
 from tasks.runtime import _artifact, metrics_table
 from tasks.store import ArtifactRef, Store
@@ -34,7 +34,4 @@ def evaluate_models(config: ForgeConfig, dataset: ArtifactRef, artifact: Artifac
 
 def run_evaluation(config: ForgeConfig, dataset: ArtifactRef, artifact: ArtifactRef, split: str = "test",
                    result_storage=None) -> list[ModelEvaluation]:
-    options = {"task_runner": make_task_runner(config.runner)}
-    if result_storage is not None:
-        options["result_storage"] = result_storage
-    return evaluate_models.with_options(**options)(config, dataset, artifact, split)
+    return evaluate_models.with_options(**subflow_options(config.runner, result_storage))(config, dataset, artifact, split)

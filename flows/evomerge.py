@@ -33,10 +33,11 @@ from pathlib import Path
 from prefect import flow, unmapped
 
 from flows.config import ForgeConfig
-from flows.runners import make_task_runner, resource_annotation
+from flows.runners import resource_annotation, subflow_options
 from forge_models.evomerge import Candidate, Genome, MergeSpace, evolve, gene_specs
 from forge_models.runtime import PhaseContext
-from tasks.evomerge import MERGED, CandidateScore, candidate_task, evomerge_key, model_names, search_space
+from tasks.evaluate import model_folders
+from tasks.evomerge import MERGED, CandidateScore, candidate_task, evomerge_key, search_space
 from tasks.runtime import PhaseResult, PhaseWritten, _artifact, run_phase
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking
@@ -59,7 +60,7 @@ def _body(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef, key:
     def body(ctx: PhaseContext, _inputs: list[Path], out_dir: Path) -> PhaseWritten:
         cfg = config.evomerge
         store = Store(config.store.url)
-        space = search_space(config, model_names(store, previous), previous.uri)
+        space = search_space(config, model_folders(store, previous), previous.uri)
         prefix = store.uri("evomerge-candidates", key)
         scores: dict[tuple[str, str], CandidateScore] = {}
         seen: dict[str, Candidate] = {}
@@ -265,7 +266,4 @@ def evomerge_flow(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResu
 def run_evomerge(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None,
                  result_storage=None) -> PhaseResult:
     """Run the sub-flow with the configured task runner (and the pipeline's result storage)."""
-    options = {"task_runner": make_task_runner(config.runner)}
-    if result_storage is not None:
-        options["result_storage"] = result_storage
-    return evomerge_flow.with_options(**options)(config, dataset, previous, parent_run_id)
+    return evomerge_flow.with_options(**subflow_options(config.runner, result_storage))(config, dataset, previous, parent_run_id)

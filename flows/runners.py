@@ -40,6 +40,14 @@ def make_task_runner(cfg: RunnerConfig):
     return RayTaskRunner(address=cfg.address) if cfg.address else RayTaskRunner()
 
 
+def subflow_options(cfg: RunnerConfig, result_storage=None) -> dict:
+    """``with_options`` of a fan-out sub-flow: the configured task runner and the pipeline's result storage."""
+    options = {"task_runner": make_task_runner(cfg)}
+    if result_storage is not None:
+        options["result_storage"] = result_storage
+    return options
+
+
 def resource_annotation(cfg: RunnerConfig):
     """Context manager around .map()/.submit() that tells the cluster what each task needs."""
     if not cfg.gpus_per_task:

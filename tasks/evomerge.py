@@ -29,6 +29,7 @@ from forge_models.evomerge import Genome, MergeSpace, merge_candidate, score
 from forge_models.runtime import ArtifactIntegrityError, ConfigError, PhaseContext
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value
 from tasks.cache import phase_key
+from tasks.evaluate import model_folders
 from tasks.runtime import PHASE_TASK_OPTIONS, resolve_device
 from tasks.store import ArtifactRef, Store
 
@@ -89,11 +90,6 @@ def search_space(config: ForgeConfig, names: list[str], uri: str) -> MergeSpace:
     return MergeSpace(models=tuple(models), base=base, layer_groups=cfg.layer_groups)
 
 
-def model_names(store: Store, ref: ArtifactRef) -> list[str]:
-    manifest, _ = store.read_manifest(ref.uri)
-    return sorted({rel.split("/", 1)[0] for rel in manifest["files"] if rel.endswith("/config.json") and rel.count("/") == 1})
-
-
 # Parents and corpus are downloaded once per process (verified), not once per candidate.
 _LOCAL_LOCK = threading.Lock()
 _LOCAL: dict[str, Path] = {}
@@ -136,7 +132,7 @@ def candidate_task(config: ForgeConfig, dataset: ArtifactRef, previous: Artifact
     t0 = time.monotonic()
     store = Store(config.store.url)
     g = Genome.from_dict(genome)
-    space = search_space(config, model_names(store, previous), previous.uri)
+    space = search_space(config, model_folders(store, previous), previous.uri)
     uri = store.uri_join(prefix, g.key())
     device = resolve_device(config.device.device)
     with tempfile.TemporaryDirectory(prefix="forge-candidate-") as tmp:

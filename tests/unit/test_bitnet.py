@@ -58,6 +58,7 @@ from forge_models.runtime import (
     TrainingDiverged,
 )
 from forge_models.tokenizer import train_bpe
+from tests.helpers import Interrupted, StopAt, poison_loss
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -93,23 +94,6 @@ def hf_reload(folder: Path):
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch._dynamo.config.patch(disable=True), torch.no_grad():
         return model(input_ids=ids).logits
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(RecordingTracker):
-    """Raises Interrupted right after step ``step`` was logged (a crash mid-run)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_step = step
-
-    def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step)
-        if step == self.stop_step:
-            raise Interrupted(f"stopped at step {step}")
 
 
 # ------------------------------------------------------------------------------------- quantisers
@@ -661,18 +645,7 @@ def test_resume_after_interruption_gives_bit_identical_weights(corpus_and_tokeni
 
 
 def test_nan_loss_raises_training_diverged(corpus_and_tokenizer, monkeypatch):
-    original = CognateForCausalLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(CognateForCausalLM, "forward", poisoned)
+    poison_loss(monkeypatch, at_call=3)
     with pytest.raises(TrainingDiverged, match="step 3"):
         run_phase(corpus_and_tokenizer, phase_config())
 

@@ -31,6 +31,7 @@ from forge_models.runtime import (
     TrainingDiverged,
 )
 from forge_models.tokenizer import train_bpe
+from tests.helpers import Interrupted, StopAt, poison_loss
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -70,23 +71,6 @@ class StackCounter:
 
     def _hook(self, *args) -> None:
         self.calls += 1
-
-
-class Interrupted(Exception):
-    """Raised by StopAt to simulate a crash in the middle of a run."""
-
-
-class StopAt(RecordingTracker):
-    """Records everything and raises Interrupted right after global step ``step`` was logged."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_step = step
-
-    def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step)
-        if step == self.stop_step:
-            raise Interrupted(f"stopped at step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -353,18 +337,7 @@ def test_checkpoint_of_another_config_is_refused(corpus_and_tokenizer, tmp_path)
 
 
 def test_nan_loss_raises_training_diverged(corpus_and_tokenizer, monkeypatch):
-    original = CognateForCausalLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(CognateForCausalLM, "forward", poisoned)
+    poison_loss(monkeypatch, at_call=3)
     with pytest.raises(TrainingDiverged, match="step 3"):
         run_phase(corpus_and_tokenizer, phase_config(trunk_steps=20))
 

@@ -263,3 +263,4 @@ def test_forge_merge_reproduces_a_recipe_that_names_store_uris(tmp_path):
     # a tampered parent is refused, not merged
     (tmp_path / "store" / "cognate" / "k1" / "a" / "model.safetensors").write_bytes(b"garbage")
     assert main(["merge", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--seed", "3"]) == 2
+    assert not (tmp_path / "bad").exists()  # refused before any tensor was merged or written

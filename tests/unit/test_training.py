@@ -42,23 +42,9 @@ from forge_models.training import phase as phase_module
 from forge_models.training.curriculum import stream_rng, task_stats
 from forge_models.training.selfmodel import LayerTap, SelfModelHead, decoder_layers, logit_lens, self_model_loss
 from forge_models.tokenizer import train_bpe
+from tests.helpers import Interrupted, StopAt, poison_loss
 
 EVAL = EvalConfig(max_examples=2, ppl_max_tokens=256, max_new_tokens=4, batch_size=8, seq_len=64)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(RecordingTracker):
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_step = step
-
-    def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step)
-        if step == self.stop_step:
-            raise Interrupted(f"stopped at step {step}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -435,18 +421,7 @@ def test_full_loop_resume_reproduces_the_uninterrupted_run(data, tmp_path: Path)
 
 
 def test_nan_loss_raises_training_diverged(data, monkeypatch):
-    original = CognateForCausalLM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training and kwargs.get("labels") is not None:
-            calls["n"] += 1
-            if calls["n"] == 4:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(CognateForCausalLM, "forward", poisoned)
+    poison_loss(monkeypatch, at_call=4, labelled_only=True)
     with pytest.raises(TrainingDiverged, match="step 4"):
         run_phase(data, small_config())
 
