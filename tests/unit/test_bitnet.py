@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -281,7 +283,9 @@ def test_rowwise_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_n
             layer.rms_norm.weight.uniform_(0.5, 2.0)
     reference = PackedBitLinear.from_bitlinear(layer, backend="int_mm")
     rowwise = PackedBitLinear.from_bitlinear(layer, backend="rowwise2bit")
-    assert PackedBitLinear.from_bitlinear(layer).backend == "rowwise2bit"  # the default where available
+    # rowwise2bit is the default where fbgemm exists and the fused kernel does not
+    assert PackedBitLinear.from_bitlinear(layer).backend == ("ternary_kernel" if bitnet.kernel_available()
+                                                             else "rowwise2bit")
     x = torch.randn(1, rows, in_features) * 3
     x[0, 0, 0] = 1e4  # an outlier: the first token's other activations quantise to small integers
     with torch.no_grad():
@@ -342,6 +346,7 @@ def test_rowwise_memory_is_2_bits_per_weight_plus_4_bytes_per_input(in_features,
 
 
 def test_rowwise_falls_back_cleanly_without_fbgemm(monkeypatch):
+    monkeypatch.setattr(bitnet.layers, "kernel_available", lambda: False)
     monkeypatch.setattr(bitnet.layers, "rowwise_available", lambda: False)
     assert bitnet.default_packed_backend() == bitnet.default_backend()
     ternary = torch.randint(-1, 2, (8, 16), dtype=torch.int8)
@@ -359,15 +364,137 @@ def test_load_packed_backends_decode_with_the_kv_cache_identically(tmp_path):
     export_packed(model, tmp_path)
     rowwise, int_mm = load_packed(tmp_path, backend="rowwise2bit"), load_packed(tmp_path, backend="int_mm")
     assert {m.backend for _, m in bitnet.packed_linears(rowwise)} == {"rowwise2bit"}
-    assert {m.backend for _, m in bitnet.packed_linears(load_packed(tmp_path))} == {"rowwise2bit"}
+    models = [rowwise, int_mm, model]
+    if bitnet.kernel_available():
+        fused = load_packed(tmp_path)  # the default where the kernel builds
+        assert {m.backend for _, m in bitnet.packed_linears(fused)} == {"ternary_kernel"}
+        models.append(fused)
     prompt = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         outs = [m.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                           output_logits=True, return_dict_in_generate=True) for m in (rowwise, int_mm, model)]
-    assert torch.equal(outs[0].sequences, outs[1].sequences) and torch.equal(outs[0].sequences, outs[2].sequences)
-    for step in range(6):  # step 0 is the 5-token prefill (GEMM path), then 1-token calls (embedding bag)
-        assert torch.equal(outs[0].logits[step], outs[1].logits[step])
-        assert torch.equal(outs[0].logits[step], outs[2].logits[step])
+                           output_logits=True, return_dict_in_generate=True) for m in models]
+    for other in outs[1:]:
+        assert torch.equal(outs[0].sequences, other.sequences)
+        for step in range(6):  # step 0 is the 5-token prefill, then 1-token calls (embedding bag / fused kernel)
+            assert torch.equal(outs[0].logits[step], other.logits[step])
+
+
+# ------------------------------------------------------------------------- the fused ternary kernel
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="no C++ compiler: the fused kernel cannot be built here")
+
+
+@needs_compiler
+def test_kernel_builds_where_a_compiler_exists():
+    # Not a skip condition: with a compiler on PATH a broken build must fail the suite, not hide the kernel.
+    assert bitnet.kernel.load_kernel().is_file()
+    assert bitnet.default_packed_backend() == "ternary_kernel"
+
+
+@needs_compiler
+@pytest.mark.parametrize("act_norm", ["none", "rms"])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 48), (40, 10), (13, 7), (9, 1), (97, 6), (512, 129)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 32, 33])
+def test_kernel_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_norm, in_features, out_features, rows):
+    # in = 40, 13, 9, 97: not multiples of the 32-byte vector step (the scalar tail); out % 4 != 0: padding rows.
+    torch.manual_seed(in_features * out_features + rows)
+    layer = BitLinear.from_linear(torch.nn.Linear(in_features, out_features), act_norm=act_norm)
+    if act_norm == "rms":
+        with torch.no_grad():
+            layer.rms_norm.weight.uniform_(0.5, 2.0)
+    reference = PackedBitLinear.from_bitlinear(layer, backend="int_mm")
+    fused = PackedBitLinear.from_bitlinear(layer, backend="ternary_kernel")
+    x = torch.randn(1, rows, in_features) * 3
+    x[0, 0, 0] = 1e4  # an outlier: the first token's other activations quantise to small integers
+    with torch.no_grad():
+        want = reference(x)
+        calls = _counting_int_mm(monkeypatch)
+        got = fused(x)
+        fake = F.linear(activation_fake_quant(layer.rms_norm(x) if act_norm == "rms" else x),
+                        weight_fake_quant(layer.weight), layer.bias)
+    assert got.shape == want.shape and torch.equal(got, want)  # same integers, same scale division, bias
+    assert relative_error(got, fake) < 1e-5
+    assert calls == ([] if rows <= bitnet.KERNEL_MAX_ROWS else [rows])  # the kernel ran, or the GEMM did
+    assert torch.equal(fused.ternary(), weight_quant(layer.weight)[0])
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_is_exact_at_the_largest_accumulators_and_thread_count_independent(threads):
+    in_features, out_features = 1376, 12
+    ternary = torch.ones(out_features, in_features, dtype=torch.int8)
+    ternary[1::2] = -1
+    ternary[2, ::3] = 0
+    fused = PackedBitLinear(ternary, 1.0, backend="ternary_kernel")
+    reference = PackedBitLinear(ternary, 1.0, backend="int_mm")
+    x = torch.ones(3, in_features)  # row 0: x_q = 127 everywhere, s_x = 127
+    x[1:] = -torch.rand(2, in_features) - 1.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fused(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, reference(x))
+    assert got[0, 0] == in_features and got[0, 1] == -in_features  # +-127 * 1376 / 127
+    # A large layer split over threads gives the same bits as one thread
+    torch.manual_seed(0)
+    big = PackedBitLinear(torch.randint(-1, 2, (1376, 512), dtype=torch.int8), 0.3, backend="ternary_kernel")
+    xb = torch.randn(2, 512)
+    torch.set_num_threads(threads)
+    try:
+        many = big(xb)
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(many, big(xb))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
+def test_kernel_layout_is_transformers_2bit_and_holds_2_bits_per_weight():
+    torch.manual_seed(0)
+    ternary = torch.randint(-1, 2, (130, 96), dtype=torch.int8)
+    bias = torch.randn(130)
+    layer = PackedBitLinear(ternary, 0.5, bias=bias, rms_norm_weight=torch.ones(96), backend="ternary_kernel")
+    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (33, 96)
+    assert torch.equal(layer.codes, pack_2bit(ternary))  # the file's layout as is: nothing converted at load
+    assert layer.resident_bytes() == 33 * 96 + 4 + 4 * 130 + 4 * 96
+    assert not any(t.is_floating_point() and t.numel() >= 96 * 130 for t in layer.state_dict().values())
+
+
+@needs_compiler
+def test_kernel_gives_nan_for_nan_input_not_garbage():
+    layer = PackedBitLinear(torch.randint(-1, 2, (8, 40), dtype=torch.int8), 1.0, backend="ternary_kernel")
+    x = torch.randn(2, 40)
+    x[1, 3] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
+
+
+def test_kernel_build_failures_are_clear_errors_and_leave_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
+    monkeypatch.setenv("FORGE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(bitnet.kernel.KernelUnavailable, match="no C.. compiler"):
+        bitnet.kernel.load_kernel()
+    assert not bitnet.kernel_available()  # the outcome is remembered, never retried per call
+    with pytest.raises(ConfigError, match="ternary_kernel.*unavailable"):
+        PackedBitLinear(torch.randint(-1, 2, (8, 16), dtype=torch.int8), 1.0, backend="ternary_kernel")
+    assert bitnet.default_packed_backend() in ("rowwise2bit", bitnet.default_backend())
+
+    monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
+    with pytest.raises(bitnet.kernel.KernelUnavailable, match="compiling ternary_linear.cpp failed"):
+        bitnet.kernel.load_kernel()
+    assert list(tmp_path.iterdir()) == []  # no half-written library left to load later
+
+    monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
+    monkeypatch.setenv("FORGE_BITNET_KERNEL", "0")
+    assert not bitnet.kernel_available()
 
 
 # --------------------------------------------------------------------------------------- conversion
