@@ -30,6 +30,10 @@ them; medians reported:
   and freed, is reported separately as the largest one; the embedding-bag index cache that all rowwise
   layers share is counted in the rowwise model's "other").
 
+- ``resident``: each variant loaded in a fresh process (fp32 and bf16 built directly in their dtype, the
+  packed ones with ``load_packed``) and run for the same decode: resident set size (RSS, /proc/self/statm)
+  after loading and after decoding, and peak RSS, each minus the process's RSS after imports.
+
 Goal (issue 5): packed at least as fast as fp32, and >= 5x less weight memory. The numbers are printed
 and written as JSON whatever they are.
 """
@@ -41,6 +45,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +108,48 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - t0)
 
 
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child started by this
+    # (large) benchmark process would report the parent's peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_child(variant: str, folder: str, shape: str, threads: int, new_tokens: int) -> None:
+    """Run in a fresh process: load one variant, decode, print its resident-memory growth as JSON."""
+    torch.set_num_threads(threads)
+    base = _rss_mb()
+    if variant in ("fp32", "bf16"):
+        torch.set_default_dtype(torch.float32 if variant == "fp32" else torch.bfloat16)
+        model = build(shape)
+        torch.set_default_dtype(torch.float32)
+    else:
+        model = load_packed(folder, backend=variant.removeprefix("packed_").replace("kernel", "ternary_kernel")
+                            .replace("rowwise", "rowwise2bit"))
+    loaded = _rss_mb()
+    prompt = torch.randint(2, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    time_decode(model, prompt, new_tokens)
+    # Peak can predate the baseline (imports): then it shows as ~0 growth, which is what it is.
+    print(json.dumps({"loaded_mb": loaded - base, "after_decode_mb": _rss_mb() - base,
+                      "peak_mb": max(0.0, _peak_rss_mb() - base)}))
+
+
+def resident(names: list[str], folder: str, args) -> dict[str, dict[str, float]]:
+    out = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", name, "--rss-folder", folder, "--shape",
+                               args.shape, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)],
+                              capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cognate-25m")
@@ -111,18 +159,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench/out/bitnet_inference.json")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        return rss_child(args.rss_child, args.rss_folder, args.shape, args.threads, args.new_tokens)
     torch.set_num_threads(args.threads)
 
     fp32 = build(args.shape)
     bf16 = build(args.shape).to(torch.bfloat16)
     converted = build(args.shape)
     report = convert_to_bitnet(converted, act_norm="rms")
-    with tempfile.TemporaryDirectory() as tmp:
-        export_packed(converted, tmp)
-        packed = load_packed(tmp, backend="int_mm")
-        rowwise = load_packed(tmp, backend="rowwise2bit")
-        fused = load_packed(tmp, backend="ternary_kernel") if kernel_available() else None
+    folder = tempfile.TemporaryDirectory()
+    tmp = folder.name
+    export_packed(converted, tmp)
+    packed = load_packed(tmp, backend="int_mm")
+    rowwise = load_packed(tmp, backend="rowwise2bit")
+    fused = load_packed(tmp, backend="ternary_kernel") if kernel_available() else None
     models = {"fp32": fp32, "bf16": bf16, "packed_int_mm": packed, "packed_rowwise": rowwise}
     if fused is not None:
         models["packed_kernel"] = fused
@@ -153,6 +206,8 @@ def main() -> None:
             prefill[name].append(time_prefill(model, ids))
             decode[name].append(time_decode(model, prompt, args.new_tokens))
 
+    rss = resident(list(models), tmp, args)
+    folder.cleanup()
     memory = {k: weight_bytes(m) for k, m in models.items()}
     index_bytes = bag_index_bytes()  # shared by the rowwise layers (filled by the calls above)
     memory["packed_rowwise"]["other"] += index_bytes
@@ -176,6 +231,7 @@ def main() -> None:
         "prefill_samples": prefill,
         "decode_samples": decode,
         "weight_bytes": memory,
+        "resident_mb": rss,
         "packed_transient_operand_bytes_max": largest.in_features * 4 * -(-largest.out_features // 4),
         "load_average": os.getloadavg(),
     }
@@ -200,6 +256,9 @@ def main() -> None:
     for k in models:
         print(f"{k:16}{result['prefill_tokens_per_s'][k]:15.0f}{result['decode_tokens_per_s'][k]:15.1f}"
               f"{memory[k]['linear'] / 1e6:12.2f}{memory[k]['total'] / 1e6:12.2f}")
+    print(f"{'resident MB':16}{'after load':>12}{'after decode':>14}{'peak':>8}  (fresh process each, minus imports)")
+    for k, v in rss.items():
+        print(f"{k:16}{v['loaded_mb']:12.1f}{v['after_decode_mb']:14.1f}{v['peak_mb']:8.1f}")
     for k, v in result["ratios"].items():
         print(f"{k}: {v:.2f}")
     print(f"largest transient int8 operand per call: {result['packed_transient_operand_bytes_max'] / 1e6:.2f} MB")
