@@ -35,7 +35,7 @@ from transformers.initialization import no_init_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from forge_models.bitnet.convert import bit_linears
-from forge_models.bitnet.layers import BitLinear, PackedBitLinear
+from forge_models.bitnet.layers import KERNEL_BACKEND, BitLinear, PackedBitLinear, default_packed_backend
 from forge_models.bitnet.packing import PACKINGS
 from forge_models.bitnet.quant import weight_quant
 from forge_models.runtime import ArtifactIntegrityError, ConfigError
@@ -189,6 +189,7 @@ def load_packed(folder: str | Path, *, device: str | torch.device = "cpu", backe
     if meta.get("format") != FORMAT_VERSION or meta.get("packing") not in PACKINGS:
         raise ArtifactIntegrityError(f"{folder / META_FILE}: unsupported format {meta.get('format')} / packing {meta.get('packing')}")
     fmt = PACKINGS[meta["packing"]]
+    backend = backend or default_packed_backend()
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the packed layers ourselves
@@ -214,14 +215,18 @@ def load_packed(folder: str | Path, *, device: str | torch.device = "cpu", backe
             raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE} lacks {exc.args[0]}") from exc
         if packed.shape[1:] != (in_features,):
             raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE}: {name}.weight has shape {tuple(packed.shape)}")
-        layer = PackedBitLinear(
-            fmt.unpack(packed, out_features),
-            scale,
-            bias=tensors.pop(f"{name}.bias", None),
-            rms_norm_weight=tensors.pop(f"{name}.rms_norm.weight", None),
-            rms_norm_eps=float(meta["rms_norm_eps"]),
-            backend=backend,
-        )
+        extra = dict(bias=tensors.pop(f"{name}.bias", None),
+                     rms_norm_weight=tensors.pop(f"{name}.rms_norm.weight", None),
+                     rms_norm_eps=float(meta["rms_norm_eps"]), backend=backend)
+        if meta["packing"] == "2bit" and backend == KERNEL_BACKEND:
+            # The file's 2-bit layout is the fused kernel's: used as is, nothing unpacked (load peak memory).
+            shape_only = torch.empty((out_features, in_features), dtype=torch.int8, device="meta")
+            try:
+                layer = PackedBitLinear(shape_only, scale, codes_2bit=packed, **extra)
+            except ConfigError as exc:
+                raise ArtifactIntegrityError(f"{folder / WEIGHTS_FILE}: {name}.weight: {exc}") from exc
+        else:
+            layer = PackedBitLinear(fmt.unpack(packed, out_features), scale, **extra)
         model.set_submodule(name, layer)
 
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}

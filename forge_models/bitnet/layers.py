@@ -281,6 +281,18 @@ def integer_linear(x: torch.Tensor, w_t: torch.Tensor, weight_scale: torch.Tenso
     return acc.float().div_(s_x * weight_scale).reshape(*lead, -1)
 
 
+def _check_2bit_codes(codes: torch.Tensor, out_features: int, in_features: int) -> None:
+    """Refuse a 2-bit layout that is the wrong shape or holds code 3 (no ternary value) in a real output row."""
+    rows = packed_rows(out_features, 4)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, in_features):
+        raise ConfigError(f"2-bit codes of dtype {codes.dtype} and shape {tuple(codes.shape)} cannot hold a "
+                          f"({out_features}, {in_features}) layer (expected uint8 ({rows}, {in_features}))")
+    for i in range(4):  # field i holds outputs i*R .. i*R+R-1; one field at a time keeps the check's memory small
+        real = min(rows, out_features - i * rows)
+        if real > 0 and bool((((codes[:real] >> (2 * i)) & 3) == 3).any()):
+            raise ConfigError("2-bit codes hold code 3, which is not a ternary value")
+
+
 class PackedBitLinear(nn.Module):
     """Inference-only ternary linear layer computed from 2-bit fields with integer arithmetic.
 
@@ -311,14 +323,25 @@ class PackedBitLinear(nn.Module):
         rms_norm_weight: torch.Tensor | None = None,
         rms_norm_eps: float = 1e-6,
         backend: str | None = None,
+        *,
+        codes_2bit: torch.Tensor | None = None,
     ) -> None:
+        """``ternary``: the int8 ``(out, in)`` matrix. With the ``ternary_kernel`` backend the weights may
+        instead come as ``codes_2bit`` — transformers' 2-bit layout ``(ceil(out/4), in)``, as a packed file
+        holds them — with ``ternary`` only giving the shape (an int8 ``(out, in)`` tensor on the meta device):
+        the codes are then used as they are, with no unpacking (checked for the invalid code 3)."""
         super().__init__()
         if ternary.ndim != 2:
             raise ConfigError(f"PackedBitLinear needs a 2-D ternary matrix, got shape {tuple(ternary.shape)}")
-        if bool(((ternary < -1) | (ternary > 1)).any()):
-            raise ConfigError("PackedBitLinear needs ternary values in {-1, 0, 1}")
         self.out_features, self.in_features = int(ternary.shape[0]), int(ternary.shape[1])
         self.backend = backend or default_packed_backend()
+        if codes_2bit is not None:
+            if self.backend != KERNEL_BACKEND:
+                raise ConfigError(f"codes_2bit is the {KERNEL_BACKEND!r} backend's layout, not {self.backend!r}'s")
+            _check_2bit_codes(codes_2bit, self.out_features, self.in_features)
+        elif bool(((ternary < -1) | (ternary > 1)).any()):
+            raise ConfigError("PackedBitLinear needs ternary values in {-1, 0, 1}")
+        device = codes_2bit.device if codes_2bit is not None else ternary.device
         if self.backend not in PACKED_BACKENDS:
             raise ConfigError(f"unknown integer matmul backend {self.backend!r}; use one of {sorted(PACKED_BACKENDS)}")
         if self.backend == ROWWISE_BACKEND and not rowwise_available():
@@ -333,6 +356,9 @@ class PackedBitLinear(nn.Module):
         self._gemm = default_backend() if self.backend in (ROWWISE_BACKEND, KERNEL_BACKEND) else self.backend
         if self.backend == ROWWISE_BACKEND:
             self.register_buffer("codes", _rowwise_table(ternary.to(torch.int8)))
+        elif self.backend == KERNEL_BACKEND and codes_2bit is not None:
+            # A copy: the caller's tensor may be a view of a whole loaded file, which must not stay alive.
+            self.register_buffer("codes", codes_2bit.clone(memory_format=torch.contiguous_format))
         elif self.backend == KERNEL_BACKEND:
             codes = (ternary.to(torch.int16) + 1).to(torch.uint8)  # t + 1; padding rows hold 0 (never read out)
             self.register_buffer("codes", pack_fields(codes).contiguous())  # transformers' (ceil(out/4), in)
@@ -340,18 +366,18 @@ class PackedBitLinear(nn.Module):
             fields = (ternary.to(torch.int8) & 3).to(torch.uint8)  # two's complement in 2 bits
             self.register_buffer("codes", pack_fields(fields).t().contiguous())
         scale = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(1).clone()
-        self.register_buffer("weight_scale", scale.to(ternary.device))
+        self.register_buffer("weight_scale", scale.to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.rms_norm: nn.Module | None = None
         if rms_norm_weight is not None:
-            self.rms_norm = LlamaRMSNorm(self.in_features, eps=rms_norm_eps).to(ternary.device)
+            self.rms_norm = LlamaRMSNorm(self.in_features, eps=rms_norm_eps).to(device)
             with torch.no_grad():
                 self.rms_norm.weight.copy_(rms_norm_weight.float())
             self.rms_norm.requires_grad_(False)
         # Field i (bits 2i, 2i+1) goes to the top of the byte, then a right shift by 6 extends it: arithmetic
         # (int8, sign-extends the two's-complement fields) or logical (uint8, the rowwise table's codes t + 1).
         self.register_buffer(
-            "_shifts", torch.tensor([6, 4, 2, 0], dtype=torch.uint8, device=ternary.device).view(1, 4, 1),
+            "_shifts", torch.tensor([6, 4, 2, 0], dtype=torch.uint8, device=device).view(1, 4, 1),
             persistent=False,
         )
 

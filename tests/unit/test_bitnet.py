@@ -475,6 +475,35 @@ def test_kernel_gives_nan_for_nan_input_not_garbage():
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
 
 
+@needs_compiler
+def test_load_packed_gives_the_kernel_the_files_codes_and_refuses_corrupt_ones(tmp_path):
+    import safetensors.torch
+
+    model = tiny_llama(hidden=64)
+    convert_to_bitnet(model, act_norm="rms")
+    export_packed(model, tmp_path)
+    stored = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    fused = load_packed(tmp_path, backend="ternary_kernel")
+    name, layer = bitnet.packed_linears(fused)[0]
+    assert torch.equal(layer.codes, stored[f"{name}.weight"])  # the file's bytes, not unpacked and re-packed
+    assert layer.codes.untyped_storage().nbytes() == layer.codes.numel()  # its own copy, not a view of the file
+    # One real weight set to code 3 (no ternary value): refused with the file and layer named.
+    corrupt = dict(stored)
+    corrupt[f"{name}.weight"] = stored[f"{name}.weight"].clone()
+    corrupt[f"{name}.weight"][0, 0] |= 0b11
+    safetensors.torch.save_file(corrupt, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ArtifactIntegrityError, match=f"{name}.weight.*code 3"):
+        load_packed(tmp_path, backend="ternary_kernel")
+    with pytest.raises(ArtifactIntegrityError, match="code 3"):
+        load_packed(tmp_path, backend="int_mm")
+    with pytest.raises(ConfigError, match="layout"):
+        PackedBitLinear(torch.zeros(8, 4, dtype=torch.int8), 1.0, backend="int_mm",
+                        codes_2bit=torch.zeros(2, 4, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="cannot hold"):
+        PackedBitLinear(torch.zeros(8, 4, dtype=torch.int8), 1.0, backend="ternary_kernel",
+                        codes_2bit=torch.zeros(3, 4, dtype=torch.uint8))
+
+
 def test_kernel_build_failures_are_clear_errors_and_leave_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
     monkeypatch.setenv("FORGE_KERNEL_CACHE", str(tmp_path))
