@@ -97,16 +97,21 @@ def _build_and_load() -> Path:
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:
             raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-        library.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a private name, then rename: concurrent builders (test workers, Dask workers) never
-        # load a half-written library, and the last rename wins with identical content.
-        fd, tmp = tempfile.mkstemp(prefix=library.stem + ".", suffix=".tmp.so", dir=library.parent)
+        try:
+            library.parent.mkdir(parents=True, exist_ok=True)
+            # Build under a private name, then rename: concurrent builders (test workers, Dask workers) never
+            # load a half-written library, and the last rename wins with identical content.
+            fd, tmp = tempfile.mkstemp(prefix=library.stem + ".", suffix=".tmp.so", dir=library.parent)
+        except OSError as exc:
+            raise KernelUnavailable(f"cannot write the kernel cache {library.parent} ({exc}); set {CACHE_ENV}") from exc
         os.close(fd)
         try:
             proc = subprocess.run(_compile_command(compiler, Path(tmp)), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{proc.stderr[-2000:]}")
             os.replace(tmp, library)
+        except OSError as exc:
+            raise KernelUnavailable(f"running {compiler!r} failed: {exc}") from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -256,6 +256,8 @@ def test_integer_path_matches_the_fake_quantised_float_path(backend, act_norm, o
 
 
 needs_rowwise = pytest.mark.skipif(not bitnet.rowwise_available(), reason="torch build without fbgemm quantized ops")
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="no C++ compiler: the fused kernel cannot be built here")
 
 
 def _counting_int_mm(monkeypatch) -> list[int]:
@@ -271,29 +273,41 @@ def _counting_int_mm(monkeypatch) -> list[int]:
     return calls
 
 
-@needs_rowwise
-@pytest.mark.parametrize("act_norm", ["none", "rms"])
-@pytest.mark.parametrize(("in_features", "out_features"), [(40, 48), (40, 10), (13, 7), (9, 1), (33, 6)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 17])
-def test_rowwise_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_norm, in_features, out_features, rows):
+def _layer_and_outlier_input(in_features: int, out_features: int, act_norm: str, rows: int):
+    """A BitLinear (norm gain not 1 when it has one) and an input ``(1, rows, in)`` whose first token has an
+    outlier, so that token's other activations quantise to small integers."""
     torch.manual_seed(in_features * out_features + rows)
     layer = BitLinear.from_linear(torch.nn.Linear(in_features, out_features), act_norm=act_norm)
     if act_norm == "rms":
         with torch.no_grad():
             layer.rms_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(1, rows, in_features) * 3
+    x[0, 0, 0] = 1e4
+    return layer, x
+
+
+def _fake_quantised(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """The float reference: fake-quantised activations (after the norm, if any) times fake-quantised weights."""
+    return F.linear(activation_fake_quant(layer.rms_norm(x) if layer.rms_norm is not None else x),
+                    weight_fake_quant(layer.weight), layer.bias)
+
+
+@needs_rowwise
+@pytest.mark.parametrize("act_norm", ["none", "rms"])
+@pytest.mark.parametrize(("in_features", "out_features"), [(40, 48), (40, 10), (13, 7), (9, 1), (33, 6)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_rowwise_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_norm, in_features, out_features, rows):
+    layer, x = _layer_and_outlier_input(in_features, out_features, act_norm, rows)
     reference = PackedBitLinear.from_bitlinear(layer, backend="int_mm")
     rowwise = PackedBitLinear.from_bitlinear(layer, backend="rowwise2bit")
     # rowwise2bit is the default where fbgemm exists and the fused kernel does not
     assert PackedBitLinear.from_bitlinear(layer).backend == ("ternary_kernel" if bitnet.kernel_available()
                                                              else "rowwise2bit")
-    x = torch.randn(1, rows, in_features) * 3
-    x[0, 0, 0] = 1e4  # an outlier: the first token's other activations quantise to small integers
     with torch.no_grad():
         want = reference(x)
         calls = _counting_int_mm(monkeypatch)
         got = rowwise(x)
-        fake = F.linear(activation_fake_quant(layer.rms_norm(x) if act_norm == "rms" else x),
-                        weight_fake_quant(layer.weight), layer.bias)
+        fake = _fake_quantised(layer, x)
     assert torch.equal(got, want)  # the same integers, the same scale division: bit for bit
     assert relative_error(got, fake) < 1e-5
     # Decode-sized calls never touch the GEMM (the embedding bag ran); larger ones use it once. Batch-1
@@ -304,20 +318,21 @@ def test_rowwise_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_n
     assert torch.equal(rowwise.ternary(), weight_quant(layer.weight)[0])
 
 
-@needs_rowwise
+@pytest.mark.parametrize("backend", [pytest.param("rowwise2bit", marks=needs_rowwise),
+                                     pytest.param("ternary_kernel", marks=needs_compiler)])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_rowwise_embedding_bag_is_exact_at_the_largest_accumulators(rows):
+def test_decode_backends_are_exact_at_the_largest_accumulators(backend, rows):
     # Every product +-127 * +-1 with one sign: |acc| = 127 * in, far beyond float16 and bf16 and where a
     # float32 sum of 1376 terms would round if it were not exact integer arithmetic below 2^24.
     in_features, out_features = 1376, 12
     ternary = torch.ones(out_features, in_features, dtype=torch.int8)
     ternary[1::2] = -1
     ternary[2, ::3] = 0
-    rowwise = PackedBitLinear(ternary, 1.0, backend="rowwise2bit")
+    decoder = PackedBitLinear(ternary, 1.0, backend=backend)
     reference = PackedBitLinear(ternary, 1.0, backend="int_mm")
     x = torch.ones(rows, in_features)  # row 0: x_q = 127 everywhere, s_x = 127
     x[1:] = -torch.rand(rows - 1, in_features) - 1.0
-    got = rowwise(x)
+    got = decoder(x)
     assert torch.equal(got, reference(x))
     # acc = +-127 * 1376 = +-174752, divided by s_x * s_w = 127
     assert got[0, 0] == in_features and got[0, 1] == -in_features
@@ -381,8 +396,6 @@ def test_load_packed_backends_decode_with_the_kv_cache_identically(tmp_path):
 
 # ------------------------------------------------------------------------- the fused ternary kernel
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                    reason="no C++ compiler: the fused kernel cannot be built here")
 
 
 @needs_compiler
@@ -398,21 +411,14 @@ def test_kernel_builds_where_a_compiler_exists():
 @pytest.mark.parametrize("rows", [1, 2, 5, 32, 33])
 def test_kernel_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_norm, in_features, out_features, rows):
     # in = 40, 13, 9, 97: not multiples of the 32-byte vector step (the scalar tail); out % 4 != 0: padding rows.
-    torch.manual_seed(in_features * out_features + rows)
-    layer = BitLinear.from_linear(torch.nn.Linear(in_features, out_features), act_norm=act_norm)
-    if act_norm == "rms":
-        with torch.no_grad():
-            layer.rms_norm.weight.uniform_(0.5, 2.0)
+    layer, x = _layer_and_outlier_input(in_features, out_features, act_norm, rows)
     reference = PackedBitLinear.from_bitlinear(layer, backend="int_mm")
     fused = PackedBitLinear.from_bitlinear(layer, backend="ternary_kernel")
-    x = torch.randn(1, rows, in_features) * 3
-    x[0, 0, 0] = 1e4  # an outlier: the first token's other activations quantise to small integers
     with torch.no_grad():
         want = reference(x)
         calls = _counting_int_mm(monkeypatch)
         got = fused(x)
-        fake = F.linear(activation_fake_quant(layer.rms_norm(x) if act_norm == "rms" else x),
-                        weight_fake_quant(layer.weight), layer.bias)
+        fake = _fake_quantised(layer, x)
     assert got.shape == want.shape and torch.equal(got, want)  # same integers, same scale division, bias
     assert relative_error(got, fake) < 1e-5
     assert calls == ([] if rows <= bitnet.KERNEL_MAX_ROWS else [rows])  # the kernel ran, or the GEMM did
@@ -420,38 +426,20 @@ def test_kernel_backend_is_bit_identical_to_the_integer_path(monkeypatch, act_no
 
 
 @needs_compiler
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_is_exact_at_the_largest_accumulators_and_thread_count_independent(threads):
-    in_features, out_features = 1376, 12
-    ternary = torch.ones(out_features, in_features, dtype=torch.int8)
-    ternary[1::2] = -1
-    ternary[2, ::3] = 0
-    fused = PackedBitLinear(ternary, 1.0, backend="ternary_kernel")
-    reference = PackedBitLinear(ternary, 1.0, backend="int_mm")
-    x = torch.ones(3, in_features)  # row 0: x_q = 127 everywhere, s_x = 127
-    x[1:] = -torch.rand(2, in_features) - 1.0
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = fused(x)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(got, reference(x))
-    assert got[0, 0] == in_features and got[0, 1] == -in_features  # +-127 * 1376 / 127
-    # A large layer split over threads gives the same bits as one thread
+def test_kernel_output_does_not_depend_on_the_thread_count():
     torch.manual_seed(0)
     big = PackedBitLinear(torch.randint(-1, 2, (1376, 512), dtype=torch.int8), 0.3, backend="ternary_kernel")
-    xb = torch.randn(2, 512)
-    torch.set_num_threads(threads)
+    reference = PackedBitLinear(big.ternary(), 0.3, backend="int_mm")
+    x = torch.randn(3, 512)
+    before = torch.get_num_threads()
+    outs = []
     try:
-        many = big(xb)
+        for threads in (1, 2):  # the layer's rows are split over the threads
+            torch.set_num_threads(threads)
+            outs.append(big(x))
     finally:
         torch.set_num_threads(before)
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(many, big(xb))
-    finally:
-        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], reference(x))
 
 
 @needs_compiler
@@ -520,6 +508,14 @@ def test_kernel_build_failures_are_clear_errors_and_leave_nothing(monkeypatch, t
     with pytest.raises(bitnet.kernel.KernelUnavailable, match="compiling ternary_linear.cpp failed"):
         bitnet.kernel.load_kernel()
     assert list(tmp_path.iterdir()) == []  # no half-written library left to load later
+
+    monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FORGE_KERNEL_CACHE", str(blocker / "cache"))  # cannot be created: a file is in the way
+    monkeypatch.setenv("CXX", "g++" if shutil.which("g++") else "false")
+    with pytest.raises(bitnet.kernel.KernelUnavailable, match="cannot write the kernel cache"):
+        bitnet.kernel.load_kernel()
 
     monkeypatch.setattr(bitnet.kernel, "_LOADED", None)
     monkeypatch.setenv("FORGE_BITNET_KERNEL", "0")
