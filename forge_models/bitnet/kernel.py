@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -72,16 +73,18 @@ def kernel_library_path() -> Path:
 
 _LOADED: Path | KernelUnavailable | None = None
 """This process's outcome of :func:`load_kernel`: a failed build is not retried (it would cost seconds per call)."""
+_LOAD_LOCK = threading.Lock()  # task runners load models from several threads: build and load once
 
 
 def load_kernel() -> Path:
     """Build (once per key) and load the kernel; returns the library path. Raises KernelUnavailable."""
     global _LOADED
-    if _LOADED is None:
-        try:
-            _LOADED = _build_and_load()
-        except KernelUnavailable as exc:
-            _LOADED = exc
+    with _LOAD_LOCK:
+        if _LOADED is None:
+            try:
+                _LOADED = _build_and_load()
+            except KernelUnavailable as exc:
+                _LOADED = exc
     if isinstance(_LOADED, KernelUnavailable):
         raise _LOADED
     return _LOADED
@@ -92,7 +95,10 @@ def _build_and_load() -> Path:
         raise KernelUnavailable(f"disabled by {DISABLE_ENV}=0")
     if platform.system() != "Linux":
         raise KernelUnavailable(f"built only on Linux (this is {platform.system()})")
-    library = kernel_library_path()
+    try:
+        library = kernel_library_path()
+    except (OSError, RuntimeError) as exc:  # e.g. no home directory for the default cache
+        raise KernelUnavailable(f"no kernel cache location ({exc}); set {CACHE_ENV}") from exc
     if not library.is_file():
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:
