@@ -3,6 +3,7 @@
     forge run [--preset tiny|small|full] [--config FILE] [--set section.field=value]... [--store URL]
               [--summary-json PATH]
     forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
+    forge phase evomerge --input A --input B [--input C]... [--base BASE] [--out DIR] ...
     forge inspect URI
     forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
     forge merge --config recipe.yaml --out DIR                # mergekit-format recipe, streamed
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("name", help="Phase name, e.g. cognate.")
     phase.add_argument("--input", dest="inputs", action="append", default=[],
                        help="Artifact URI or Hugging Face model folder (repeatable).")
+    phase.add_argument("--base", help="evomerge: the common base model folder or artifact URI that task vectors are "
+                       "taken against (every searchable method but linear needs one); without it only linear merges are searched.")
     phase.add_argument("--out", help="Also write the result as Hugging Face model folder(s) here.")
     phase.add_argument("--summary-json", help="Write the run summary here.")
     _common(phase)
@@ -64,16 +67,9 @@ def _load(args) -> ForgeConfig:
     return load_config(preset=args.preset, config_file=args.config_file, overrides=args.overrides, store=args.store)
 
 
-def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> list[str]:
-    """Translate `forge phase` inputs into config overrides.
-
-    An input is a plain Hugging Face model folder, or an artifact URI (verified against its manifest, then
-    copied to ``./forge-inputs/<digest>/``) whose model folders are used.
-    """
-    from flows.config import IMPLEMENTED_PHASES
-
-    if name not in IMPLEMENTED_PHASES:
-        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: {list(IMPLEMENTED_PHASES)})"])
+def _model_folders(inputs: list[str], flag: str = "--input") -> list[str]:
+    """Local model folders of plain Hugging Face folders or artifact URIs (verified against the manifest, then
+    copied to ``./forge-inputs/<digest>/``)."""
     folders: list[str] = []
     for x in inputs:
         path = Path(x.removeprefix("file://"))
@@ -82,7 +78,44 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None) -> lis
         elif "://" in x or (path / "manifest.json").is_file():
             folders += _artifact_models(x)
         else:
-            raise ConfigProblems([f"--input {x!r}: not a Hugging Face model folder (no config.json) nor an artifact URI"])
+            raise ConfigProblems([f"{flag} {x!r}: not a Hugging Face model folder (no config.json) nor an artifact URI"])
+    return folders
+
+
+def _phase_overrides(name: str, inputs: list[str], store_url: str | None, base: str | None = None) -> list[str]:
+    """Translate `forge phase` inputs into config overrides.
+
+    An input is a plain Hugging Face model folder, or an artifact URI whose model folders are used.
+    EvoMerge runs as the pretrained Cognate route (which imports and evaluates the inputs) followed by the
+    search, so ``forge phase evomerge`` is exactly what a pipeline with ``cognate.source=pretrained`` does.
+    """
+    from flows.config import IMPLEMENTED_PHASES
+
+    if name not in IMPLEMENTED_PHASES:
+        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: {list(IMPLEMENTED_PHASES)})"])
+    if base is not None and name != "evomerge":
+        raise ConfigProblems([f"--base is only used by forge phase evomerge, not {name!r}"])
+    folders = _model_folders(inputs)
+    if name == "evomerge":
+        if len(folders) < 2:
+            raise ConfigProblems([f"forge phase evomerge: give at least two --input models to merge (got {len(folders)})"])
+        base_folders = _model_folders([base], "--base") if base is not None else []
+        if len(base_folders) > 1:
+            raise ConfigProblems([f"--base {base!r}: holds {len(base_folders)} models; give exactly one"])
+        sets = [
+            "phases=[cognate, evomerge]",
+            "cognate.source=pretrained",
+            "cognate.base_models=" + json.dumps(folders),
+            "cognate.variants=[]",
+            "data.tokenizer.kind=pretrained",
+            f"data.tokenizer.path={json.dumps(folders[0])}",
+            "evomerge.models=null",
+        ]
+        if base_folders:
+            sets += [f"cognate.common_base={json.dumps(base_folders[0])}", "evomerge.base_model=base"]
+        else:
+            sets.append("evomerge.base_model=null")
+        return sets
     if name != "cognate":
         if len(folders) != 1:
             raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
@@ -204,6 +237,10 @@ def _export(uri: str, out: Path) -> None:
                 shutil.rmtree(dest)
             shutil.copytree(cfg.parent, dest, dirs_exist_ok=True)
             print(f"wrote {dest}")
+        recipe = Path(tmp) / "recipe.yaml"  # EvoMerge: the winner's mergekit recipe travels with it
+        if recipe.is_file():
+            shutil.copy2(recipe, out / "recipe.yaml")
+            print(f"wrote {out / 'recipe.yaml'}")
 
 
 def cmd_inspect(args) -> int:
@@ -305,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "phase":
-            args.overrides = args.overrides + _phase_overrides(args.name, args.inputs, args.store)
+            args.overrides = args.overrides + _phase_overrides(args.name, args.inputs, args.store, args.base)
         config = _load(args)
         if args.command == "config":
             import yaml

@@ -79,6 +79,23 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert phase.returncode == 0, phase.stdout[-3000:] + phase.stderr[-3000:]
     assert (trunk_dir / "model.safetensors").is_file() and (trunk_dir / "config.json").is_file()
 
+    # phase 2 alone on plain Hugging Face folders: `forge phase evomerge --input A --input B --base C --out DIR`
+    from tests.conftest import tiny_overrides
+
+    cog_dir = tmp_path / "forge-store" / uri.split("/forge-store/")[1]
+    evo_sets = [a for o in tiny_overrides() if o.startswith("evomerge.") for a in ("--set", o)]
+    em = _forge(["phase", "evomerge", "--input", str(cog_dir / "math"), "--input", str(cog_dir / "dialog"),
+                 "--base", str(cog_dir / "trunk"), "--out", str(tmp_path / "evo-out"),
+                 "--set", "data.synthetic.n_examples=1000", *evo_sets], tmp_path, timeout=900)
+    assert em.returncode == 0, em.stdout[-3000:] + em.stderr[-3000:]
+    assert (tmp_path / "evo-out" / "config.json").is_file()
+    import yaml
+
+    recipe = yaml.safe_load((tmp_path / "evo-out" / "recipe.yaml").read_text())
+    named = {m["model"].rsplit("/", 1)[-1] for m in recipe["models"]}
+    assert named <= {"model-0", "model-1"} and recipe["merge_method"]
+    assert recipe.get("base_model", "").endswith("/base") or recipe["merge_method"] == "linear"
+
     # phase 4 alone on a plain Hugging Face folder: the exported folder loads with transformers' BitNet support
     packed = tmp_path / "packed"
     bn = _forge(["phase", "bitnet", "--input", str(trunk_dir), "--out", str(packed),
@@ -100,8 +117,6 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert check.stdout.split()[-2:] == ["BitLinear", "True"]
 
     # phase 5 alone on that packed folder: trains the latent weights, writes a packed folder again
-    from tests.conftest import tiny_overrides
-
     short = [o for o in tiny_overrides() if o.startswith("training.")]
     trained = tmp_path / "trained"
     tr = _forge(["phase", "training", "--input", str(packed), "--out", str(trained),

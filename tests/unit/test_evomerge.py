@@ -264,3 +264,25 @@ def test_forge_merge_reproduces_a_recipe_that_names_store_uris(tmp_path):
     (tmp_path / "store" / "cognate" / "k1" / "a" / "model.safetensors").write_bytes(b"garbage")
     assert main(["merge", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--seed", "3"]) == 2
     assert not (tmp_path / "bad").exists()  # refused before any tensor was merged or written
+
+
+def test_forge_phase_evomerge_maps_folders_to_the_pretrained_route_and_refuses_bad_input(tmp_path):
+    """`forge phase evomerge --input A --input B [--base C]` is cognate(pretrained) -> evomerge on those folders."""
+    from flows.cli import _phase_overrides
+    from flows.config import ConfigProblems, load_config
+    from tests.unit.test_merge import make_llama
+
+    a, b, base = (make_llama(tmp_path / n, seed=i) for i, n in enumerate(("a", "b", "base")))
+    cfg = load_config(preset="tiny", overrides=_phase_overrides("evomerge", [str(a), str(b)], None, str(base)))
+    assert cfg.phases == ["cognate", "evomerge"] and cfg.cognate.source == "pretrained"
+    assert cfg.cognate.base_models == [str(a.resolve()), str(b.resolve())]
+    assert cfg.cognate.common_base == str(base.resolve()) and cfg.evomerge.base_model == "base"
+    assert cfg.data.tokenizer.kind == "pretrained" and cfg.data.tokenizer.path == str(a.resolve())
+    no_base = load_config(preset="tiny", overrides=_phase_overrides("evomerge", [str(a), str(b)], None))
+    assert no_base.evomerge.base_model is None and no_base.cognate.common_base is None
+    with pytest.raises(ConfigProblems, match="at least two --input"):
+        _phase_overrides("evomerge", [str(a)], None)
+    with pytest.raises(ConfigProblems, match="--base is only used by forge phase evomerge"):
+        _phase_overrides("bitnet", [str(a)], None, str(base))
+    with pytest.raises(ConfigProblems, match="--base .*not a Hugging Face model folder"):
+        _phase_overrides("evomerge", [str(a), str(b)], None, str(tmp_path / "nowhere"))
