@@ -82,6 +82,23 @@ def _model_folders(inputs: list[str], flag: str = "--input") -> list[str]:
     return folders
 
 
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+"""config.json entries that decide the tensor shapes a merge lines up."""
+
+
+def _same_architecture(folders: list[str]) -> None:
+    """Refuse, before any compute, models whose tensors cannot be merged elementwise."""
+    configs = {f: json.loads((Path(f) / "config.json").read_text()) for f in folders}
+    first = folders[0]
+    problems = [
+        f"{f}: {k} = {configs[f].get(k)!r}, but {first} has {configs[first].get(k)!r}"
+        for f in folders[1:] for k in SHAPE_KEYS if configs[f].get(k) != configs[first].get(k)
+    ]
+    if problems:
+        raise ConfigProblems(["forge phase evomerge: the models must share one architecture to be merged"] + problems)
+
+
 def _phase_overrides(name: str, inputs: list[str], store_url: str | None, base: str | None = None) -> list[str]:
     """Translate `forge phase` inputs into config overrides.
 
@@ -102,6 +119,7 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None, base: 
         base_folders = _model_folders([base], "--base") if base is not None else []
         if len(base_folders) > 1:
             raise ConfigProblems([f"--base {base!r}: holds {len(base_folders)} models; give exactly one"])
+        _same_architecture(folders + base_folders)
         sets = [
             "phases=[cognate, evomerge]",
             "cognate.source=pretrained",

@@ -286,3 +286,7 @@ def test_forge_phase_evomerge_maps_folders_to_the_pretrained_route_and_refuses_b
         _phase_overrides("bitnet", [str(a)], None, str(base))
     with pytest.raises(ConfigProblems, match="--base .*not a Hugging Face model folder"):
         _phase_overrides("evomerge", [str(a), str(b)], None, str(tmp_path / "nowhere"))
+    wide = make_llama(tmp_path / "wide", seed=5, hidden_size=64)  # same layers, twice the width
+    with pytest.raises(ConfigProblems, match="hidden_size") as err:
+        _phase_overrides("evomerge", [str(a), str(wide)], None)
+    assert "share one architecture" in str(err.value)
