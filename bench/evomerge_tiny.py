@@ -2,6 +2,10 @@
 and their plain average on the test split, for the GA and for CMA-ES.
 
     .venv/bin/python bench/evomerge_tiny.py [--workdir bench/out/evomerge] [--strategies ga,cmaes]
+    .venv/bin/python bench/evomerge_tiny.py --workdir bench/out/evomerge-dfs --strategies cmaes-dfs,ga+dfs
+
+Strategies: ``ga``, ``cmaes`` (DARE-TIES genes), ``cmaes-dfs`` (CMA-ES over the DFS layer-routing indicator),
+``ga+dfs`` (the GA with ``dfs`` added to its methods).
 
 Runs ``forge run --preset tiny --set phases=[cognate,evomerge]`` in a fresh subprocess per strategy on
 one local store (Cognate is computed once and reused), then reads the EvoMerge artifact's phase.json.
@@ -44,9 +48,18 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     rows = []
+    variants = {
+        "ga": ["evomerge.strategy=ga"],
+        "cmaes": ["evomerge.strategy=cmaes"],
+        "cmaes-dfs": ["evomerge.strategy=cmaes", "evomerge.cmaes_method=dfs"],
+        "ga+dfs": ["evomerge.strategy=ga", "evomerge.methods=[linear, task_arithmetic, ties, dare_ties, dare_linear, "
+                   "breadcrumbs, della, model_stock, dfs]"],
+    }
     for strategy in args.strategies.split(","):
-        wall, summary = run(workdir, ["phases=[cognate, evomerge]", f"evomerge.strategy={strategy}",
-                                      "final_test_eval=false"], f"{strategy}.json")
+        if strategy not in variants:
+            sys.exit(f"unknown strategy {strategy!r}; choose from {sorted(variants)}")
+        wall, summary = run(workdir, ["phases=[cognate, evomerge]", *variants[strategy], "final_test_eval=false"],
+                            f"{strategy}.json")
         phase = next(p for p in summary["phases"] if p["name"] == "evomerge")
         folder = workdir / "forge-store" / phase["artifact"]["uri"].split("/forge-store/")[1]
         meta = json.loads((folder / "phase.json").read_text())

@@ -60,7 +60,7 @@ def _body(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef, key:
     def body(ctx: PhaseContext, _inputs: list[Path], out_dir: Path) -> PhaseWritten:
         cfg = config.evomerge
         store = Store(config.store.url)
-        space = search_space(config, model_folders(store, previous), previous.uri)
+        space = search_space(config, model_folders(store, previous), previous.uri, store)
         prefix = store.uri("evomerge-candidates", key)
         scores: dict[tuple[str, str], CandidateScore] = {}
         seen: dict[str, Candidate] = {}

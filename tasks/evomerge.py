@@ -71,11 +71,13 @@ def candidate_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactR
 
 def _space_section(config: ForgeConfig) -> dict:
     cfg = config.evomerge
-    return {"base": cfg.base_model, "models": cfg.models, "layer_groups": cfg.layer_groups}
+    return {"base": cfg.base_model, "models": cfg.models, "layer_groups": cfg.layer_groups,
+            "dfs_repeats": cfg.dfs_repeats}
 
 
-def search_space(config: ForgeConfig, names: list[str], uri: str) -> MergeSpace:
-    """The models to merge and the base, checked against the folders of the input artifact."""
+def search_space(config: ForgeConfig, names: list[str], uri: str, store: Store | None = None) -> MergeSpace:
+    """The models to merge and the base, checked against the folders of the input artifact. With ``store``,
+    the merged models' layer counts are read from their config.json (DFS needs them)."""
     cfg = config.evomerge
     base = cfg.base_model
     if base is not None and base not in names:
@@ -87,7 +89,17 @@ def search_space(config: ForgeConfig, names: list[str], uri: str) -> MergeSpace:
     if len(models) < 2:
         raise ConfigError(f"evomerge needs at least two models to merge; {uri} gives {models} besides the base "
                           f"{base!r}. Configure more Cognate variants (or base models on the pretrained route).")
-    return MergeSpace(models=tuple(models), base=base, layer_groups=cfg.layer_groups)
+    layers = tuple(_layer_count(store, uri, m) for m in models) if store is not None else ()
+    return MergeSpace(models=tuple(models), base=base, layer_groups=cfg.layer_groups, layers=layers,
+                      dfs_repeats=cfg.dfs_repeats)
+
+
+def _layer_count(store: Store, uri: str, model: str) -> int:
+    cfg = json.loads(store.read_bytes(store.uri_join(store.uri_join(uri, model), "config.json")))
+    count = cfg.get("num_hidden_layers", cfg.get("num_layers"))
+    if not isinstance(count, int) or count < 1:
+        raise ArtifactIntegrityError(f"{uri}/{model}/config.json gives no layer count (num_hidden_layers)")
+    return count
 
 
 # Parents and corpus are downloaded once per process (verified), not once per candidate.
@@ -132,7 +144,7 @@ def candidate_task(config: ForgeConfig, dataset: ArtifactRef, previous: Artifact
     t0 = time.monotonic()
     store = Store(config.store.url)
     g = Genome.from_dict(genome)
-    space = search_space(config, model_folders(store, previous), previous.uri)
+    space = search_space(config, model_folders(store, previous), previous.uri, store)
     uri = store.uri_join(prefix, g.key())
     device = resolve_device(config.device.device)
     with tempfile.TemporaryDirectory(prefix="forge-candidate-") as tmp:

@@ -17,11 +17,11 @@ __all__ = ["EvoMergeConfig", "FitnessConfig", "SEARCHABLE_METHODS"]
 
 SEARCHABLE_METHODS = (
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "model_stock", "slerp",
+    "della", "della_linear", "model_stock", "slerp", "dfs",
 )
-"""Parameter-space methods the search can use. Layer stacking (passthrough, dfs) changes the architecture
-and is available through ``forge merge`` but not searched here (a deviation from Akiba et al., who also
-searched data-flow space)."""
+"""Methods the search can use: the parameter-space merges and ``dfs``, data-flow-space layer routing
+(Akiba et al. 2024; weights frozen, joint scales W = 1, see forge_models.evomerge.genome). ``passthrough``
+(hand-written slices) is available through ``forge merge`` only."""
 
 FITNESS_METRICS = ("arith_em", "tool_correct", "tool_valid", "choice_acc", "persona_acc", "narrative_acc", "loss")
 
@@ -83,10 +83,16 @@ class EvoMergeConfig(Frozen):
         default_factory=lambda: ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                                  "della", "model_stock"],
         description="Methods the GA draws initial recipes from and may mutate into (cycled over the first "
-        f"generation). From {list(SEARCHABLE_METHODS)}; slerp only with exactly two parents.",
+        f"generation). From {list(SEARCHABLE_METHODS)}; slerp only with exactly two parents; dfs (layer "
+        "routing, changes depth) is opt-in.",
     )
     cmaes_method: str = Field(
         "dare_ties", description="The method whose genes CMA-ES optimises (Akiba et al.: DARE-TIES)."
+    )
+    dfs_repeats: int = Field(
+        2, ge=1, le=8,
+        description="DFS: how often the merged models' layer layout is repeated (Akiba et al.'s r; they used 3). "
+        "The indicator has (all merged models' layers) x dfs_repeats genes.",
     )
     layer_groups: int = Field(
         1, ge=1, le=1024,

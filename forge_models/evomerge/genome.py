@@ -7,7 +7,12 @@ fixed by :func:`gene_specs` from the merge registry's schema:
 - ``density[m][g]`` for the sparsifying methods (TIES, DARE, breadcrumbs, DELLA), in [0.1, 1];
 - ``lambda`` for the methods that normalise by the agreeing weights (TIES, DELLA), in [0.5, 1.5] (for the
   others a common scale of the weights already plays that role, so a lambda gene would be redundant);
-- ``t[g]`` for SLERP, in [0, 1].
+- ``t[g]`` for SLERP, in [0, 1];
+- ``slot[t]`` for DFS (data-flow-space layer routing, Akiba et al. 2024 section 3.2), in [-1, 1]: the
+  merged models' layers laid out in order and repeated ``dfs_repeats`` times give T slots, and slot t's
+  layer is used when its gene is > 0. Weights stay frozen; the paper's joint scaling matrix W is held at 1
+  (a plain Hugging Face folder cannot store a scale on the residual stream; see forge_models.merge.dfs), a
+  deviation the paper measured at "more than 20%" of DFS's gain.
 
 ``m`` runs over the merged models, ``g`` over ``layer_groups`` groups of layers; with more than one group a
 gene becomes a list that mergekit interpolates over depth (a "gradient"), so every output layer gets its
@@ -32,7 +37,7 @@ __all__ = ["GeneSpec", "Genome", "MergeSpace", "gene_specs", "DECIMALS"]
 DECIMALS = 4
 """Gene values are rounded to this many decimals (a 1e-4 weight change is far below fitness noise)."""
 
-RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5), "t": (0.0, 1.0)}
+RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "lambda": (0.5, 1.5), "t": (0.0, 1.0), "slot": (-1.0, 1.0)}
 """Search range of each gene kind. Density > 0.1: at lower densities a tiny model's task vectors vanish."""
 
 
@@ -60,18 +65,33 @@ class MergeSpace:
     models: tuple[str, ...]
     base: str | None
     layer_groups: int = 1
+    layers: tuple[int, ...] = ()
+    """Decoder layers of each merged model, in ``models`` order (needed by DFS only; empty = unknown)."""
+    dfs_repeats: int = 2
+    """DFS: how often the layer layout is repeated (Akiba et al.'s r)."""
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ConfigError(f"merging needs at least two models, got {list(self.models)}")
         if self.base is not None and self.base in self.models:
             raise ConfigError(f"the base model {self.base!r} must not also be one of the merged models")
+        if self.layers and (len(self.layers) != len(self.models) or min(self.layers) < 1):
+            raise ConfigError(f"layers {list(self.layers)} must give each of {list(self.models)} at least one layer")
+        if self.dfs_repeats < 1:
+            raise ConfigError(f"dfs_repeats must be >= 1, got {self.dfs_repeats}")
+
+    @property
+    def dfs_slots(self) -> int:
+        """T = M * r: the DFS indicator's length (M = all merged models' layers)."""
+        return sum(self.layers) * self.dfs_repeats
 
     def usable(self, method: str) -> str | None:
         """None if ``method`` can merge these models, else the reason it cannot."""
         spec = get_method(method)
         if method == "slerp":
             return None if len(self.models) == 2 else f"slerp merges exactly two models, not {len(self.models)}"
+        if method == "dfs":
+            return None if self.layers else "dfs needs the merged models' layer counts (none were given)"
         if spec.base == "required" and self.base is None:
             return f"{method} takes task vectors against a base model and none is configured"
         if spec.layout:
@@ -93,6 +113,8 @@ def gene_specs(method: str, space: MergeSpace) -> tuple[GeneSpec, ...]:
         genes.append(GeneSpec("lambda", "lambda", *RANGES["lambda"]))
     if method == "slerp":
         genes += [GeneSpec(f"t.{g}", "t", *RANGES["t"]) for g in groups]
+    if method == "dfs":
+        genes += [GeneSpec(f"slot.{t}", "slot", *RANGES["slot"]) for t in range(space.dfs_slots)]
     return tuple(genes)
 
 
@@ -117,7 +139,11 @@ class Genome:
 
     @classmethod
     def center(cls, method: str, space: MergeSpace) -> "Genome":
-        """Mid-range weights and densities, lambda 1, t 0.5 (the published CMA-ES start: 0.5)."""
+        """Mid-range weights and densities, lambda 1, t 0.5 (the published CMA-ES start: 0.5). DFS starts at
+        the first model as it is: its layers in the first repeat at +0.5, every other slot at -0.5."""
+        if method == "dfs":
+            first = space.layers[0] if space.layers else 0
+            return cls.make(method, [0.5 if t < first else -0.5 for t in range(space.dfs_slots)], space)
         return cls.make(method, [(s.low + s.high) / 2 if s.kind != "density" else 0.5
                                  for s in gene_specs(method, space)], space)
 
@@ -155,6 +181,16 @@ class Genome:
 
         method = get_method(self.method)
         recipe: dict[str, Any] = {"merge_method": self.method}
+        if self.method == "dfs":
+            indicator = [genes[f"slot.{t}"] for t in range(space.dfs_slots)]
+            if max(indicator) <= 0:  # a route needs a layer: the slot closest to being used is used
+                indicator[indicator.index(max(indicator))] = 1.0
+            # Embeddings, final norm and head come from the first model (Akiba et al.'s "model A").
+            recipe["base_model"] = paths[space.models[0]]
+            recipe["models"] = [{"model": paths[m]} for m in space.models]
+            recipe["parameters"] = {"repeats": space.dfs_repeats, "indicator": indicator}
+            recipe["dtype"] = dtype
+            return recipe
         if self.method == "slerp":
             a, b = space.models
             t = [genes[f"t.{g}"] for g in range(space.layer_groups)]

@@ -38,7 +38,7 @@ def test_config_refuses_the_test_split_and_unknown_things():
     with pytest.raises(ValidationError, match="'loss' weight must be <= 0"):
         FitnessConfig(weights={"arith_em": 1.0, "loss": 0.5})
     with pytest.raises(ValidationError, match="cannot be searched"):
-        EvoMergeConfig(methods=["dfs"])
+        EvoMergeConfig(methods=["passthrough"])  # hand-written slices: forge merge only
     with pytest.raises(ValidationError, match="elites"):
         EvoMergeConfig(population=2, elites=2)
     assert set(SEARCHABLE_METHODS) <= set(METHODS)
@@ -69,7 +69,7 @@ def test_gene_layout_follows_the_method_schema():
     assert MergeSpace(models=("a", "b"), base=None).usable("ties") is not None
 
 
-@pytest.mark.parametrize("method", [m for m in SEARCHABLE_METHODS if m != "slerp"])
+@pytest.mark.parametrize("method", [m for m in SEARCHABLE_METHODS if m not in ("slerp", "dfs")])
 def test_every_searchable_genome_is_a_valid_mergekit_recipe(method):
     g = Genome.random(method, SPACE3, random.Random(3))
     recipe = MergeRecipe.model_validate(g.recipe(SPACE3, PATHS))
@@ -290,3 +290,67 @@ def test_forge_phase_evomerge_maps_folders_to_the_pretrained_route_and_refuses_b
     with pytest.raises(ConfigProblems, match="hidden_size") as err:
         _phase_overrides("evomerge", [str(a), str(wide)], None)
     assert "share one architecture" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ DFS (layer routing)
+
+DFS_SPACE = MergeSpace(models=("a", "b"), base=None, layers=(2, 2), dfs_repeats=2)
+
+
+def test_dfs_genes_are_the_indicator_slots_and_need_layer_counts():
+    assert [s.name for s in gene_specs("dfs", DFS_SPACE)] == [f"slot.{t}" for t in range(8)]  # T = (2 + 2) * 2
+    assert DFS_SPACE.usable("dfs") is None
+    assert "layer counts" in MergeSpace(models=("a", "b"), base=None).usable("dfs")
+    with pytest.raises(ConfigError, match="at least one layer"):
+        MergeSpace(models=("a", "b"), base=None, layers=(2,))
+    # The centre is model A as it is; a genome selecting nothing is repaired to one layer, not an error.
+    centre = Genome.center("dfs", DFS_SPACE)
+    assert MergeRecipe.model_validate(centre.recipe(DFS_SPACE, {"a": "/m/a", "b": "/m/b"})).parameters["indicator"] \
+        == [0.5, 0.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5]
+    nothing = Genome.make("dfs", [-0.2, -0.9, -0.1, -0.5, -0.3, -0.4, -0.6, -0.7], DFS_SPACE)
+    indicator = nothing.recipe(DFS_SPACE, {"a": "/m/a", "b": "/m/b"})["parameters"]["indicator"]
+    assert [t for t, v in enumerate(indicator) if v > 0] == [2]
+    with pytest.raises(ValidationError, match="dfs"):
+        EvoMergeConfig(dfs_repeats=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "cognate"])
+def test_dfs_candidates_merge_route_and_change_depth(tmp_path, kind):
+    """The centre genome reproduces model A exactly; another route gives another depth and other logits."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.evomerge import merge_candidate
+    from tests.unit.test_merge import make_cognate, make_llama
+
+    make = make_llama if kind == "llama" else make_cognate
+    folders = {"a": make(tmp_path / "a", seed=1), "b": make(tmp_path / "b", seed=2)}
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    merge_candidate(Genome.center("dfs", DFS_SPACE), DFS_SPACE, folders, tmp_path / "centre")
+    # a0, b1, then a0 again from the second repeat: 3 layers
+    route = Genome.make("dfs", [0.3, -0.1, -0.2, 0.8, 0.6, -0.5, -0.5, -0.5], DFS_SPACE)
+    merge_candidate(route, DFS_SPACE, folders, tmp_path / "route")
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folders["a"]).eval()(ids).logits
+        centre = AutoModelForCausalLM.from_pretrained(tmp_path / "centre").eval()
+        routed = AutoModelForCausalLM.from_pretrained(tmp_path / "route").eval()
+        assert (centre(ids).logits - ref).abs().max().item() <= 1e-6
+        assert routed.config.num_hidden_layers == 3
+        assert (routed(ids).logits - ref).abs().max().item() > 1e-3
+
+
+def test_search_space_reads_layer_counts_from_the_artifact(tmp_path):
+    from flows.config import load_config
+    from tasks.evomerge import search_space
+    from tasks.store import Store
+    from tests.unit.test_merge import make_cognate, make_llama
+
+    src = tmp_path / "artifact"
+    make_llama(src / "trunk", seed=0)
+    make_llama(src / "a", seed=1, num_hidden_layers=3)
+    make_cognate(src / "b", seed=2)
+    store = Store(f"file://{tmp_path}/store")
+    uri = store.uri("cognate", "k1")
+    store.write_prefix(src, uri, "model-set")
+    config = load_config(preset="tiny", overrides=["evomerge.dfs_repeats=3"])
+    space = search_space(config, ["trunk", "a", "b"], uri, store)
+    assert space.models == ("a", "b") and space.layers == (3, 2) and space.dfs_slots == 15
