@@ -176,10 +176,12 @@ def load_packed(folder: str | Path, *, device: str | torch.device = "cpu", backe
     """Rebuild the model of a packed folder with :class:`PackedBitLinear` layers (integer inference).
 
     Kept tensors are loaded in float32. ``backend`` picks the layers' integer kernel (see
-    :data:`forge_models.bitnet.layers.PACKED_BACKENDS`); unset, it is ``"rowwise2bit"`` where torch has fbgemm
-    (decode-sized calls read the 2-bit codes with an embedding-bag kernel, prefill uses ``_int_mm``), else
+    :data:`forge_models.bitnet.layers.PACKED_BACKENDS`); unset, :func:`default_packed_backend` picks the fused
+    ``"ternary_kernel"`` where it builds (calls of up to 32 rows run it on the file's 2-bit codes, which are
+    kept as they are; prefill uses ``_int_mm``), else ``"rowwise2bit"`` where torch has fbgemm, else
     ``"int_mm"``. Every backend gives bit-identical outputs. Raises ArtifactIntegrityError naming the file
-    when the folder is incomplete or does not match the architecture in its config.
+    when the folder is incomplete, holds an invalid 2-bit code, or does not match the architecture in its
+    config.
     """
     folder = Path(folder)
     for name in (META_FILE, WEIGHTS_FILE, "config.json"):
