@@ -207,6 +207,9 @@ KERNEL_MAX_ROWS = 32
 expand + GEMM path's is nearly flat: measured on the dev CPU (512x512, 512->1376, 1376->512 layers, 1 and 2
 threads) the kernel wins up to 32 rows (0.3-0.75x the GEMM path's time) and loses at 64 (1.05-1.15x)."""
 
+KERNEL_MAX_IN = 2**22
+"""The kernel's int32 sums of ``in`` terms ``|(t + 1) * x_q| <= 256`` stay exact while ``256 * in < 2^31``."""
+
 PACKED_BACKENDS = (*MATMUL_BACKENDS, ROWWISE_BACKEND, KERNEL_BACKEND)
 """Backends PackedBitLinear accepts."""
 
@@ -406,7 +409,8 @@ class PackedBitLinear(nn.Module):
 
     def _uses_kernel(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features
-        return self.backend == KERNEL_BACKEND and 0 < rows <= KERNEL_MAX_ROWS and not x.is_cuda
+        return (self.backend == KERNEL_BACKEND and 0 < rows <= KERNEL_MAX_ROWS and not x.is_cuda
+                and self.in_features <= KERNEL_MAX_IN)
 
     def _uses_bag(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features

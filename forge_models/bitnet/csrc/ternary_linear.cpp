@@ -116,7 +116,8 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& codes, const at
               " packed rows cannot hold ", out_features, " outputs");
   TORCH_CHECK(weight_scale.numel() == 1 && weight_scale.scalar_type() == at::kFloat,
               "ternary_linear: weight_scale must be one float32");
-  TORCH_CHECK(in <= (1 << 23), "ternary_linear: in_features too large for exact int32 sums");
+  // |sum_k code * x_q| <= 2 * 128 * in (codes t + 1 <= 2) must stay below 2^31.
+  TORCH_CHECK(in <= (1 << 22), "ternary_linear: in_features too large for exact int32 sums");
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out_features,
