@@ -83,7 +83,9 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     from tests.conftest import tiny_overrides
 
     cog_dir = tmp_path / "forge-store" / uri.split("/forge-store/")[1]
-    evo_sets = [a for o in tiny_overrides() if o.startswith("evomerge.") for a in ("--set", o)]
+    # small search and evaluation: this checks the command's wiring; the search itself is tested above
+    evo_sets = [a for o in tiny_overrides() if o.startswith(("evomerge.", "eval.max_examples"))
+                for a in ("--set", o)] + ["--set", "evomerge.generations=1", "--set", "final_test_eval=false"]
     em = _forge(["phase", "evomerge", "--input", str(cog_dir / "math"), "--input", str(cog_dir / "dialog"),
                  "--base", str(cog_dir / "trunk"), "--out", str(tmp_path / "evo-out"),
                  "--set", "data.synthetic.n_examples=1000", *evo_sets], tmp_path, timeout=900)
