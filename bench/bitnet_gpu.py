@@ -27,12 +27,12 @@ import gc
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from bitnet_inference import interleaved, time_decode, time_prefill  # bench/ is on sys.path when run as a script
 from forge_models.bitnet import convert_to_bitnet, export_packed, load_packed
 
 SHAPES = {
@@ -49,31 +49,6 @@ SHAPES = {
 def build(shape: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=True, **SHAPES[shape])).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_prefill(model, ids: torch.Tensor) -> float:
-    sync(ids.device)
-    t0 = time.perf_counter()
-    model(input_ids=ids)
-    sync(ids.device)
-    return ids.numel() / (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    sync(prompt.device)
-    t0 = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=0)
-    sync(prompt.device)
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return new_tokens / (time.perf_counter() - t0)
 
 
 def device_bytes(model: torch.nn.Module) -> int:
@@ -134,12 +109,7 @@ def run_shape(shape: str, device: torch.device, args) -> dict:
                 entry["peak_memory_bytes_load_and_warmup"] = torch.cuda.max_memory_allocated(device) - base
             result["variants"][name] = entry
             models[name] = model
-        prefill = {k: [] for k in models}
-        decode = {k: [] for k in models}
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                prefill[name].append(time_prefill(model, ids))
-                decode[name].append(time_decode(model, prompt, args.new_tokens))
+        prefill, decode = interleaved(models, ids, prompt, args.repeats, args.new_tokens)
         for name in models:
             result["variants"][name]["prefill_tokens_per_s"] = statistics.median(prefill[name])
             result["variants"][name]["decode_tokens_per_s"] = statistics.median(decode[name])

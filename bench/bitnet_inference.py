@@ -92,20 +92,43 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return {"linear": linear, "other": other, "total": linear + other}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timing covers it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def time_prefill(model, ids: torch.Tensor) -> float:
+    sync(ids.device)
     t0 = time.perf_counter()
     model(input_ids=ids)
+    sync(ids.device)
     return ids.numel() / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
 def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    sync(prompt.device)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          use_cache=True, pad_token_id=0)
+    sync(prompt.device)
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return new_tokens / (time.perf_counter() - t0)
+
+
+def interleaved(models: dict, ids: torch.Tensor, prompt: torch.Tensor, repeats: int,
+                new_tokens: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Prefill and decode tokens/s of every model, ``repeats`` times, interleaved (m1, m2, ..., m1, ...) so
+    machine noise hits all of them."""
+    prefill = {k: [] for k in models}
+    decode = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            prefill[name].append(time_prefill(model, ids))
+            decode[name].append(time_decode(model, prompt, new_tokens))
+    return prefill, decode
 
 
 def _rss_mb() -> float:
@@ -199,12 +222,7 @@ def main() -> None:
     for model in models.values():  # warm-up: first-call allocations and kernel selection
         time_prefill(model, ids[:1, :16])
         time_decode(model, prompt, 2)
-    prefill = {k: [] for k in models}
-    decode = {k: [] for k in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            prefill[name].append(time_prefill(model, ids))
-            decode[name].append(time_decode(model, prompt, args.new_tokens))
+    prefill, decode = interleaved(models, ids, prompt, args.repeats, args.new_tokens)
 
     rss = resident(list(models), tmp, args)
     folder.cleanup()
