@@ -30,7 +30,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -180,8 +180,3 @@ def _path_of(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise ValueError("module not found under root")
-
-
-def route_summary(route: DFSRoute) -> list[dict[str, Any]]:
-    """JSON-friendly description of a route (for reports and lineage tables)."""
-    return [{"model": m, "layer": l, "scale": s} for (m, l), s in zip(route.layers, route.scales)]

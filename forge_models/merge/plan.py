@@ -19,7 +19,6 @@ Layout conventions (mergekit's, made generic instead of per-architecture JSON fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from forge_models.merge.dfs import DFSRoute, dfs_route
 from forge_models.merge.recipe import MergeRecipe, lookup
 from forge_models.merge.registry import MergeMethod, get_method
 from forge_models.merge.safetensors_io import TensorInfo, read_model_index
+from forge_models.merge.seeding import tensor_generators, tensor_seed
 from forge_models.runtime import ConfigError
 
 __all__ = ["SourceModel", "TensorInput", "PlannedTensor", "MergePlan", "build_plan", "tensor_seed",
@@ -202,22 +202,6 @@ class MergePlan:
     @property
     def bytes_to_read(self) -> int:
         return sum(self.sources[i.source].tensors[i.name].nbytes for t in self.tensors for i in t.all_inputs())
-
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(_numel(t.shape) * t.dtype.itemsize for t in self.tensors)
-
-
-def tensor_seed(seed: int, tensor_name: str, model_index: int = 0) -> int:
-    """The generator seed of one input model's mask for one output tensor: stable across runs and
-    processes, independent of the order of work and of chunking."""
-    digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def tensor_generators(seed: int, tensor_name: str, n: int) -> list[torch.Generator]:
-    """One seeded generator per input model (besides the base) for the random methods (DARE, DELLA)."""
-    return [torch.Generator().manual_seed(tensor_seed(seed, tensor_name, i)) for i in range(n)]
 
 
 @dataclass

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from forge_models.config import Frozen
 from forge_models.merge.registry import METHODS, get_method
 from forge_models.runtime import ConfigError
 
@@ -73,11 +74,7 @@ _UNSUPPORTED = {
 _DFS_PARAMS = ("repeats", "indicator", "scales")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ConditionalParameter(_Frozen):
+class ConditionalParameter(Frozen):
     """A value that applies to tensors whose name contains ``filter`` (all tensors when it is None or *)."""
 
     value: Union[Scalar, list[Scalar]] = Field(description="Scalar, or a gradient list interpolated over depth.")
@@ -88,14 +85,14 @@ ParameterSetting = Union[Scalar, list[Scalar], ConditionalParameter, list[Condit
 """Scalar | gradient list | conditional | list of conditionals | a matrix (dfs ``scales`` only)."""
 
 
-class InputModel(_Frozen):
+class InputModel(Frozen):
     """One model of a ``models:`` recipe."""
 
     model: str = Field(description="Local Hugging Face model folder (config.json + safetensors).")
     parameters: dict[str, ParameterSetting] | None = Field(None, description="Per-model parameters (weight, density, ...).")
 
 
-class InputSlice(_Frozen):
+class InputSlice(Frozen):
     """A contiguous range of one source model's layers."""
 
     model: str = Field(description="Local Hugging Face model folder.")
@@ -110,7 +107,7 @@ class InputSlice(_Frozen):
         return v
 
 
-class OutputSlice(_Frozen):
+class OutputSlice(Frozen):
     """Consecutive output layers, each merged from the corresponding layer of every source."""
 
     sources: list[InputSlice] = Field(min_length=1, description="Sources; all span the same number of layers.")
@@ -132,7 +129,7 @@ class OutputSlice(_Frozen):
         return self
 
 
-class MergeRecipe(_Frozen):
+class MergeRecipe(Frozen):
     """A merge, as written in mergekit's YAML. Structural checks run here; checks that need the model
     files (layer counts, shapes, vocabularies) run in ``forge_models.merge.plan`` before any tensor is read."""
 

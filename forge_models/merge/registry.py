@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 
 from forge_models.merge import methods as m
+from forge_models.merge.seeding import tensor_generators
 
 __all__ = ["Param", "MergeMethod", "METHODS", "get_method", "merge_tensors", "method_names"]
 
@@ -413,7 +414,5 @@ def merge_tensors(
     """
     spec = get_method(method)
     if spec.random and generator is None and seed is not None:
-        from forge_models.merge.plan import tensor_generators
-
         generator = tensor_generators(seed, "", len(tensors))
     return spec(tensors, base, generator=generator, **params)
