@@ -1,5 +1,8 @@
 """The Agent Forge flow: data, then the configured phases in order, each a cached Prefect task.
 
+Which task (or sub-flow) runs a phase, and what it is given, is the phase table's (`tasks.phases`); this
+module names no phase.
+
 From Python:
 
     from flows.agent_forge import agent_forge
@@ -19,10 +22,12 @@ import logging
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.config import ForgeConfig
+from flows.runners import subflow_options
+from tasks import phases
+from tasks.config import ForgeConfig
 from tasks.runtime import PhaseResult, prefect_ui_url, resolve_device
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking, flatten
@@ -111,11 +116,8 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
     """Run Agent Forge: build the data, then each phase in ``config.phases`` (cached by content)."""
     from prefect.runtime import flow_run
 
-    from tasks.bitnet import bitnet_task
-    from tasks.cognate import cognate_task
     from tasks.data import data_task
     from tasks.imports import import_task
-    from tasks.training import training_task
 
     logger = get_run_logger()
     store = preflight(config)
@@ -135,28 +137,18 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         )
         tracking.log_params(parent, flatten("", config.model_dump(mode="json", exclude={"store", "tracking"}), {}))
     summaries: list[PhaseSummary] = []
-    # Phase tasks by name; evomerge is a sub-flow instead (its candidates are the tasks, fanned out on config.runner).
-    tasks = {"cognate": cognate_task, "bitnet": bitnet_task, "training": training_task}
     try:
         t0 = time.monotonic()
         data, cached = _run_step(data_task.with_options(result_storage=storage), "data", config, parent_run_id=parent)
         summaries.append(_summary("data", data, cached, time.monotonic() - t0))
         previous = data
-        if config.phases[0] != "cognate":  # the pipeline starts from a given model folder
+        if phases.phase(config.phases[0]).input_kind != "dataset":  # the pipeline starts from a given model folder
             t0 = time.monotonic()
             previous, cached = _run_step(import_task.with_options(result_storage=storage), "import", config, parent_run_id=parent)
             summaries.append(_summary("import", previous, cached, time.monotonic() - t0))
         for name in config.phases:
             t0 = time.monotonic()
-            if name == "evomerge":
-                from flows.evomerge import run_evomerge
-
-                result = run_evomerge(config, data, previous, parent, result_storage=storage)
-                cached = not result.executed
-            else:
-                task_fn = tasks[name].with_options(result_storage=storage)
-                inputs = {} if name == "cognate" else {"previous": previous}  # later phases take the previous output
-                result, cached = _run_step(task_fn, name, config, dataset=data, parent_run_id=parent, **inputs)
+            result, cached = _run_phase(phases.phase(name), config, data, previous, parent, storage)
             summaries.append(_summary(name, result, cached, time.monotonic() - t0))
             logger.info("%s: %s -> %s", name, "cached" if cached else "computed", result.ref.uri)
             previous = result
@@ -186,6 +178,19 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         phases=summaries,
         test_metrics=test_metrics,
     )
+
+
+def _run_phase(spec: phases.PhaseSpec, config: ForgeConfig, data: PhaseResult, previous: PhaseResult,
+               parent: str | None, storage) -> tuple[PhaseResult, bool]:
+    """Run one phase as the table declares it: a task (cached by content), or a sub-flow on ``config.runner``."""
+    step = spec.load()
+    inputs = {} if spec.input_kind == "dataset" else {"previous": previous}  # later phases take the previous output
+    if isinstance(step, Flow):  # e.g. evomerge: its candidates are the tasks, fanned out on config.runner
+        result = step.with_options(**subflow_options(config.runner, storage))(
+            config, dataset=data, parent_run_id=parent, **inputs)
+        return result, not result.executed
+    return _run_step(step.with_options(result_storage=storage), spec.name, config, dataset=data,
+                     parent_run_id=parent, **inputs)
 
 
 def _summary(name: str, result: PhaseResult, cached: bool, seconds: float) -> PhaseSummary:

@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="Run the pipeline flow.")
     _common(run)
     run.add_argument("--summary-json", help="Write the run summary (phases, artifacts, metrics) here.")
-    phase = sub.add_parser("phase", help="Run one phase alone.")
-    phase.add_argument("name", help="Phase name, e.g. cognate.")
+    from tasks.phases import phase_help
+
+    phase = sub.add_parser("phase", help="Run one phase alone.", epilog=phase_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    phase.add_argument("name", help="Phase name, e.g. cognate (the list below).")
     phase.add_argument("--input", dest="inputs", action="append", default=[],
                        help="Artifact URI or Hugging Face model folder (repeatable).")
     phase.add_argument("--base", help="evomerge: the common base model folder or artifact URI that task vectors are "
@@ -100,58 +103,34 @@ def _same_architecture(folders: list[str]) -> None:
 
 
 def _phase_overrides(name: str, inputs: list[str], store_url: str | None, base: str | None = None) -> list[str]:
-    """Translate `forge phase` inputs into config overrides.
+    """Translate `forge phase` inputs into config overrides, as the phase table declares them.
 
-    An input is a plain Hugging Face model folder, or an artifact URI whose model folders are used.
-    EvoMerge runs as the pretrained Cognate route (which imports and evaluates the inputs) followed by the
-    search, so ``forge phase evomerge`` is exactly what a pipeline with ``cognate.source=pretrained`` does.
+    An input is a plain Hugging Face model folder, or an artifact URI whose model folders are used. A phase
+    that takes the dataset runs with optional input models; one that takes a model set needs at least two
+    models of one architecture (and may get a common --base); one that takes a model needs exactly one.
     """
-    from flows.config import IMPLEMENTED_PHASES
+    from tasks import phases
 
-    if name not in IMPLEMENTED_PHASES:
-        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: {list(IMPLEMENTED_PHASES)})"])
-    if base is not None and name != "evomerge":
-        raise ConfigProblems([f"--base is only used by forge phase evomerge, not {name!r}"])
+    spec = phases.PHASES.get(name)
+    if spec is None:
+        raise ConfigProblems([f"phase {name!r}: unknown; known: {[s.name for s in phases.ordered()]}"])
+    if not spec.implemented or spec.standalone is None:
+        raise ConfigProblems([f"phase {name!r}: not implemented in this version (implemented: {phases.implemented()})"])
+    if base is not None and spec.input_kind != "model-set":
+        mergers = " or ".join(s.name for s in phases.ordered() if s.implemented and s.input_kind == "model-set")
+        raise ConfigProblems([f"--base is only used by forge phase {mergers}, not {name!r}"])
     folders = _model_folders(inputs)
-    if name == "evomerge":
+    base_folders: list[str] = []
+    if spec.input_kind == "model-set":
         if len(folders) < 2:
-            raise ConfigProblems([f"forge phase evomerge: give at least two --input models to merge (got {len(folders)})"])
+            raise ConfigProblems([f"forge phase {name}: give at least two --input models to merge (got {len(folders)})"])
         base_folders = _model_folders([base], "--base") if base is not None else []
         if len(base_folders) > 1:
             raise ConfigProblems([f"--base {base!r}: holds {len(base_folders)} models; give exactly one"])
         _same_architecture(folders + base_folders)
-        sets = [
-            "phases=[cognate, evomerge]",
-            "cognate.source=pretrained",
-            "cognate.base_models=" + json.dumps(folders),
-            "cognate.variants=[]",
-            "data.tokenizer.kind=pretrained",
-            f"data.tokenizer.path={json.dumps(folders[0])}",
-            "evomerge.models=null",
-        ]
-        if base_folders:
-            sets += [f"cognate.common_base={json.dumps(base_folders[0])}", "evomerge.base_model=base"]
-        else:
-            sets.append("evomerge.base_model=null")
-        return sets
-    if name != "cognate":
-        if len(folders) != 1:
-            raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
-        sets = [f"phases=[{name}]", f"input={json.dumps(folders[0])}", "data.tokenizer.kind=pretrained",
-                f"data.tokenizer.path={json.dumps(folders[0])}"]
-        if name == "bitnet":
-            sets.append("bitnet.input_model=null")  # the imported folder is the only model
-        return sets
-    sets = ["phases=[cognate]"]
-    if folders:
-        sets += [
-            "cognate.source=pretrained",
-            "cognate.base_models=" + json.dumps(folders),
-            "cognate.variants=[]",
-            "data.tokenizer.kind=pretrained",
-            f"data.tokenizer.path={json.dumps(folders[0])}",
-        ]
-    return sets
+    elif spec.input_kind == "model" and len(folders) != 1:
+        raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
+    return spec.standalone(folders, base_folders)
 
 
 def _artifact_models(uri: str) -> list[str]:
@@ -365,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             import yaml
 
+            from tasks.phases import PHASES
+
+            states = ", ".join(f"{s.order}. {s.name}" + ("" if s.implemented else " (not implemented)")
+                               for s in sorted(PHASES.values(), key=lambda s: s.order))
+            print(f"# pipeline: {' -> '.join(config.phases)}\n# phases: {states}")
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             return 0
         return cmd_run(args, config)

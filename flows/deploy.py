@@ -31,6 +31,14 @@ def preset_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
     return {"config": cfg.model_dump(mode="json", exclude={"store"})}
 
 
+def description(preset: str, suffix: str, params: dict[str, Any]) -> str:
+    """What a deployment runs, in the phase table's words."""
+    from tasks.phases import phase
+
+    steps = " -> ".join(f"{phase(n).order}. {n}" for n in params["config"]["phases"])
+    return f"Agent Forge, {preset} preset ({suffix}): phases {steps}."
+
+
 def _presets(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PRESETS]
@@ -65,7 +73,7 @@ def deploy(presets: list[str], pool: str, cron: str, overrides: list[str], gpu: 
             name = f"{preset}-{suffix}"
             flow.deploy(
                 name=name, work_pool_name=pool, parameters=params, cron=schedule, build=False, push=False,
-                job_variables=job_variables, description=f"Agent Forge, {preset} preset ({suffix}).",
+                job_variables=job_variables, description=description(preset, suffix, params),
                 tags=["agent-forge", preset], print_next_steps=False,
             )
             names.append(f"agent-forge/{name}")
@@ -80,8 +88,10 @@ def serve(presets: list[str], cron: str, overrides: list[str]) -> None:
     deployments = []
     for preset in presets:
         params = preset_parameters(preset, overrides)
-        deployments.append(agent_forge.to_deployment(name=f"{preset}-manual", parameters=params))
-        deployments.append(agent_forge.to_deployment(name=f"{preset}-scheduled", parameters=params, cron=cron))
+        deployments.append(agent_forge.to_deployment(name=f"{preset}-manual", parameters=params,
+                                                     description=description(preset, "manual", params)))
+        deployments.append(agent_forge.to_deployment(name=f"{preset}-scheduled", parameters=params, cron=cron,
+                                                     description=description(preset, "scheduled", params)))
     prefect_serve(*deployments)
 
 
@@ -108,7 +118,7 @@ def write_prefect_yaml(path: Path = ROOT / "deployments" / "prefect.yaml", cron:
         for suffix, schedule in (("manual", None), ("scheduled", cron)):
             doc["deployments"].append({
                 "name": f"{preset}-{suffix}", "entrypoint": ENTRYPOINT,
-                "description": f"Agent Forge, {preset} preset ({suffix}).", "tags": ["agent-forge", preset],
+                "description": description(preset, suffix, params), "tags": ["agent-forge", preset],
                 "parameters": params, "enforce_parameter_schema": True,
                 "work_pool": {"name": "forge-gpu", "job_variables": {}},
                 "schedules": [{"cron": schedule, "timezone": "UTC"}] if schedule else [],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, unmapped
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from flows.runners import resource_annotation, subflow_options
 from tasks.evaluate import ModelEvaluation, evaluate_model_task, model_folders
 from tasks.runtime import _artifact, metrics_table

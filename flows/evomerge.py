@@ -32,7 +32,7 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from flows.runners import resource_annotation, subflow_options
 from forge_models.evomerge import Candidate, Genome, MergeSpace, evolve, gene_specs
 from forge_models.runtime import PhaseContext

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from flows.config import RunnerConfig
+from tasks.config import RunnerConfig
 from forge_models.runtime import ConfigError
 
 

@@ -103,7 +103,7 @@ class Stack:
     def _setup(self, exports: dict[str, str]) -> None:
         """Save the result-storage block on the server and create the MLflow experiment."""
         code = (
-            "from flows.agent_forge import ensure_result_storage; from flows.config import TrackingConfig;"
+            "from flows.agent_forge import ensure_result_storage; from tasks.config import TrackingConfig;"
             "from tasks.store import Store; from tasks.tracking import Tracking; import os;"
             "ensure_result_storage(os.environ['FORGE_STORE']);"
             "Tracking.from_config(TrackingConfig(), Store(os.environ['FORGE_STORE']), 'agent-forge')"

@@ -13,15 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from prefect import task
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
-from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_table, PHASE_TASK_OPTIONS, run_phase
-from tasks.store import ArtifactRef, Store
-from tasks.tracking import Tracking
+from tasks.runtime import PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.store import ArtifactRef
 
 BITNET_VERSION = "2"  # 2: the latent weights are stored too
 EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
@@ -97,20 +95,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
     return body
 
 
-@task(
-    name="bitnet",
-    **PHASE_TASK_OPTIONS,
-    retry_delay_seconds=[2, 10],
-    cache_key_fn=lambda ctx, p: "bitnet-" + bitnet_key(p["config"], p["dataset"].ref, p["previous"].ref),
+bitnet_task = phase_task(
+    "bitnet", kind="model", key=bitnet_key, body=_body, section="bitnet",
+    doc="Ternarise (or reuse) the previous phase's model.",
 )
-def bitnet_task(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
-    """Ternarise (or reuse) the previous phase's model."""
-    rt.check_input_kind(dataset.ref, "dataset", "bitnet")
-    store = Store(config.store.url)
-    return run_phase(
-        phase="bitnet", kind="model", key=bitnet_key(config, dataset.ref, previous.ref), store_url=config.store.url,
-        config_section=config.bitnet.model_dump(mode="json"), inputs=[dataset.ref, previous.ref],
-        body=_body(config, previous.ref), tracking=Tracking.from_config(config.tracking, store, config.name),
-        parent_run_id=parent_run_id, device=config.device.device, precision=config.device.precision,
-        seed=config.seed, threads=config.device.threads,
-    )

@@ -9,31 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models import cognate
 from forge_models.data import Corpus
 from forge_models.runtime import PhaseContext
 from forge_models.tokenizer import load_tokenizer
 from tasks.cache import folder_digest, phase_key
-from tasks.runtime import (
-    PhaseResult,
-    PhaseWritten,
-    check_input_kind,
-    loss_curve_png,
-    metrics_table,
-    PHASE_TASK_OPTIONS,
-    run_phase,
-)
-from tasks.store import ArtifactRef, Store
-from tasks.tracking import Tracking
+from tasks.runtime import PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.store import ArtifactRef
 
 COGNATE_VERSION = "1"
 EVAL_COLUMNS = ["loss", "ppl", "unigram_gain", "arith_em", "tool_valid", "tool_correct", "choice_acc", "refine_steps"]
 
 
-def cognate_key(config: ForgeConfig, dataset: ArtifactRef) -> str:
+def cognate_key(config: ForgeConfig, dataset: ArtifactRef, _previous: ArtifactRef | None = None) -> str:
     section = {
         "cognate": config.cognate.model_dump(mode="json"),
         "eval": config.eval.model_dump(mode="json"),
@@ -50,7 +39,7 @@ def cognate_key(config: ForgeConfig, dataset: ArtifactRef) -> str:
     return phase_key("cognate", COGNATE_VERSION, json.dumps(section, sort_keys=True), extra, dataset.digest)
 
 
-def _body(config: ForgeConfig):
+def _body(config: ForgeConfig, _previous: ArtifactRef | None = None):
     def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
         dataset = inputs[0]
         corpus = Corpus.load(dataset / "corpus")
@@ -94,28 +83,7 @@ def _report(config: ForgeConfig, out, params: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(
-    name="cognate",
-    **PHASE_TASK_OPTIONS,
-    retry_delay_seconds=[2, 10],
-    cache_key_fn=lambda ctx, params: "cognate-" + cognate_key(params["config"], params["dataset"].ref),
+cognate_task = phase_task(
+    "cognate", kind="model-set", key=cognate_key, body=_body, section="cognate", takes_previous=False,
+    doc="Train (or reuse) the Cognate trunk and variants, or evaluate and pass on pretrained models.",
 )
-def cognate_task(config: ForgeConfig, dataset: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
-    """Train (or reuse) the Cognate trunk and variants, or evaluate and pass on pretrained models."""
-    check_input_kind(dataset.ref, "dataset", "cognate")
-    store = Store(config.store.url)
-    return run_phase(
-        phase="cognate",
-        kind="model-set",
-        key=cognate_key(config, dataset.ref),
-        store_url=config.store.url,
-        config_section=config.cognate.model_dump(mode="json"),
-        inputs=[dataset.ref],
-        body=_body(config),
-        tracking=Tracking.from_config(config.tracking, store, config.name),
-        parent_run_id=parent_run_id,
-        device=config.device.device,
-        precision=config.device.precision,
-        seed=config.seed,
-        threads=config.device.threads,
-    )

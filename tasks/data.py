@@ -13,7 +13,7 @@ from pathlib import Path
 import fsspec
 from prefect import task
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.data import build_corpus
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import build_tokenizer

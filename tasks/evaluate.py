@@ -15,7 +15,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.runtime import PhaseContext
 from tasks.cache import phase_key
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value

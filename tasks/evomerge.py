@@ -24,7 +24,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.evomerge import Genome, MergeSpace, merge_candidate, score
 from forge_models.runtime import ArtifactIntegrityError, ConfigError, PhaseContext
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.runtime import ConfigError, PhaseContext
 from tasks.cache import folder_digest, phase_key
 from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase

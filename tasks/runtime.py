@@ -363,6 +363,58 @@ def _compute(
         shutil.rmtree(work, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------- phase tasks
+
+
+KeyFn = Callable[[Any, ArtifactRef, "ArtifactRef | None"], str]
+
+
+def phase_task(
+    name: str,
+    *,
+    kind: str,
+    key: KeyFn,
+    body: Callable[[Any, "ArtifactRef | None"], Body],
+    section: str | None,
+    takes_previous: bool = True,
+    retry_delay_seconds: tuple[float, ...] = (2, 10),
+    doc: str = "",
+):
+    """The Prefect task of a phase: check the dataset, compute the cache key, `run_phase` the body.
+
+    ``key(config, dataset, previous)`` is the phase's cache key (``previous`` is None when the phase takes
+    the dataset only); ``body(config, previous)`` returns the function that writes the output folder.
+    The task is called ``task(config, dataset=..., [previous=...,] parent_run_id=...)`` by the flow.
+    """
+    from prefect import task
+
+    def run(config, dataset: PhaseResult, previous: PhaseResult | None = None,
+            parent_run_id: str | None = None) -> PhaseResult:
+        check_input_kind(dataset.ref, "dataset", name)
+        if takes_previous == (previous is None):
+            raise ArtifactIntegrityError(f"{name}: {'needs' if takes_previous else 'takes no'} previous phase output")
+        prev = previous.ref if previous is not None else None
+        store = Store(config.store.url)
+        return run_phase(
+            phase=name, kind=kind, key=key(config, dataset.ref, prev), store_url=config.store.url,
+            config_section=getattr(config, section).model_dump(mode="json") if section else {},
+            inputs=[dataset.ref] + ([prev] if prev is not None else []), body=body(config, prev),
+            tracking=Tracking.from_config(config.tracking, store, config.name), parent_run_id=parent_run_id,
+            device=config.device.device, precision=config.device.precision, seed=config.seed,
+            threads=config.device.threads,
+        )
+
+    run.__name__ = run.__qualname__ = f"{name}_task"
+    run.__doc__ = doc or f"Run (or reuse) phase {name}."
+
+    def cache_key(_ctx, p) -> str:
+        prev = p.get("previous")
+        return f"{name}-" + key(p["config"], p["dataset"].ref, prev.ref if prev is not None else None)
+
+    return task(name=name, **PHASE_TASK_OPTIONS, retry_delay_seconds=list(retry_delay_seconds),
+                cache_key_fn=cache_key)(run)
+
+
 # ---------------------------------------------------------------------------------- reports
 
 

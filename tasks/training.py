@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 
 import torch
-from prefect import task
 
-from flows.config import ForgeConfig
+from tasks.config import ForgeConfig
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.bitnet import choose_model
 from tasks.cache import phase_key
-from tasks.runtime import PHASE_TASK_OPTIONS, PhaseResult, PhaseWritten, loss_curve_png, metrics_table, run_phase
-from tasks.store import ArtifactRef, Store
-from tasks.tracking import Tracking
+from tasks.runtime import PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.store import ArtifactRef
 
 TRAINING_VERSION = "1"
 EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
@@ -149,20 +147,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
     return body
 
 
-@task(
-    name="training",
-    **PHASE_TASK_OPTIONS,
-    retry_delay_seconds=[2, 10],
-    cache_key_fn=lambda ctx, p: "training-" + training_key(p["config"], p["dataset"].ref, p["previous"].ref),
+training_task = phase_task(
+    "training", kind="model", key=training_key, body=_body, section="training",
+    doc="Train (or reuse) the previous phase's model with the Forge loop.",
 )
-def training_task(config: ForgeConfig, dataset: PhaseResult, previous: PhaseResult, parent_run_id: str | None = None) -> PhaseResult:
-    """Train (or reuse) the previous phase's model with the Forge loop."""
-    rt.check_input_kind(dataset.ref, "dataset", "training")
-    store = Store(config.store.url)
-    return run_phase(
-        phase="training", kind="model", key=training_key(config, dataset.ref, previous.ref), store_url=config.store.url,
-        config_section=config.training.model_dump(mode="json"), inputs=[dataset.ref, previous.ref],
-        body=_body(config, previous.ref), tracking=Tracking.from_config(config.tracking, store, config.name),
-        parent_run_id=parent_run_id, device=config.device.device, precision=config.device.precision,
-        seed=config.seed, threads=config.device.threads,
-    )
