@@ -80,7 +80,7 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert (trunk_dir / "model.safetensors").is_file() and (trunk_dir / "config.json").is_file()
 
     # phase 2 alone on plain Hugging Face folders: `forge phase evomerge --input A --input B --base C --out DIR`
-    from tests.conftest import tiny_overrides
+    from tests.factories import tiny_overrides
 
     cog_dir = tmp_path / "forge-store" / uri.split("/forge-store/")[1]
     # small search and evaluation: this checks the command's wiring; the search itself is tested above

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows.stack import Stack
-from tests.conftest import free_port, tiny_overrides
+from tests.factories import free_port, tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

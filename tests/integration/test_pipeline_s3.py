@@ -15,7 +15,7 @@ import pytest
 from flows.agent_forge import agent_forge
 from flows.config import load_config
 from forge_models.runtime import ArtifactIntegrityError, ForgeError
-from tests.conftest import tiny_overrides
+from tests.factories import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -236,9 +236,9 @@ def test_real_corpus_source_on_s3_is_mixed_in(bucket, s3_server, tmp_path):
 
 
 def test_concurrent_runs_on_s3_write_the_output_once(bucket):
-    from tests.unit.test_locks import _racing_runs
+    from tests.factories import racing_runs
 
-    calls, results, errors = _racing_runs(f"s3://{bucket}/forge", n=2)
+    calls, results, errors = racing_runs(f"s3://{bucket}/forge", n=2)
     assert errors == [] and len(calls) == 1
     assert sorted(r.executed for r in results) == [False, True]
     assert results[0].ref.digest == results[1].ref.digest

@@ -8,7 +8,7 @@ import pytest
 from flows.agent_forge import agent_forge
 from flows.config import load_config
 from flows.evaluate import run_evaluation
-from tests.conftest import tiny_overrides
+from tests.factories import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

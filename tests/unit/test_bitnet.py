@@ -60,27 +60,13 @@ from forge_models.runtime import (
     TrainingDiverged,
 )
 from forge_models.tokenizer import train_bpe
+from tests.factories import tiny_cognate, tiny_llama
 from tests.helpers import Interrupted, StopAt, poison_loss
 
 # ------------------------------------------------------------------------------------------ helpers
 
 GOLDEN_W = [[0.8, -0.5, 1.2], [-1.5, 0.4, -0.9], [1.3, -0.7, 0.2]]
 GOLDEN_X = [[1.0, -0.6, 0.7], [-0.9, 0.4, -1.2], [0.8, -0.5, 0.3]]
-
-
-def tiny_llama(seed: int = 0, vocab: int = 97, hidden: int = 64, inter: int = 128, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, intermediate_size=inter, max_position_embeddings=64)
-    fields.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
-
-
-def tiny_cognate(seed: int = 0, vocab: int = 97) -> CognateForCausalLM:
-    torch.manual_seed(seed)
-    return CognateForCausalLM(CognateModelConfig(
-        vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-        max_position_embeddings=64, max_refine_steps=2)).eval()
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -220,7 +220,7 @@ def test_parents_and_average_are_scored_through_exact_linear_recipes(tmp_path):
     """The final comparison scores each parent as a one-hot linear recipe: it must be that parent, bit for bit."""
     from flows.evomerge import reference_genomes
     from forge_models.evomerge import merge_candidate
-    from tests.unit.test_merge import make_llama
+    from tests.factories import make_llama
 
     folders = {n: make_llama(tmp_path / n, seed=i) for i, n in enumerate(("trunk", "a", "b", "c"))}
     space = MergeSpace(models=("a", "b", "c"), base="trunk", layer_groups=2)
@@ -244,7 +244,7 @@ def test_forge_merge_reproduces_a_recipe_that_names_store_uris(tmp_path):
     from flows.cli import main
     from forge_models.evomerge import merge_candidate
     from tasks.store import Store
-    from tests.unit.test_merge import make_llama
+    from tests.factories import make_llama
 
     src = tmp_path / "artifact"
     folders = {n: make_llama(src / n, seed=i) for i, n in enumerate(("trunk", "a", "b"))}
@@ -270,7 +270,7 @@ def test_forge_phase_evomerge_maps_folders_to_the_pretrained_route_and_refuses_b
     """`forge phase evomerge --input A --input B [--base C]` is cognate(pretrained) -> evomerge on those folders."""
     from flows.cli import _phase_overrides
     from flows.config import ConfigProblems, load_config
-    from tests.unit.test_merge import make_llama
+    from tests.factories import make_llama
 
     a, b, base = (make_llama(tmp_path / n, seed=i) for i, n in enumerate(("a", "b", "base")))
     cfg = load_config(preset="tiny", overrides=_phase_overrides("evomerge", [str(a), str(b)], None, str(base)))
@@ -320,7 +320,7 @@ def test_dfs_candidates_merge_route_and_change_depth(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
     from forge_models.evomerge import merge_candidate
-    from tests.unit.test_merge import make_cognate, make_llama
+    from tests.factories import make_cognate, make_llama
 
     make = make_llama if kind == "llama" else make_cognate
     folders = {"a": make(tmp_path / "a", seed=1), "b": make(tmp_path / "b", seed=2)}
@@ -342,7 +342,7 @@ def test_search_space_reads_layer_counts_from_the_artifact(tmp_path):
     from flows.config import load_config
     from tasks.evomerge import search_space
     from tasks.store import Store
-    from tests.unit.test_merge import make_cognate, make_llama
+    from tests.factories import make_cognate, make_llama
 
     src = tmp_path / "artifact"
     make_llama(src / "trunk", seed=0)

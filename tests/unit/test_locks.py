@@ -11,41 +11,12 @@ from forge_models.runtime import ArtifactIntegrityError
 from tasks.locks import LockTimeout, StoreLock
 from tasks.runtime import PhaseWritten, run_phase
 from tasks.store import Store
-
-
-def _racing_runs(store_url: str, n: int = 2):
-    calls = []
-    barrier = threading.Barrier(n)
-
-    def body(ctx, inputs, out_dir: Path) -> PhaseWritten:
-        calls.append(threading.get_ident())
-        time.sleep(1.0)  # long enough for the other run to arrive while this one computes
-        (out_dir / "weights.bin").write_bytes(b"w" * 100)
-        return PhaseWritten(metrics={"x": 1.0}, report_md="# r")
-
-    results, errors = [], []
-
-    def worker():
-        barrier.wait()
-        try:
-            results.append(run_phase(
-                phase="demo", kind="model", key="k" * 64, store_url=store_url, config_section={}, inputs=[],
-                body=body, tracking=None, parent_run_id=None, device="cpu",
-            ))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return calls, results, errors
+from tests.factories import racing_runs
 
 
 def test_two_concurrent_runs_write_the_output_once(tmp_path):
     url = f"file://{tmp_path}/store"
-    calls, results, errors = _racing_runs(url, n=3)
+    calls, results, errors = racing_runs(url, n=3)
     assert errors == []
     assert len(calls) == 1, "the phase body ran once"
     assert sorted(r.executed for r in results) == [False, False, True]

@@ -34,6 +34,7 @@ from forge_models.merge import (
 from forge_models.merge import sparsify
 from forge_models.merge.safetensors_io import read_model_index
 from forge_models.runtime import ConfigError
+from tests.factories import llama_config, make_cognate, make_llama, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,41 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 D1 = torch.tensor([1.0, -2.0, 0.5, 0.0])
 D2 = torch.tensor([3.0, 1.0, -0.5, 0.2])
 D3 = torch.tensor([-1.0, 1.5, 0.1, -0.3])
-
-
-def save_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with tokens t0..t{n-1} (no network)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(path)
-
-
-def llama_config(**overrides) -> LlamaConfig:
-    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    fields.update(overrides)
-    return LlamaConfig(**fields)
-
-
-def make_llama(path: Path, seed: int, tokenizer: bool = True, **overrides) -> Path:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**overrides)).eval()
-    model.save_pretrained(path)
-    if tokenizer:
-        save_tokenizer(path, model.config.vocab_size)
-    return path
-
-
-def make_cognate(path: Path, seed: int, **overrides) -> Path:
-    torch.manual_seed(seed)
-    fields = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, max_refine_steps=2)
-    fields.update(overrides)
-    CognateForCausalLM(CognateModelConfig(**fields)).eval().save_pretrained(path)
-    return path
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,172 @@
+"""Tiny model, tokenizer, corpus and config factories shared by the tests (one place, like mergekit's
+tests/common.py): test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import forge_models  # noqa: F401  (registers "cognate" with the Auto classes)
+from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
+from forge_models.config import DataConfig, SyntheticConfig
+from forge_models.data import build_corpus
+from forge_models.tokenizer import train_bpe
+from tasks.runtime import PhaseWritten, run_phase
+
+# ------------------------------------------------------------------------------ models on disk (merges)
+
+
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with tokens t0..t{n-1} (no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(path)
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def make_llama(path: Path, seed: int, tokenizer: bool = True, **overrides) -> Path:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**overrides)).eval()
+    model.save_pretrained(path)
+    if tokenizer:
+        save_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def make_cognate(path: Path, seed: int, **overrides) -> Path:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, max_refine_steps=2)
+    fields.update(overrides)
+    CognateForCausalLM(CognateModelConfig(**fields)).eval().save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ models in memory
+
+
+def tiny_llama(seed: int = 0, vocab: int = 97, hidden: int = 64, inter: int = 128, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=inter, max_position_embeddings=64)
+    fields.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+
+
+def tiny_cognate(seed: int = 0, vocab: int = 97, max_positions: int = 64) -> CognateForCausalLM:
+    torch.manual_seed(seed)
+    return CognateForCausalLM(CognateModelConfig(
+        vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_position_embeddings=max_positions, max_refine_steps=2)).eval()
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def corpus_and_tokenizer(n_examples: int = 600, vocab_size: int = 400, validation_percent: int = 10):
+    """A small synthetic corpus (seed 1) and a BPE tokenizer trained on its training split."""
+    corpus = build_corpus(DataConfig(seed=1, synthetic=SyntheticConfig(n_examples=n_examples),
+                                     validation_percent=validation_percent))
+    return corpus, train_bpe([ex.text for ex in corpus.train], vocab_size)
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(**extra: str) -> list[str]:
+    """The tiny preset shrunk so a whole pipeline run takes tens of seconds."""
+    sets = {
+        "data.synthetic.n_examples": "2500",
+        "data.tokenizer.vocab_size": "512",
+        "eval.max_examples": "8",
+        "eval.ppl_max_tokens": "2048",
+        "eval.max_new_tokens": "12",
+        "cognate.arch.hidden_size": "64",
+        "cognate.arch.intermediate_size": "176",
+        "cognate.arch.num_heads": "2",
+        "cognate.trunk.steps": "120",
+        "cognate.trunk.batch_size": "8",
+        "cognate.trunk.seq_len": "64",
+        "cognate.trunk.warmup_steps": "10",
+        "cognate.checkpoint_every": "40",
+        "cognate.min_unigram_gain": "0.3",
+        "cognate.variants": "[{name: math, act_threshold: 0.95, max_refine_steps: 2, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {arithmetic: 3, tool: 1}}}, "
+                            "{name: story, act_threshold: 0.99, max_refine_steps: 1, train: {steps: 30, batch_size: 8, seq_len: 64, lr: 0.001, warmup_steps: 5, data_mix: {narrative: 3, persona: 1}}}]",
+        "evomerge.generations": "2",
+        "evomerge.population": "4",
+        "evomerge.elites": "1",
+        "evomerge.patience": "2",
+        "bitnet.steps": "30",
+        "bitnet.warmup_steps": "10",
+        "bitnet.lr": "0.001",
+        "bitnet.batch_size": "8",
+        "bitnet.seq_len": "64",
+        "bitnet.checkpoint_every": "20",
+        "bitnet.max_loss_increase": "1.5",
+        "training.stages": "[{name: adapt, group: adapt, steps: 10, exit: warmed_up}, "
+                           "{name: ramp, group: ramp, steps: 10, exit: in_band, curriculum: true, chaos: 0.1}, "
+                           "{name: dream, group: dream, steps: 10, exit: dreams_kept, dreams: true, replay: true}, "
+                           "{name: self, group: self, steps: 10, exit: self_model_fit, self_model: 1.0, lr_decay: true}]",
+        "training.warmup_steps": "5",
+        "training.eval_every": "5",
+        "training.checkpoint_every": "10",
+        "training.dreams.every": "5",
+        "training.dreams.n_samples": "4",
+        "training.curriculum.window": "8",
+        "training.check_tokens": "512",
+        "training.max_loss_increase": "1.0",
+        "device.precision": "fp32",
+        "device.device": "cpu",
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def racing_runs(store_url: str, n: int = 2):
+    calls = []
+    barrier = threading.Barrier(n)
+
+    def body(ctx, inputs, out_dir: Path) -> PhaseWritten:
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # long enough for the other run to arrive while this one computes
+        (out_dir / "weights.bin").write_bytes(b"w" * 100)
+        return PhaseWritten(metrics={"x": 1.0}, report_md="# r")
+
+    results, errors = [], []
+
+    def worker():
+        barrier.wait()
+        try:
+            results.append(run_phase(
+                phase="demo", kind="model", key="k" * 64, store_url=store_url, config_section={}, inputs=[],
+                body=body, tracking=None, parent_run_id=None, device="cpu",
+            ))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return calls, results, errors
