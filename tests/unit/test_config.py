@@ -113,3 +113,24 @@ def test_evomerge_config_checks_against_what_cognate_makes():
         load_config("tiny", overrides=["phases=[cognate, bitnet]"])
     cfg = load_config("tiny", overrides=["phases=[cognate, bitnet]", "bitnet.input_model=story"])
     assert cfg.bitnet.input_model == "story"
+
+
+def test_the_phase_table_gives_the_order_the_config_sections_and_the_cli_states(capsys):
+    from tasks.phases import implemented, ordered
+
+    assert [s.name for s in ordered()] == ["cognate", "evomerge", "quietstar", "bitnet", "training", "baking",
+                                           "experts", "compression"]
+    assert implemented() == ["cognate", "evomerge", "bitnet", "training"]
+    sections = [s.section for s in ordered() if s.section]
+    assert [f for f in ForgeConfig.model_fields if f in sections] == sections  # one field per section, in order
+    for s in ordered():
+        if s.section:
+            assert ForgeConfig.model_fields[s.section].annotation is s.config
+    assert main(["phase", "quietstar", "--input", "/nonexistent"]) == 2
+    assert "not implemented in this version" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["phase", "--help"])
+    out = capsys.readouterr().out
+    assert "3. quietstar" in out and "not implemented yet" in out and "4. bitnet" in out
+    with pytest.raises(ConfigProblems, match="must be in pipeline order"):
+        load_config("tiny", overrides=["phases=[bitnet, evomerge]", "input=/x"])
