@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 from tasks.config import ForgeConfig
 from flows.runners import resource_annotation, subflow_options
 from tasks.evaluate import ModelEvaluation, evaluate_model_task, model_folders
-from tasks.runtime import _artifact, metrics_table
+from tasks.runtime import prefect_artifact, metrics_table
 from tasks.store import ArtifactRef, Store
 
 COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
@@ -27,7 +27,7 @@ def evaluate_models(config: ForgeConfig, dataset: ArtifactRef, artifact: Artifac
         futures = evaluate_model_task.map(unmapped(config), unmapped(dataset), unmapped(artifact), names, unmapped(split))
     results = [f.result() for f in futures]
     table = metrics_table({"after": {r.model: r.metrics for r in results}}, COLUMNS)
-    _artifact("create_markdown_artifact", key="test-evaluation",
+    prefect_artifact("create_markdown_artifact", key="test-evaluation",
               markdown=f"# {split} split: {artifact.uri}\n\n{table}\n", description=f"{split}-split evaluation")
     return results
 

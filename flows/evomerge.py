@@ -38,7 +38,7 @@ from forge_models.evomerge import Candidate, Genome, MergeSpace, evolve, gene_sp
 from forge_models.runtime import PhaseContext
 from tasks.evaluate import model_folders
 from tasks.evomerge import MERGED, CandidateScore, candidate_task, evomerge_key, search_space
-from tasks.runtime import PhaseResult, PhaseWritten, _artifact, run_phase
+from tasks.runtime import PhaseResult, PhaseWritten, prefect_artifact, run_phase
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking
 
@@ -167,7 +167,7 @@ def _body(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef, key:
             "population": population, "comparison": table, "winner": best.genome.to_dict(),
         }, indent=1, default=str))
         _fitness_png(history, out_dir / "fitness.png", cfg.strategy)
-        _artifact("create_table_artifact", key="evomerge-population", table=population,
+        prefect_artifact("create_table_artifact", key="evomerge-population", table=population,
                   description=f"EvoMerge final population ({cfg.strategy}, {len(history)} generations)")
         report = _report(config, previous, space, result, table, comparison, fit_split, deleted)
         return PhaseWritten(

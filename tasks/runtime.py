@@ -119,7 +119,7 @@ def prefect_ui_url(url: str | None) -> str | None:
     return url if url and url.startswith("http") else None
 
 
-def _artifact(kind: str, **kwargs):
+def prefect_artifact(kind: str, **kwargs):
     """Create a Prefect artifact when inside a run; never fail the phase because of the UI."""
     try:
         from prefect import artifacts
@@ -175,7 +175,7 @@ class TaskTracker:
         pct = 100.0 * done / max(total, 1)
         log.info("[%s] %5.1f%% %s", self.phase, pct, message)
         if self.progress_id is not None:
-            _artifact("update_progress_artifact", artifact_id=self.progress_id, progress=pct)
+            prefect_artifact("update_progress_artifact", artifact_id=self.progress_id, progress=pct)
 
 
 # ---------------------------------------------------------------------------------- the runner
@@ -274,7 +274,7 @@ def _compute(
         run_id = tracking.child_run(parent_run_id, phase, {**ids, "forge.cache_key": key})
         tracking.log_params(run_id, flatten("", config_section, {}))
         tracking.set_tags(run_id, {"forge.output_uri": out_uri})
-    progress_id = _artifact(
+    progress_id = prefect_artifact(
         "create_progress_artifact", progress=0.0, key=f"{phase}-progress", description=f"{phase}: training progress"
     )
     tracker = TaskTracker(phase, tracking, run_id, progress_id)
@@ -340,14 +340,14 @@ def _compute(
                 tracking.log_table(run_id, rows, name)
             tracking.set_tags(run_id, {"forge.output_digest": digest})
             tracking.end(run_id, "FINISHED")
-        _artifact("create_markdown_artifact", key=f"{phase}-report", markdown=report, description=f"{phase} report")
+        prefect_artifact("create_markdown_artifact", key=f"{phase}-report", markdown=report, description=f"{phase} report")
         if tracking and run_id:
-            _artifact(
+            prefect_artifact(
                 "create_link_artifact", key=f"{phase}-mlflow", link=tracking.run_url(run_id),
                 link_text=f"MLflow run of {phase}", description=f"Start the UI with: {tracking.ui_command()}",
             )
         if progress_id is not None:
-            _artifact("update_progress_artifact", artifact_id=progress_id, progress=100.0)
+            prefect_artifact("update_progress_artifact", artifact_id=progress_id, progress=100.0)
         store.delete(ckpt_uri)
         return PhaseResult(phase=phase, key=key, ref=ref, executed=True, seconds=seconds, steps_run=written.steps_run)
     except BaseException as exc:
