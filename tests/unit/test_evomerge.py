@@ -218,7 +218,7 @@ def _tensors(folder):
 
 def test_parents_and_average_are_scored_through_exact_linear_recipes(tmp_path):
     """The final comparison scores each parent as a one-hot linear recipe: it must be that parent, bit for bit."""
-    from flows.evomerge import reference_genomes
+    from forge_models.evomerge.phase import reference_genomes
     from forge_models.evomerge import merge_candidate
     from tests.factories import make_llama
 
@@ -354,3 +354,41 @@ def test_search_space_reads_layer_counts_from_the_artifact(tmp_path):
     config = load_config(preset="tiny", overrides=["evomerge.dfs_repeats=3"])
     space = search_space(config, ["trunk", "a", "b"], uri, store)
     assert space.models == ("a", "b") and space.layers == (3, 2) and space.dfs_slots == 15
+
+
+def test_the_phase_scores_through_fan_out_compares_with_parents_and_prunes():
+    """forge_models.evomerge.phase.run with a fan-out in this process: margins are the measured differences,
+    candidates outside the population and lineage are discarded once, the recipe names the given paths."""
+    from types import SimpleNamespace
+
+    from forge_models.evomerge.phase import EvoMergeInputs, reference_genomes, run
+    from forge_models.runtime import PhaseContext, RecordingTracker
+
+    space, evaluate, _calls = _planted()
+    batches: list[tuple[int, str]] = []
+
+    def fan_out(genomes, split):
+        batches.append((len(genomes), split))
+        shift = 0.0 if split == "validation" else -0.01  # the test split scores a little lower
+        return [SimpleNamespace(key=g.key(), fitness=f + shift, metrics={"loss": -f}) for g, f in
+                zip(genomes, evaluate(genomes))]
+
+    discarded: list[str] = []
+    cfg = EvoMergeConfig(strategy="ga", methods=["linear", "task_arithmetic"], generations=3, population=4,
+                         elites=1, base_model="base", patience=5)
+    tracker = RecordingTracker()
+    out = run(EvoMergeInputs(space=space, model_paths={"a": "s3://x/a", "b": "s3://x/b", "base": "s3://x/base"}, seed=3),
+              cfg, PhaseContext(tracker=tracker), fan_out, discard=discarded.append)
+    m = out.metrics
+    assert batches[-2:] == [(4, "validation"), (4, "test")]  # winner + 2 parents + average, on both splits
+    for split in ("validation", "test"):
+        parents = max(m[f"{split}/parent:a/fitness"], m[f"{split}/parent:b/fitness"])
+        assert m[f"{split}/margin_over_best_parent"] == m[f"{split}/best/fitness"] - parents
+        assert m[f"{split}/margin_over_average"] == m[f"{split}/best/fitness"] - m[f"{split}/average/fitness"]
+    assert m["validation/best/fitness"] == m["best_fitness"]
+    # Each discarded once; a recipe may leave the population and come back later (cached score, so the task
+    # re-merges the winner if its copy is gone), so the final population may hold discarded keys.
+    assert discarded and len(discarded) == len(set(discarded))
+    assert {g.key() for g in reference_genomes(space).values()} - {out.details["winner_key"]} <= set(discarded)
+    assert "s3://x/a" in out.details["recipe_text"] and "--seed 3" in out.details["recipe_text"]
+    assert len(tracker.series("generation/best")) == m["generations"]
