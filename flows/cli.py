@@ -27,6 +27,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
 from flows.config import PRESETS, ConfigProblems, ForgeConfig, load_config
+from tasks.runtime import HEADLINE_METRICS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -148,7 +149,7 @@ def _artifact_models(uri: str) -> list[str]:
     return models
 
 
-MODEL_COLUMNS = ("ppl", "unigram_gain", "arith_em", "tool_valid", "tool_correct", "choice_acc", "refine_steps", "params")
+MODEL_COLUMNS = ("ppl", "unigram_gain", *HEADLINE_METRICS[2:], "refine_steps", "params")
 
 
 def _print_summary(result, seconds: float) -> None:
@@ -191,7 +192,7 @@ def _print_summary(result, seconds: float) -> None:
     if result.test_metrics:
         tt = Table(title="test split (never seen by training or selection)")
         tt.add_column("model")
-        cols = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
+        cols = HEADLINE_METRICS
         for c in cols:
             tt.add_column(c, justify="right")
         for m, ms in result.test_metrics.items():

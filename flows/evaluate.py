@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from prefect import flow, unmapped
 
-from tasks.config import ForgeConfig
 from flows.runners import resource_annotation, subflow_options
+from tasks.config import ForgeConfig
 from tasks.evaluate import ModelEvaluation, evaluate_model_task, model_folders
-from tasks.runtime import prefect_artifact, metrics_table
+from tasks.runtime import HEADLINE_METRICS, metrics_table, prefect_artifact
 from tasks.store import ArtifactRef, Store
 
-COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
+COLUMNS = list(HEADLINE_METRICS)
 
 
 @flow(name="evaluate-models", persist_result=False)

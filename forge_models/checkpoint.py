@@ -30,6 +30,15 @@ def digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def state_digest(model: nn.Module) -> str:
+    """sha256 over every tensor of the model (names, shapes, dtypes, bytes): identifies the weights."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest({
         "vocab": sorted(tokenizer.get_vocab().items()),

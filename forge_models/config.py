@@ -7,16 +7,36 @@ Cross-field checks live in validators so a bad config fails before any data is r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 DATA_KINDS = ("arithmetic", "tool", "persona", "narrative", "text")
 """Example kinds: the four synthetic families plus "text" for examples read from real corpora."""
 
 
 class Frozen(BaseModel):
+    """Base of every config: immutable, unknown keys refused, defaults validated too."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _check_mix(mix: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(mix) - set(DATA_KINDS))
+    if unknown:
+        raise ValueError(f"unknown data kinds {unknown} in data_mix; use {list(DATA_KINDS)}")
+    if not any(w > 0 for w in mix.values()) or any(w < 0 for w in mix.values()):
+        raise ValueError("data_mix weights must be >= 0 with at least one > 0")
+    return mix
+
+
+DataMix = Annotated[dict[str, float], AfterValidator(_check_mix)]
+"""Sampling weight per data kind (of DATA_KINDS): all >= 0, at least one > 0."""
+
+
+def data_mix_field(description: str = "Sampling weight of each data kind (kinds absent from the corpus are ignored)."):
+    """The ``data_mix`` field of a training config: every kind weighted 1 by default."""
+    return Field(default_factory=lambda: {k: 1.0 for k in DATA_KINDS}, description=description)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -167,18 +187,10 @@ class TrainConfig(Frozen):
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW weight decay (not on norms/embeddings).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    data_mix: dict[str, float] = Field(
-        default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0, "text": 1.0},
-        description="Sampling weight of each data kind (kinds absent from the corpus are ignored).",
-    )
+    data_mix: DataMix = data_mix_field()
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        unknown = sorted(set(self.data_mix) - set(DATA_KINDS))
-        if unknown:
-            raise ValueError(f"unknown data kinds {unknown} in data_mix; use {list(DATA_KINDS)}")
-        if not any(w > 0 for w in self.data_mix.values()) or any(w < 0 for w in self.data_mix.values()):
-            raise ValueError("data_mix weights must be >= 0 with at least one > 0")
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self

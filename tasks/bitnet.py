@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ForgeConfig
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
-from tasks.runtime import PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.config import ForgeConfig
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
 
 BITNET_VERSION = "2"  # 2: the latent weights are stored too
-EVAL_COLUMNS = ["loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc"]
+EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 
 def bitnet_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import ForgeConfig
 from forge_models import cognate
 from forge_models.data import Corpus
 from forge_models.runtime import PhaseContext
 from forge_models.tokenizer import load_tokenizer
 from tasks.cache import folder_digest, phase_key
-from tasks.runtime import PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.config import ForgeConfig
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
 
 COGNATE_VERSION = "1"
-EVAL_COLUMNS = ["loss", "ppl", "unigram_gain", "arith_em", "tool_valid", "tool_correct", "choice_acc", "refine_steps"]
+EVAL_COLUMNS = [*HEADLINE_METRICS[:2], "unigram_gain", *HEADLINE_METRICS[2:], "refine_steps"]
 
 
 def cognate_key(config: ForgeConfig, dataset: ArtifactRef, _previous: ArtifactRef | None = None) -> str:

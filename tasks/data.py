@@ -13,11 +13,11 @@ from pathlib import Path
 import fsspec
 from prefect import task
 
-from tasks.config import ForgeConfig
 from forge_models.data import build_corpus
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import build_tokenizer
 from tasks.cache import folder_digest, phase_key
+from tasks.config import ForgeConfig
 from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
 from tasks.store import is_transient, TransientStorageError
 from tasks.tracking import Tracking

@@ -15,10 +15,10 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import ForgeConfig
 from forge_models.runtime import PhaseContext
 from tasks.cache import phase_key
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value
+from tasks.config import ForgeConfig
 from tasks.runtime import resolve_device, PHASE_TASK_OPTIONS
 from tasks.store import ArtifactRef, Store
 

@@ -28,12 +28,12 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import ForgeConfig
 from forge_models.evomerge import Genome, MergeSpace, merge_candidate, score
 from forge_models.evomerge import phase as evomerge_phase
 from forge_models.runtime import ArtifactIntegrityError, ConfigError, PhaseContext
 from tasks import runtime as _rt  # a module reference: Dask pickles this task by value
 from tasks.cache import phase_key
+from tasks.config import ForgeConfig
 from tasks.evaluate import model_folders
 from tasks.runtime import PHASE_TASK_OPTIONS, PhaseResult, PhaseWritten, prefect_artifact, resolve_device, run_phase
 from tasks.store import ArtifactRef, Store

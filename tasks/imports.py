@@ -12,9 +12,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.config import ForgeConfig
 from forge_models.runtime import ConfigError, PhaseContext
 from tasks.cache import folder_digest, phase_key
+from tasks.config import ForgeConfig
 from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
 
 IMPORT_VERSION = "2"  # 2: a latent/ sub-folder is imported too

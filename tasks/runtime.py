@@ -35,6 +35,9 @@ from tasks.tracking import Tracking, flatten
 
 log = logging.getLogger("agent_forge")
 
+HEADLINE_METRICS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
+"""The harness metrics every report, summary table and test-split table shows, in this order."""
+
 MODEL_LOAD_LOCK = threading.Lock()
 """Serialises from_pretrained across threads: it switches torch's process-wide default device to meta."""
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from forge_models.config import DATA_KINDS, Frozen
+from forge_models.config import DataMix, Frozen, data_mix_field
 
 __all__ = ["BitNetConfig"]
 
@@ -34,10 +34,7 @@ class BitNetConfig(Frozen):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per step.")
     seq_len: int = Field(256, ge=8, le=32768, description="Tokens per sequence.")
-    data_mix: dict[str, float] = Field(
-        default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0, "text": 1.0},
-        description="Sampling weight of each data kind (kinds absent from the corpus are ignored).",
-    )
+    data_mix: DataMix = data_mix_field()
     keep_patterns: list[str] = Field(
         default_factory=lambda: ["lm_head", "halt"],
         description=(
@@ -79,11 +76,6 @@ class BitNetConfig(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "BitNetConfig":
-        unknown = sorted(set(self.data_mix) - set(DATA_KINDS))
-        if unknown:
-            raise ValueError(f"unknown data kinds {unknown} in bitnet.data_mix; use {list(DATA_KINDS)}")
-        if not any(w > 0 for w in self.data_mix.values()) or any(w < 0 for w in self.data_mix.values()):
-            raise ValueError("bitnet.data_mix weights must be >= 0 with at least one > 0")
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"bitnet.warmup_steps ({self.warmup_steps}) must be < steps ({self.steps}): the model must train "

@@ -34,7 +34,6 @@ the fully quantised model use the exact integer product, so the evaluated model 
 from __future__ import annotations
 
 import copy
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from torch import nn
 
 from forge_models.bitnet.config import BitNetConfig
 from forge_models.checkpoint import digest as checkpoint_digest
-from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
+from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_digest, tokenizer_fingerprint
 from forge_models.bitnet.convert import (
     Conversion,
     bit_linears,
@@ -67,6 +66,7 @@ from forge_models.bitnet.quant import quant_strength_at
 from forge_models.config import EvalConfig
 from forge_models.data import Corpus, Example
 from forge_models.data.stream import TokenSampler
+from forge_models.optim import make_adamw
 from forge_models.eval import evaluate
 from forge_models.runtime import (
     ArtifactIntegrityError,
@@ -131,7 +131,7 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
         raise ConfigError("the tokenizer has no eos token; training streams separate documents with it")
 
     model = copy.deepcopy(inputs.model).float().to(ctx.device)
-    input_digest = _state_digest(model)
+    input_digest = state_digest(model)
     before = _evaluate(model, inputs, held_out, ctx)
 
     sampler = TokenSampler(train_examples, inputs.tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed)
@@ -232,7 +232,7 @@ def _train(
     digest: str,
 ) -> _TrainResult:
     """Quantisation-aware fine-tuning in place, resuming from (or loading) the newest checkpoint."""
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     stage_dir = ctx.checkpoint_dir / STAGE if ctx.checkpoint_dir is not None else None
     progress = _Progress(ctx, cfg.steps)
     torch.manual_seed(ctx.seed)  # dropout, if the model has any, draws from here
@@ -296,32 +296,7 @@ def _train(
     return _TrainResult(steps_run, tokens / seconds if seconds > 0 else 0.0, curve, lambdas, resumed_from)
 
 
-def _make_optimizer(model: nn.Module, cfg: BitNetConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices that are not embeddings (latent ternary weights, kept heads)."""
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (plain if id(p) in no_decay or p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-
-
 # -------------------------------------------------------------------------------------- checkpoints
-
-
-def _state_digest(model: nn.Module) -> str:
-    """sha256 over every tensor of the model (names, shapes, bytes): identifies the input weights."""
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- evaluation, export

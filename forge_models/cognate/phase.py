@@ -38,6 +38,7 @@ from forge_models.config import CognateConfig, EvalConfig, TrainConfig
 from forge_models.data import Corpus, Example
 from forge_models.data.stream import TokenSampler
 from forge_models.eval import evaluate, unigram_loss
+from forge_models.optim import make_adamw
 from forge_models.runtime import (
     ConfigError,
     PhaseContext,
@@ -261,7 +262,7 @@ def _train_stage(
 ) -> _StageResult:
     """Train one stage in place, resuming from (or loading) its newest checkpoint when there is one."""
     tcfg = stage.train
-    optimizer = _make_optimizer(model, tcfg)
+    optimizer = make_adamw(model, tcfg.lr, tcfg.weight_decay, no_decay_modules=(nn.Embedding, CognateRMSNorm))
     stage_dir = ctx.checkpoint_dir / stage.name if ctx.checkpoint_dir is not None else None
     torch.manual_seed(stage.seed)  # nothing in the model is random today; this keeps it so if that changes
 
@@ -333,28 +334,6 @@ def _train_stage(
 
     model.eval()
     return _StageResult(steps_run, tokens / seconds if seconds > 0 else 0.0, curve, resumed_from)
-
-
-def _make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or the tied embedding)."""
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, CognateRMSNorm)):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay_params, plain_params = [], []
-    for p in model.parameters():  # de-duplicated: the tied head is the embedding
-        if not p.requires_grad:
-            continue
-        (plain_params if id(p) in no_decay or p.ndim < 2 else decay_params).append(p)
-    return torch.optim.AdamW(
-        [
-            {"params": decay_params, "weight_decay": tcfg.weight_decay},
-            {"params": plain_params, "weight_decay": 0.0},
-        ],
-        lr=tcfg.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
 
 
 def _lr_at(step: int, tcfg: TrainConfig) -> float:

@@ -60,11 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_models.checkpoint import digest as checkpoint_digest
-from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
+from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_digest, tokenizer_fingerprint
 from forge_models.config import EvalConfig
 from forge_models.data import Corpus
 from forge_models.data.stream import TokenSampler
 from forge_models.eval import evaluate
+from forge_models.optim import make_adamw
 from forge_models.runtime import (
     ConfigError,
     PhaseContext,
@@ -157,7 +158,7 @@ def _run(inputs: TrainingInputs, cfg: TrainingConfig, ctx: PhaseContext) -> Phas
         "seed": ctx.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": corpus.digest(),
-        "input_model": _state_digest(model),
+        "input_model": state_digest(model),
     })
 
     loop = _Loop(model, tokenizer, corpus, cfg, ctx, digest)
@@ -281,7 +282,8 @@ class _Loop:
             torch.manual_seed(_seed_of(ctx.seed, "head", 0))
             self.head = SelfModelHead(int(model.config.hidden_size), self.vocab).to(ctx.device)
             self.tap = LayerTap(layers[cfg.self_model.tap_layer])
-        self.optimizer = _make_optimizer(model, self.head, cfg)
+        self.optimizer = make_adamw(model, cfg.lr, cfg.weight_decay,
+                                    extra=self.head.parameters() if self.head is not None else ())
         self.controller = BandController(cfg.curriculum.band_low, cfg.curriculum.band_high, cfg.curriculum.gain,
                                          cfg.curriculum.initial_difficulty)
         self.grok: dict[str, Any] | None = None
@@ -787,20 +789,6 @@ def _token_windows(examples: Sequence[Any], tokenizer: Any, limit: int, seq_len:
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _make_optimizer(model: nn.Module, head: nn.Module | None, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices that are not embeddings (latent BitLinear weights included)."""
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
-    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head is not None else [])
-    for p in params:
-        (plain if id(p) in no_decay or p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": plain, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 def _quant_lambda(model: nn.Module) -> float | None:
     """BitNet quantisation strength of a converted model (all its BitLinear layers agree), else None."""
     from forge_models.bitnet.layers import BitLinear
@@ -811,14 +799,6 @@ def _quant_lambda(model: nn.Module) -> float | None:
     if len(strengths) > 1:
         raise ConfigError(f"the input's BitLinear layers disagree on lambda {sorted(strengths)}; set one strength")
     return strengths.pop()
-
-
-def _state_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _evaluate(model: nn.Module, inputs: TrainingInputs, held_out: Sequence[Any], ctx: PhaseContext) -> dict[str, float]:

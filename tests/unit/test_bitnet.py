@@ -48,7 +48,6 @@ from forge_models.bitnet import (
     weight_quant,
     write_bf16_reference,
 )
-from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
 from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
 from forge_models.data import build_corpus
 from forge_models.runtime import (

@@ -1,15 +1,12 @@
 """Concurrency: two runs of the same phase with the same key compute it once; a stale lock is broken."""
 
 import json
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from forge_models.runtime import ArtifactIntegrityError
 from tasks.locks import LockTimeout, StoreLock
-from tasks.runtime import PhaseWritten, run_phase
 from tasks.store import Store
 from tests.factories import racing_runs
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import forge_models  # noqa: F401  (registers "cognate" with the Auto classes)
-from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
+from forge_models.cognate.model import CognateForCausalLM
 from forge_models.merge import (
     MergeRecipe,
     build_dfs_model,
@@ -34,7 +34,7 @@ from forge_models.merge import (
 from forge_models.merge import sparsify
 from forge_models.merge.safetensors_io import read_model_index
 from forge_models.runtime import ConfigError
-from tests.factories import llama_config, make_cognate, make_llama, save_tokenizer
+from tests.factories import make_cognate, make_llama, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
