@@ -11,6 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+HEADLINE_METRICS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
+"""The harness metrics every phase reports and every summary table shows, in this order."""
+
 DATA_KINDS = ("arithmetic", "tool", "persona", "narrative", "text")
 """Example kinds: the four synthetic families plus "text" for examples read from real corpora."""
 

@@ -28,15 +28,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import forge_models
+from forge_models.config import HEADLINE_METRICS  # noqa: F401  (the report columns of every phase task)
 from forge_models.runtime import ArtifactIntegrityError, ForgeError, PhaseContext
 from tasks.locks import StoreLock
 from tasks.store import ArtifactRef, Store, is_transient
 from tasks.tracking import Tracking, flatten
 
 log = logging.getLogger("agent_forge")
-
-HEADLINE_METRICS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
-"""The harness metrics every report, summary table and test-split table shows, in this order."""
 
 MODEL_LOAD_LOCK = threading.Lock()
 """Serialises from_pretrained across threads: it switches torch's process-wide default device to meta."""

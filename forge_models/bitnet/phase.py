@@ -63,7 +63,7 @@ from forge_models.bitnet.export import (
 )
 from forge_models.bitnet.packing import PACKINGS
 from forge_models.bitnet.quant import quant_strength_at
-from forge_models.config import EvalConfig
+from forge_models.config import HEADLINE_METRICS, EvalConfig
 from forge_models.data import Corpus, Example
 from forge_models.data.stream import TokenSampler
 from forge_models.optim import make_adamw
@@ -82,7 +82,6 @@ __all__ = ["BitNetInputs", "run"]
 
 STAGE = "qat"
 PROGRESS_EVENTS = 100
-HEADLINE_KEYS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
 # The exported folder must reproduce the in-memory logits: both compute the same integer products in
 # float32, so anything beyond float noise means the export is wrong.
 EXPORT_LOGIT_TOLERANCE = 1e-5
@@ -160,7 +159,7 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     metrics: dict[str, float] = {
         f"{name}/{key}": float(values[key])
         for name, values in (("input", before), ("ternary_no_ft", no_ft), ("bitnet", after))
-        for key in HEADLINE_KEYS
+        for key in HEADLINE_METRICS
         if key in values
     }
     metrics["bitnet/loss_increase"] = after["loss"] - before["loss"]

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from forge_models.checkpoint import digest, latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
 from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig, CognateRMSNorm, count_parameters
-from forge_models.config import CognateConfig, EvalConfig, TrainConfig
+from forge_models.config import HEADLINE_METRICS, CognateConfig, EvalConfig, TrainConfig
 from forge_models.data import Corpus, Example
 from forge_models.data.stream import TokenSampler
 from forge_models.eval import evaluate, unigram_loss
@@ -55,8 +55,7 @@ REFINE_MEASURE_TOKENS = 4096
 # Progress events per phase: frequent enough for a live bar, rare enough not to flood a tracker.
 PROGRESS_EVENTS = 100
 # Per-model values copied into the flat metrics as "<model>/<key>" (when measured for that model).
-HEADLINE_KEYS = ("loss", "ppl", "unigram_gain", "arith_em", "tool_valid", "tool_correct", "choice_acc",
-                 "refine_steps", "tokens_per_s", "params")
+HEADLINE_KEYS = (*HEADLINE_METRICS[:2], "unigram_gain", *HEADLINE_METRICS[2:], "refine_steps", "tokens_per_s", "params")
 
 
 @dataclass

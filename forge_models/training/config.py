@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from forge_models.config import DataMix, Frozen, data_mix_field
+from forge_models.training import criteria as _criteria
 
 __all__ = [
     "CHAOS_LIMIT",
@@ -29,8 +30,8 @@ __all__ = [
 CHAOS_LIMIT = 0.3
 """Design guard rail: gradient noise never exceeds 0.3 x the gradient's own RMS."""
 
-EXIT_CRITERIA = ("warmed_up", "val_improved", "val_plateau", "in_band", "dreams_kept", "self_model_fit", "stable")
-"""Exit criteria a stage may name (see forge_models.training.phase for what each one checks)."""
+EXIT_CRITERIA = tuple(_criteria.EXIT_CRITERIA)
+"""Exit criteria a stage may name: the registry of forge_models.training.criteria (what each one checks)."""
 
 
 class GrokfastConfig(Frozen):

@@ -25,8 +25,9 @@ from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
 from forge_models.data import build_corpus
 from forge_models.data.stream import TokenSampler
 from forge_models.data.synthetic import Example
-from forge_models.runtime import PhaseContext, RecordingTracker, TrainingDiverged
+from forge_models.runtime import ConfigError, PhaseContext, RecordingTracker, TrainingDiverged
 from forge_models.training import (
+    EXIT_CRITERIA,
     BandController,
     StageConfig,
     TrainingConfig,
@@ -38,7 +39,7 @@ from forge_models.training import (
     gradfilter_ma,
     run,
 )
-from forge_models.training import phase as phase_module
+from forge_models.training import loop as loop_module
 from forge_models.training.curriculum import stream_rng, task_stats
 from forge_models.training.selfmodel import LayerTap, SelfModelHead, decoder_layers, logit_lens, self_model_loss
 from forge_models.tokenizer import train_bpe
@@ -234,7 +235,7 @@ def test_success_is_answer_checked_with_shifted_labels(data):
 
 
 def run_with_fixed_success(data, monkeypatch, success: bool, initial: float):
-    monkeypatch.setattr(phase_module, "answer_success", lambda model, tok, probes, ctx: [success] * len(probes))
+    monkeypatch.setattr(loop_module, "answer_success", lambda model, tok, probes, ctx: [success] * len(probes))
     stages = [StageConfig(name="warm", group="adapt", steps=2, exit="warmed_up"),
               StageConfig(name="ramp", group="ramp", steps=24, exit="in_band", curriculum=True)]
     cfg = small_config(stages=stages, warmup_steps=1, self_model={"enabled": False}, grokfast={"enabled": False},
@@ -253,14 +254,14 @@ def curriculum_numbers(tokenizer, batches: list[torch.Tensor], rows: slice) -> f
 def test_curriculum_difficulty_reaches_the_training_batches(data, monkeypatch):
     _, tokenizer = data
     captured: list[torch.Tensor] = []
-    original = phase_module._Loop.batch
+    original = loop_module.Loop.batch
 
     def spy(self, step, stage):
         batch, comp = original(self, step, stage)
         captured.append((batch.clone(), comp))
         return batch, comp
 
-    monkeypatch.setattr(phase_module._Loop, "batch", spy)
+    monkeypatch.setattr(loop_module.Loop, "batch", spy)
     out = run_with_fixed_success(data, monkeypatch, True, 0.2)  # above the band: harder
     diffs = [v for _, v in out.curves["curriculum/difficulty"]]
     assert diffs == sorted(diffs) and diffs[-1] > diffs[0] + 0.3
@@ -297,16 +298,16 @@ def test_dream_filter_keeps_only_answer_checked_samples():
 def test_dreams_trigger_on_schedule_and_are_replayed_at_the_ratio(data, monkeypatch):
     _, tokenizer = data
     # Keep every dream (the filter itself is tested above) so the buffer fills with a tiny untrained model.
-    monkeypatch.setattr(phase_module, "check_dream", lambda task, reply: f"{task.prompt} DREAM{reply}\n")
+    monkeypatch.setattr(loop_module, "check_dream", lambda task, reply: f"{task.prompt} DREAM{reply}\n")
     captured = []
-    original = phase_module._Loop.batch
+    original = loop_module.Loop.batch
 
     def spy(self, step, stage):
         batch, comp = original(self, step, stage)
         captured.append((step, batch.clone(), comp))
         return batch, comp
 
-    monkeypatch.setattr(phase_module._Loop, "batch", spy)
+    monkeypatch.setattr(loop_module.Loop, "batch", spy)
     stages = [StageConfig(name="warm", group="adapt", steps=3, exit="val_improved"),
               StageConfig(name="dream", group="dream", steps=10, exit="dreams_kept", dreams=True, replay=True),
               StageConfig(name="after", group="stabilise", steps=4, exit="stable", replay=True)]
@@ -427,7 +428,7 @@ def test_nan_loss_raises_training_diverged(data, monkeypatch):
 
 
 def test_regression_rolls_back_to_the_best_state(data, monkeypatch):
-    original = phase_module._Loop._held_out
+    original = loop_module.Loop._held_out
     calls = {"n": 0}
 
     def worse_once(self):
@@ -437,7 +438,7 @@ def test_regression_rolls_back_to_the_best_state(data, monkeypatch):
             values["val_loss"] += 10.0
         return values
 
-    monkeypatch.setattr(phase_module._Loop, "_held_out", worse_once)
+    monkeypatch.setattr(loop_module.Loop, "_held_out", worse_once)
     cfg = small_config(stages=[StageConfig(name="warm", group="adapt", steps=9, exit="val_improved")],
                        min_improvement=50.0, self_model={"enabled": False})
     out = run_phase(data, cfg)
@@ -474,3 +475,30 @@ def test_config_guard_rails():
     with pytest.raises(ValidationError, match="real data"):
         TrainingConfig(batch_size=2, curriculum={"batch_fraction": 0.5}, dreams={"replay_ratio": 0.5})
     assert len(TrainingConfig().stages) == 10
+
+
+def test_loop_state_round_trips_through_json_and_refuses_unknown_entries():
+    from forge_models.training.state import LoopState
+
+    s = LoopState(step=7, records=[{"entry": {"val_loss": 2.0}}], curves={"train/loss": [[1, 2.5]]})
+    assert LoopState.from_json(s.to_json()) == s
+    with pytest.raises(ValueError, match="unknown entries"):
+        LoopState.from_json({**s.to_json(), "stepz": 1})
+
+
+def test_exit_criteria_are_a_registry_that_the_config_validates_against():
+    from forge_models.training.criteria import EXIT_CRITERIA as REGISTRY
+    from forge_models.training.criteria import exit_criterion
+    from forge_models.training.state import LoopState
+
+    assert tuple(REGISTRY) == EXIT_CRITERIA
+    cfg = small_config()
+    stage = cfg.stages[2]
+    s = LoopState(stage_vals=[2.0, 2.001], records=[{"entry": {"val_loss": 2.5}}], last={"val_loss": 2.001})
+    met, reason = exit_criterion("val_plateau")(s, stage, cfg, False)
+    assert met and "relative change 0.0005" in reason
+    s.stage_vals.append(2.5)
+    assert not exit_criterion("val_plateau")(s, stage, cfg, False)[0]
+    assert exit_criterion("self_model_fit")(s, stage, cfg, False) == (False, "self-model disabled: criterion cannot be met")
+    with pytest.raises(ConfigError, match="unknown exit criterion"):
+        exit_criterion("bored")
