@@ -267,3 +267,30 @@ def phase_help() -> str:
 
 def pipeline_line(phases: list[str]) -> str:
     return " -> ".join(phases)
+
+
+def docs_index() -> str:
+    """``docs/phases/README.md``: the table as the docs show it (a test keeps the file equal to this)."""
+    rows = [
+        f"| {s.order} | {f'[{s.name}]({s.name}.md)' if s.implemented else s.name} | {s.title} | {s.input_kind} | "
+        f"{s.output_kind} | {f'`{s.section}`' if s.section else '-'} | {'implemented' if s.implemented else 'not yet'} |"
+        for s in ordered()
+    ]
+    return "\n".join([
+        "# Phases",
+        "",
+        "Generated from the phase table (`tasks/phases.py`; regenerate with "
+        "`python -c \"from tasks.phases import write_docs_index; write_docs_index()\"`). Each implemented phase's "
+        "page gives its method, its deviations from the paper and its measured figures.",
+        "",
+        "| # | phase | what it does | takes | makes | config section | state |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+
+
+def write_docs_index(path: str = "docs/phases/README.md") -> None:
+    from pathlib import Path
+
+    Path(path).write_text(docs_index())

@@ -134,3 +134,15 @@ def test_the_phase_table_gives_the_order_the_config_sections_and_the_cli_states(
     assert "3. quietstar" in out and "not implemented yet" in out and "4. bitnet" in out
     with pytest.raises(ConfigProblems, match="must be in pipeline order"):
         load_config("tiny", overrides=["phases=[bitnet, evomerge]", "input=/x"])
+
+
+def test_the_docs_read_the_phase_table():
+    from pathlib import Path
+
+    from tasks.phases import docs_index, ordered
+
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "docs" / "phases" / "README.md").read_text() == docs_index(), \
+        "docs/phases/README.md drifted from tasks/phases.py: run write_docs_index()"
+    for s in ordered():
+        assert (root / "docs" / "phases" / f"{s.name}.md").is_file() == s.implemented, s.name
