@@ -4,6 +4,7 @@
               [--summary-json PATH]
     forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
     forge phase evomerge --input A --input B [--input C]... [--base BASE] [--out DIR] ...
+    forge phase --help                                        # every phase of the table with its state
     forge inspect URI
     forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
     forge merge --config recipe.yaml --out DIR                # mergekit-format recipe, streamed

@@ -1,4 +1,5 @@
-"""Prefect wrappers of the phases plus the shared runtime: artifact store, cache keys, MLflow tracking."""
+"""The phase table (`tasks.phases`), the pipeline config (`tasks.config`), Prefect wrappers of the phases and
+the shared runtime: artifact store, cache keys, MLflow tracking."""
 
 from tasks.env import configure as _configure
 
