@@ -12,7 +12,8 @@ What happens (the search itself is ``forge_models.evomerge``; this module only o
    Candidates that leave the population are deleted from the store; the population, the winner and its
    lineage stay. Per generation, best / mean fitness and diversity go to MLflow and the progress bar.
 3. After the search, the winner, every parent and the plain average of the parents are scored on the
-   fitness split and on the test split (mapped, cached); the report says by how much the winner beats each.
+   fitness split (mapped, cached; selection-biased for the winner, and labelled so). The test split is read
+   only by the pipeline's final evaluation.
 4. Output: ``merged/`` (the winner as a Hugging Face folder, with tokenizer), ``recipe.yaml`` (mergekit
    format, model paths are the parents' store URIs: ``forge merge --config recipe.yaml --out DIR``
    reproduces the tensors), ``search.json`` (history, lineage, final population, comparison),
@@ -113,7 +114,7 @@ def _body(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef, key:
         compare = {"best": best.genome, **refs}
         fit_split = cfg.fitness.split
         comparison = {split: dict(zip(compare, run_batch(list(compare.values()), split)))
-                      for split in (fit_split, "test")}
+                      for split in (fit_split,)}  # the test split is the final evaluation's alone
 
         if not cfg.keep_candidates:  # the references were stored only to be scored
             for name, g in refs.items():
@@ -211,7 +212,7 @@ def _fitness_png(history: list[dict], path: Path, strategy: str) -> None:
 
 def _report(config, previous, space, result, table, comparison, fit_split, deleted) -> str:
     cfg = config.evomerge
-    cols = [f"{fit_split}/fitness", "test/fitness", "test/arith_em", "test/tool_correct", "test/choice_acc", "test/loss"]
+    cols = [f"{fit_split}/{c}" for c in ("fitness", "arith_em", "tool_correct", "choice_acc", "loss")]
     lines = [
         "# Phase 2: EvoMerge",
         "",
@@ -233,8 +234,8 @@ def _report(config, previous, space, result, table, comparison, fit_split, delet
         parents = {n: r.fitness for n, r in res.items() if n.startswith("parent:")}
         diffs = ", ".join(f"{res['best'].fitness - f:+.4f} vs {n.split(':', 1)[1]}" for n, f in parents.items())
         lines.append("")
-        lines.append(f"On **{split}**, the winner's fitness differs by {diffs}, and by "
-                     f"{res['best'].fitness - res['average'].fitness:+.4f} vs the plain average.")
+        lines.append(f"On **{split}** (selection-biased: the winner was chosen on it), the winner's fitness differs by "
+                     f"{diffs}, and by {res['best'].fitness - res['average'].fitness:+.4f} vs the plain average.")
     lines += [
         "",
         "| generation | best | mean | diversity | scored | cached | seconds |",

@@ -22,7 +22,7 @@ import forge_models  # noqa: F401  (registers "cognate")
 from forge_models.bitnet import bit_linears, convert_to_bitnet
 from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
 from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
-from forge_models.data import build_corpus
+from forge_models.data import build_corpus, canonical_keys, held_out_keys, mask_unscored
 from forge_models.data.stream import TokenSampler
 from forge_models.data.synthetic import Example
 from forge_models.runtime import PhaseContext, RecordingTracker, TrainingDiverged
@@ -39,7 +39,7 @@ from forge_models.training import (
     run,
 )
 from forge_models.training import phase as phase_module
-from forge_models.training.curriculum import stream_rng, task_stats
+from forge_models.training.curriculum import answer_positions, stream_rng, task_stats
 from forge_models.training.selfmodel import LayerTap, SelfModelHead, decoder_layers, logit_lens, self_model_loss
 from forge_models.tokenizer import train_bpe
 from tests.helpers import Interrupted, StopAt, poison_loss
@@ -206,10 +206,51 @@ def test_difficulty_changes_the_generated_tasks():
     assert h["max_operand"] > 10 * e["max_operand"]
     assert h["ops"] > e["ops"] + 0.3  # tool calls always have one operation
     assert h["answer_digits"] > e["answer_digits"] + 1
-    # Held-out prompts are never generated.
-    banned = frozenset(t.prompt for t in easy[:50])
+    # Held-out calculations are never generated, in any wording.
+    banned = frozenset(k for t in easy[:50] for k in canonical_keys(t))
     again = generate_tasks(stream_rng(0, "train", 1), 200, 0.1, ["arithmetic", "tool"], 2, 999, banned)
-    assert not banned & {t.prompt for t in again}
+    assert not banned & {k for t in again for k in canonical_keys(t)}
+
+
+@pytest.mark.parametrize("stream", ["train", "probe", "dream"])
+def test_generated_curriculum_and_dream_tasks_never_hit_a_held_out_key(stream):
+    """Phase 5 excludes held_out_keys(corpus): no generated task shows a validation/test calculation."""
+    corpus = build_corpus(DataConfig(seed=7, synthetic=SyntheticConfig(n_examples=20000, max_operand=20),
+                                     validation_percent=5, test_percent=15))
+    held = held_out_keys(corpus)
+    assert len(held) > 300
+    hits_without, total = 0, 0
+    for index, difficulty in enumerate((0.0, 0.2, 0.5, 0.8, 1.0)):
+        tasks = generate_tasks(stream_rng(3, stream, index), 300, difficulty, ["arithmetic", "tool"], 2, 20, held)
+        assert not held & {k for t in tasks for k in canonical_keys(t)}
+        # The check can fail: the same streams without the exclusion do hit held-out calculations.
+        free = generate_tasks(stream_rng(3, stream, index), 300, difficulty, ["arithmetic", "tool"], 2, 20)
+        hits_without += sum(bool(held & canonical_keys(t)) for t in free)
+        total += len(free)
+    assert hits_without > 0.05 * total
+
+
+def test_tool_output_is_neither_an_answer_token_nor_needed_for_success(data):
+    _, tokenizer = data
+    ex = Example("tool", "User: Compute 6 * 7.\nAssistant: <tool>calculator(6 * 7)</tool>\nTool: 42\n"
+                 "Assistant: The answer is 42.\n", "User: Compute 6 * 7.\nAssistant:", "42")
+    ids, answer = answer_positions(tokenizer, ex)
+    produced = tokenizer.decode([ids[i] for i in answer])
+    assert "calculator(6 * 7)" in produced and "The answer is 42." in produced
+    assert "Tool" not in produced and produced.count("42") == 1  # the final answer's 42, not the tool's
+    tasks = [t for t in generate_tasks(stream_rng(0, "probe", 1), 40, 0.5, ["tool"], 2, 99)]
+    ctx = PhaseContext(precision="fp32")
+
+    class OracleButTool(nn.Module):
+        """Predicts the next token everywhere except where the next token is tool output (wrong there)."""
+
+        def forward(self, input_ids, attention_mask=None, **kw):
+            nxt = torch.roll(input_ids, -1, dims=1)
+            unscored = torch.roll(mask_unscored(input_ids, tokenizer) == -100, -1, dims=1)
+            wrong = (nxt + 1) % len(tokenizer)
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.where(unscored, wrong, nxt), len(tokenizer)).float())
+
+    assert all(answer_success(OracleButTool(), tokenizer, tasks, ctx))
 
 
 class CopyInput(nn.Module):
