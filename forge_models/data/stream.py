@@ -154,7 +154,7 @@ def _kind_streams(
     streams, scored = {}, {}
     for kind, texts in by_kind.items():
         masked = any(unscored_spans(t) for t in texts)
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=masked)
+        enc = tokenizer(texts, add_special_tokens=False, **({"return_offsets_mapping": True} if masked else {}))
         flat: list[int] = []
         keep: list[bool] = []
         for n, doc in enumerate(enc["input_ids"]):
