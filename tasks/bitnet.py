@@ -19,6 +19,7 @@ from flows.config import ForgeConfig
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
+from forge_models.eval import difference_lines
 from tasks.runtime import PhaseResult, PhaseWritten, loss_curve_png, metrics_table, PHASE_TASK_OPTIONS, run_phase
 from tasks.store import ArtifactRef, Store
 from tasks.tracking import Tracking
@@ -79,7 +80,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             f"{config.bitnet.steps} QAT steps, lambda warm-up {config.bitnet.warmup_steps}.",
             "",
             metrics_table(out.evaluations, EVAL_COLUMNS),
-            "",
+            "", *difference_lines(out.evaluations["after"]["bitnet"], "bitnet - input"),
+            f"Gain over the unigram baseline kept: {out.metrics.get('bitnet/gain_kept', float('nan')):.1%} "
+            f"(gate: >= {config.bitnet.min_gain_kept:.0%}).", "",
             "| bytes on disk (measured from the files) | value |",
             "|---|---|",
             *[f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in size.items()],

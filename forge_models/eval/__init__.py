@@ -13,6 +13,7 @@ from forge_models.eval.harness import (
 from forge_models.eval.stats import (
     bootstrap_interval,
     describe_difference,
+    difference_lines,
     paired_difference,
     paired_metrics,
     within_noise,
@@ -29,6 +30,7 @@ __all__ = [
     "unigram_loss",
     "bootstrap_interval",
     "describe_difference",
+    "difference_lines",
     "paired_difference",
     "paired_metrics",
     "within_noise",

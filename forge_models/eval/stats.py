@@ -88,3 +88,15 @@ def paired_metrics(
         diff, low, high = paired_difference(after[name], before[name], n_resamples, seed)
         out.update({f"d_{name}": diff, f"d_{name}_lo": low, f"d_{name}_hi": high})
     return out
+
+
+def difference_lines(evaluation: dict[str, float], label: str) -> list[str]:
+    """Report lines for every paired difference (``d_<metric>`` keys) in one evaluation's metrics."""
+    names = sorted(k[2:] for k in evaluation if k.startswith("d_") and not k.endswith(("_lo", "_hi")))
+    if not names:
+        return []
+    lines = [f"Paired differences, {label}, same examples, 95% bootstrap intervals:"]
+    for name in names:
+        d, lo, hi = evaluation[f"d_{name}"], evaluation[f"d_{name}_lo"], evaluation[f"d_{name}_hi"]
+        lines.append("- " + describe_difference(name, d, lo, hi))
+    return lines
