@@ -103,7 +103,8 @@ def _body(config: ForgeConfig):
         report = (
             "# Data\n\n| kind | train | validation | test |\n|---|---|---|---|\n" + rows +
             f"\n\nTraining tokens: {n_tokens:,}; tokenizer: {config.data.tokenizer.kind}, vocabulary {len(tokenizer):,}.\n"
-            f"Corpus digest: `{corpus.digest()}`. Splits are assigned by content hash, so they are disjoint.\n"
+            f"Corpus digest: `{corpus.digest()}`. Splits are assigned by the hash of each example's canonical keys "
+            f"(a calculation in any wording, a persona situation, a story), so no key is in two splits.\n"
         )
         return PhaseWritten(metrics=metrics, report_md=report, details={"kinds": kinds, "corpus_digest": corpus.digest()})
 
