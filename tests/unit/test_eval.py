@@ -453,3 +453,17 @@ def test_perplexity_does_not_score_tool_output(tok):
     other = evaluate(BigramLM(), tok, [episode("987654")], cfg, CTX)
     assert honest["loss"] == pytest.approx(other["loss"], abs=1e-6)
     assert honest["ppl_tokens"] == other["ppl_tokens"] == len(episode("42").text) + 1 - 1 - len("Tool: 42\n")
+
+
+def test_report_lines_say_within_noise_when_the_interval_covers_zero():
+    from forge_models.eval import difference_lines, paired_metrics
+
+    same = [1.0, 0.0] * 100
+    flipped = [0.0, 1.0] * 100
+    better = [1.0] * 200
+    after = {"tool_correct": better, "choice_acc": flipped}
+    lines = difference_lines(paired_metrics(after, {"tool_correct": same, "choice_acc": same}), "after - before")
+    assert lines[0].startswith("Paired differences, after - before")
+    assert any(l.startswith("- choice_acc: +0.000") and "within noise" in l for l in lines)
+    assert any(l.startswith("- tool_correct: +0.500") and "(better)" in l for l in lines)
+    assert difference_lines({"loss": 1.0}, "x") == []
