@@ -68,6 +68,7 @@ def evaluate_models(folder: Path, seed: int, summary: dict, sets: list[str], max
 
     import forge_models  # noqa: F401  (registers the Cognate architecture)
     from flows.config import load_config
+    from forge_models.bitnet import load_packed
     from forge_models.data import Corpus
     from forge_models.eval import evaluate
     from forge_models.runtime import PhaseContext
@@ -86,11 +87,14 @@ def evaluate_models(folder: Path, seed: int, summary: dict, sets: list[str], max
     models.update({"evomerge": local(phases["evomerge"]["artifact"]["uri"]) / "merged",
                    "bitnet": local(phases["bitnet"]["artifact"]["uri"]) / "model",
                    "training": local(phases["training"]["artifact"]["uri"]) / "model"})
-    ctx = PhaseContext(device="cpu", seed=seed, precision=config.device.precision)
+    ctx = PhaseContext(device=torch.device("cpu"), seed=seed, precision=config.device.precision)
     results: dict = {"seed": seed, "eval": cfg.model_dump(mode="json"), "models": {}}
     for name, path in models.items():
         t0 = time.perf_counter()
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if (path / "bitnet.json").is_file():  # a packed ternary folder: integer inference (bit-identical backends)
+            net = load_packed(path, backend="int_mm")
+        else:
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         outcomes: dict = {}
         metrics = evaluate(net, load_tokenizer(path), corpus.test, cfg, ctx, outcomes)
         results["models"][name] = {"metrics": metrics, "outcomes": outcomes, "seconds": time.perf_counter() - t0}
