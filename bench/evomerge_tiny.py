@@ -78,7 +78,7 @@ def main() -> None:
         print("| model | validation fitness | test fitness | test arith_em | test tool_correct | test choice_acc | test loss |")
         print("|---|---|---|---|---|---|---|")
         for c in r["comparison"]:
-            print(f"| {c['model']} | {c['validation/fitness']:.4f} | {c['test/fitness']:.4f} | {c.get('test/arith_em', float('nan')):.4f} | "
+            print(f"| {c['model']} | {c['validation/fitness']:.4f} | {c.get('test/fitness', float('nan')):.4f} | {c.get('test/arith_em', float('nan')):.4f} | "
                   f"{c.get('test/tool_correct', float('nan')):.4f} | {c.get('test/choice_acc', float('nan')):.4f} | {c.get('test/loss', float('nan')):.4f} |")
         print("margins:", json.dumps({k: round(v, 4) for k, v in r["margins"].items()}))
 

@@ -134,10 +134,20 @@ class EvalConfig(Frozen):
     """The one evaluation harness used before and after every phase."""
 
     split: Literal["validation", "test"] = Field(
-        "validation", description="Held-out split phases report on (never the training split)."
+        "validation",
+        description=(
+            "Held-out split phases report on and gate with: 'validation' (the only accepted value; 'test' is "
+            "refused, because the test split is read only by the pipeline's final evaluation)."
+        ),
     )
     max_examples: int = Field(
-        64, ge=1, le=100_000, description="Answer-checked examples per task (arithmetic, tool, choice)."
+        64, ge=1, le=100_000, description="Answer-checked examples per task (arithmetic, tool, choice) in phase evaluations."
+    )
+    final_max_examples: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Answer-checked examples per task in the final test evaluation; None scores every one.",
     )
     ppl_max_tokens: int = Field(
         16384, ge=64, le=100_000_000, description="Held-out tokens scored for perplexity."
@@ -147,6 +157,26 @@ class EvalConfig(Frozen):
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per forward pass while evaluating.")
     seq_len: int = Field(256, ge=16, le=32768, description="Window length for perplexity.")
+    bootstrap_samples: int = Field(
+        2000, ge=100, le=100_000, description="Bootstrap resamples behind every 95% interval the harness reports."
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling (intervals are reproducible).")
+
+    @model_validator(mode="after")
+    def _not_test(self) -> "EvalConfig":
+        if self.split == "test":
+            raise ValueError(
+                "eval.split 'test' is refused: phases evaluate and gate on 'validation'; the test split is read "
+                "only by the final evaluation (so no choice is ever made on it)"
+            )
+        return self
+
+    def for_split(self, split: str) -> "EvalConfig":
+        """This config as the evaluation of ``split`` uses it: the final test evaluation scores
+        ``final_max_examples`` (None: all) answer-checked examples per task."""
+        if split != "test":
+            return self
+        return self.model_copy(update={"max_examples": self.final_max_examples or 100_000})
 
 
 # ------------------------------------------------------------------------------------------ cognate

@@ -17,6 +17,7 @@ import torch
 from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
+from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
@@ -77,7 +78,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             f"{config.bitnet.steps} QAT steps, lambda warm-up {config.bitnet.warmup_steps}.",
             "",
             metrics_table(out.evaluations, EVAL_COLUMNS),
-            "",
+            "", *difference_lines(out.evaluations["after"]["bitnet"], "bitnet - input"),
+            f"Gain over the unigram baseline kept: {out.metrics.get('bitnet/gain_kept', float('nan')):.1%} "
+            f"(gate: >= {config.bitnet.min_gain_kept:.0%}).", "",
             "| bytes on disk (measured from the files) | value |",
             "|---|---|",
             *[f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in size.items()],

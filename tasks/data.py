@@ -19,22 +19,49 @@ from forge_models.tokenizer import build_tokenizer
 from tasks.cache import folder_digest, phase_key
 from tasks.config import ForgeConfig
 from tasks.runtime import PhaseResult, PhaseWritten, PHASE_TASK_OPTIONS, run_phase
-from tasks.store import is_transient, TransientStorageError
+from tasks.store import is_transient, sha256_file, TransientStorageError
 from tasks.tracking import Tracking
 
-DATA_VERSION = "1"
+DATA_VERSION = "2"  # 2: splits by canonical key
 
 
 def data_key(config: ForgeConfig) -> str:
+    """The dataset's cache key: config, the code (see tasks.cache), and the *content* of every source.
+
+    A local source enters by the sha256 of its bytes, an S3 source by its ETag, so editing a file in place
+    (same path) builds a new dataset instead of reusing the stale one.
+    """
     extra = []
     if config.data.tokenizer.kind == "pretrained" and config.data.tokenizer.path:
         extra.append(folder_digest(config.data.tokenizer.path))
-    for src in config.data.sources:
-        if "://" not in src.path or src.path.startswith("file://"):
-            path = Path(src.path.removeprefix("file://"))
-            if not path.is_file():
-                raise ConfigError(f"data.sources: no such file {src.path!r}")
+    for i, src in enumerate(config.data.sources):
+        extra.append(f"source-{i}:{source_digest(src.path)}")
     return phase_key("data", DATA_VERSION, config.data.model_dump_json(), extra)
+
+
+def source_digest(url: str) -> str:
+    """Content digest of one data source: ``sha256:<hex>`` of a local file, ``etag:<ETag>`` of an S3 object."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            raise ConfigError(f"data.sources: no such file {url!r}")
+        return "sha256:" + sha256_file(path)
+    try:
+        fs, _, (path,) = fsspec.get_fs_token_paths(url)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ConfigError(f"data.sources: {url} does not exist") from None
+    except Exception as exc:  # noqa: BLE001
+        if is_transient(exc):
+            raise TransientStorageError(f"reading the metadata of {url}: {exc}") from exc
+        raise
+    tag = info.get("ETag") or info.get("etag") or info.get("checksum")
+    if not tag:
+        raise ConfigError(
+            f"data.sources: {url} reports no ETag or checksum, so a change to its content could not be detected; "
+            f"copy it to a local file or an S3-compatible store"
+        )
+    return f"etag:{str(tag).strip(chr(34))}"
 
 
 def _materialize_sources(config: ForgeConfig, dest: Path) -> list[Path]:
@@ -76,7 +103,8 @@ def _body(config: ForgeConfig):
         report = (
             "# Data\n\n| kind | train | validation | test |\n|---|---|---|---|\n" + rows +
             f"\n\nTraining tokens: {n_tokens:,}; tokenizer: {config.data.tokenizer.kind}, vocabulary {len(tokenizer):,}.\n"
-            f"Corpus digest: `{corpus.digest()}`. Splits are assigned by content hash, so they are disjoint.\n"
+            f"Corpus digest: `{corpus.digest()}`. Splits are assigned by the hash of each example's canonical keys "
+            f"(a calculation in any wording, a persona situation, a story), so no key is in two splits.\n"
         )
         return PhaseWritten(metrics=metrics, report_md=report, details={"kinds": kinds, "corpus_digest": corpus.digest()})
 

@@ -73,5 +73,5 @@ def evaluate_model_task(
         with _rt.MODEL_LOAD_LOCK:  # from_pretrained switches torch's global default device (meta): not thread-safe
             net = AutoModelForCausalLM.from_pretrained(tmp / "model" / model, dtype=torch.float32).to(device)
         ctx = PhaseContext(device=device, seed=config.seed, precision=config.device.precision)
-        metrics = evaluate(net, tokenizer, corpus.split(split), config.eval, ctx)
+        metrics = evaluate(net, tokenizer, corpus.split(split), config.eval.for_split(split), ctx)  # test: every example
     return ModelEvaluation(model=model, split=split, metrics=metrics, executor=_rt.executor_name())

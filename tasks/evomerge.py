@@ -266,7 +266,7 @@ def _fitness_png(history: list[dict], path: Path, strategy: str) -> None:
 
 def _report(config, previous, space, result, table, comparison, fit_split, deleted) -> str:
     cfg = config.evomerge
-    cols = [f"{fit_split}/fitness", "test/fitness", "test/arith_em", "test/tool_correct", "test/choice_acc", "test/loss"]
+    cols = [f"{fit_split}/{c}" for c in ("fitness", "arith_em", "tool_correct", "choice_acc", "loss")]
     lines = [
         "# Phase 2: EvoMerge",
         "",
@@ -288,8 +288,8 @@ def _report(config, previous, space, result, table, comparison, fit_split, delet
         parents = {n: r.fitness for n, r in res.items() if n.startswith("parent:")}
         diffs = ", ".join(f"{res['best'].fitness - f:+.4f} vs {n.split(':', 1)[1]}" for n, f in parents.items())
         lines.append("")
-        lines.append(f"On **{split}**, the winner's fitness differs by {diffs}, and by "
-                     f"{res['best'].fitness - res['average'].fitness:+.4f} vs the plain average.")
+        lines.append(f"On **{split}** (selection-biased: the winner was chosen on it), the winner's fitness differs by "
+                     f"{diffs}, and by {res['best'].fitness - res['average'].fitness:+.4f} vs the plain average.")
     lines += [
         "",
         "| generation | best | mean | diversity | scored | cached | seconds |",

@@ -425,7 +425,8 @@ def metrics_table(evaluations: dict[str, dict[str, dict[str, float]]], columns: 
     rows = []
     for when in ("before", "after"):
         for model, m in evaluations.get(when, {}).items():
-            cells = [_fmt(m.get(c)) for c in columns]
+            cells = [_fmt(m.get(c)) + (f" [{_fmt(m[c + '_lo'])}, {_fmt(m[c + '_hi'])}]" if c + "_lo" in m else "")
+                     for c in columns]  # accuracies carry their 95% bootstrap interval
             rows.append(f"| {when} | {model} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows)
 

@@ -20,6 +20,7 @@ from forge_models.runtime import ArtifactIntegrityError, PhaseContext
 from tasks import runtime as rt
 from tasks.bitnet import choose_model
 from tasks.cache import phase_key
+from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
@@ -124,7 +125,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
                f"{config.training.grokfast.lamb})" if config.training.grokfast.enabled else "off") + ".",
             "",
             metrics_table(out.evaluations, EVAL_COLUMNS),
-            "",
+            "", *difference_lines(out.evaluations["after"]["model"], "after - before"), "",
             "| # | stage | group | steps / budget | exit criterion | ended by | why | seconds |",
             "|---|---|---|---|---|---|---|---|",
             *rows,

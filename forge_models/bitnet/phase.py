@@ -66,8 +66,8 @@ from forge_models.bitnet.quant import quant_strength_at
 from forge_models.config import HEADLINE_METRICS, EvalConfig
 from forge_models.data import Corpus, Example
 from forge_models.data.stream import TokenSampler
+from forge_models.eval import evaluate, paired_metrics, unigram_loss
 from forge_models.optim import make_adamw
-from forge_models.eval import evaluate
 from forge_models.runtime import (
     ArtifactIntegrityError,
     ConfigError,
@@ -131,7 +131,9 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
 
     model = copy.deepcopy(inputs.model).float().to(ctx.device)
     input_digest = state_digest(model)
-    before = _evaluate(model, inputs, held_out, ctx)
+    before_outcomes: dict[str, list[float]] = {}
+    before = _evaluate(model, inputs, held_out, ctx, before_outcomes)
+    unigram = unigram_loss(train_examples, held_out, inputs.tokenizer, inputs.eval_cfg.ppl_max_tokens)
 
     sampler = TokenSampler(train_examples, inputs.tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed)
     conversion = convert_to_bitnet(model, cfg.keep_patterns, cfg.act_norm)
@@ -140,7 +142,7 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     no_ft = _evaluate(model, inputs, held_out, ctx)
 
     digest = checkpoint_digest({
-        "config": cfg.model_dump(mode="json", exclude={"checkpoint_every", "packing", "kept_dtype", "max_loss_increase"}),
+        "config": cfg.model_dump(mode="json", exclude={"checkpoint_every", "packing", "kept_dtype", "max_loss_increase", "min_gain_kept"}),
         "seed": ctx.seed,
         "tokenizer": tokenizer_fingerprint(inputs.tokenizer),
         "data": inputs.corpus.digest(),
@@ -150,9 +152,13 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     result = _train(model, sampler, cfg, ctx, digest)
     set_quant_strength(model, 1.0)
     model.eval()
-    after = _evaluate(model, inputs, held_out, ctx)
+    after_outcomes: dict[str, list[float]] = {}
+    after = _evaluate(model, inputs, held_out, ctx, after_outcomes)
+    after.update(paired_metrics(after_outcomes, before_outcomes, inputs.eval_cfg.bootstrap_samples,
+                                inputs.eval_cfg.bootstrap_seed))  # bitnet - input on the same examples
     after["tokens_per_s"] = result.tokens_per_s
     _quality_gate(before, after, cfg.max_loss_increase)
+    _gain_gate(before, after, unigram, cfg.min_gain_kept)
 
     size, export_check = _export_and_measure(model, conversion, inputs, held_out, cfg)
     evaluations = {"before": {"input": before}, "after": {"ternary_no_ft": no_ft, "bitnet": after}}
@@ -163,6 +169,9 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
         if key in values
     }
     metrics["bitnet/loss_increase"] = after["loss"] - before["loss"]
+    metrics["unigram_loss"] = unigram
+    metrics["bitnet/gain_kept"] = _gain_kept(before["loss"], after["loss"], unigram)
+    metrics.update({f"bitnet/{k}": v for k, v in after.items() if k.startswith("d_")})
     metrics["bitnet/qat_tokens_per_s"] = result.tokens_per_s
     metrics.update({f"size/{k}": float(v) for k, v in size.items()})
     metrics["export/max_rel_logit_diff"] = export_check
@@ -259,10 +268,10 @@ def _train(
         set_quant_strength(model, lam)
         t0 = time.perf_counter()
         batch = sampler.batch(step).to(ctx.device)
-        labels, attention_mask = batch, None
+        labels, attention_mask = sampler.labels(step).to(ctx.device), None  # tool output lines: -100
         if pad_id is not None and pad_id != eos_id and bool((batch == pad_id).any()):
             attention_mask = (batch != pad_id).long()
-            labels = batch.masked_fill(batch == pad_id, -100)
+            labels = labels.masked_fill(batch == pad_id, -100)
         with ctx.autocast():
             out = model(input_ids=batch, attention_mask=attention_mask, labels=labels)
         check_finite(out.loss, step + 1, "bitnet QAT loss")
@@ -301,8 +310,31 @@ def _train(
 # ------------------------------------------------------------------------------- evaluation, export
 
 
-def _evaluate(model: nn.Module, inputs: BitNetInputs, held_out: Sequence[Example], ctx: PhaseContext) -> dict[str, float]:
-    return {k: float(v) for k, v in evaluate(model, inputs.tokenizer, held_out, inputs.eval_cfg, ctx).items()}
+def _evaluate(
+    model: nn.Module, inputs: BitNetInputs, held_out: Sequence[Example], ctx: PhaseContext,
+    outcomes: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
+    return {k: float(v) for k, v in evaluate(model, inputs.tokenizer, held_out, inputs.eval_cfg, ctx, outcomes).items()}
+
+
+def _gain_kept(before_loss: float, after_loss: float, unigram: float) -> float:
+    """Fraction of the input's gain over the unigram baseline the output keeps (nan if the input has none)."""
+    gain = unigram - before_loss
+    return (unigram - after_loss) / gain if gain > 0 else float("nan")
+
+
+def _gain_gate(before: dict[str, float], after: dict[str, float], unigram: float, min_kept: float) -> None:
+    """The relative gate: keep ``min_kept`` of the input's gain over unigram (an input without gain: no loss)."""
+    gain = unigram - before["loss"]
+    allowed = before["loss"] + (1.0 - min_kept) * max(0.0, gain)
+    if after["loss"] > allowed:
+        kept = _gain_kept(before["loss"], after["loss"], unigram)
+        raise QualityGateFailed(
+            f"the ternary model lost too much of what its input had learned: held-out loss {before['loss']:.4f} -> "
+            f"{after['loss']:.4f} nats/token against a unigram baseline of {unigram:.4f}, so it keeps "
+            f"{kept:.1%} of the input's gain, but bitnet.min_gain_kept is {min_kept:.0%}. Fine-tune longer "
+            f"(bitnet.steps), lengthen the warm-up, keep more layers in high precision; nothing was stored."
+        )
 
 
 def _quality_gate(before: dict[str, float], after: dict[str, float], max_increase: float) -> None:

@@ -290,11 +290,11 @@ def _train_stage(
 
         t0 = time.perf_counter()
         batch = sampler.batch(step).to(ctx.device)
-        labels, attention_mask = batch, None
+        labels, attention_mask = sampler.labels(step).to(ctx.device), None  # tool output lines: -100
         if pad_id is not None and pad_id != eos_id and bool((batch == pad_id).any()):
             # Padding (if the sampler produced any) is neither attended to nor predicted.
             attention_mask = (batch != pad_id).long()
-            labels = batch.masked_fill(batch == pad_id, -100)
+            labels = labels.masked_fill(batch == pad_id, -100)
         with ctx.autocast():
             out = model(input_ids=batch, attention_mask=attention_mask, labels=labels)
         check_finite(out.loss, global_step, f"{stage.name} loss")

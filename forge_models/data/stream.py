@@ -2,11 +2,16 @@
 
 Because batch ``step`` depends on nothing but the seed and the step number, a training run resumed
 from a checkpoint at step k sees exactly the batches k, k+1, ... the uninterrupted run would have seen.
+
+**Loss masks.** The model is trained on what it must produce, never on what a tool writes: the tokens of
+a ``Tool: N`` line (the calculator's output in a tool episode) get label -100 in :meth:`TokenSampler.labels`
+and :func:`mask_unscored`, so no phase learns, or is judged on, predicting the calculator.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -15,6 +20,53 @@ from forge_models.config import DATA_KINDS
 from forge_models.data.synthetic import Example
 from forge_models.runtime import ConfigError
 from forge_models.tokenizer import eos_token_id
+
+
+# A tool's output line: written by the calculator, not by the model, so never in a loss or a success check.
+UNSCORED_LINE = re.compile(r"(?m)^Tool:[^\n]*\n?")
+
+
+def unscored_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` the model does not produce (tool output lines, newline included)."""
+    return [m.span() for m in UNSCORED_LINE.finditer(text)]
+
+
+def _overlaps(start: int, end: int, spans: Sequence[tuple[int, int]]) -> bool:
+    return any(start < s_end and end > s_start for s_start, s_end in spans)
+
+
+def mask_unscored(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """``ids`` with every token of a tool output line replaced by -100 (labels for a causal LM loss).
+
+    For rows that start at a document boundary (packed rows: EOS, text, EOS, ...): each row is decoded
+    token by token and the tool lines are found in the decoded text. A row cut inside a tool line cannot
+    be recognised from its tokens alone; :meth:`TokenSampler.labels` masks such rows exactly.
+    """
+    table = _token_strings(tokenizer)
+    labels = ids.clone()
+    for r, row in enumerate(ids.tolist()):
+        pieces = [table[t] if 0 <= t < len(table) else "" for t in row]
+        text = "".join(pieces)
+        spans = unscored_spans(text)
+        if not spans:
+            continue
+        at = 0
+        for c, piece in enumerate(pieces):
+            if _overlaps(at, at + len(piece), spans):
+                labels[r, c] = -100
+            at += len(piece)
+    return labels
+
+
+def _token_strings(tokenizer: Any) -> list[str]:
+    cached = getattr(tokenizer, "_forge_token_strings", None)
+    if cached is None:
+        cached = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        try:
+            tokenizer._forge_token_strings = cached
+        except AttributeError:  # a tokenizer that refuses attributes just decodes again next time
+            pass
+    return cached
 
 
 class TokenSampler:
@@ -42,7 +94,7 @@ class TokenSampler:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.streams = _kind_streams(examples, tokenizer)
+        self.streams, self.scored = _kind_streams(examples, tokenizer)
         self.kinds = [k for k in DATA_KINDS if mix.get(k, 0) > 0 and k in self.streams]
         if not self.kinds:
             wanted = sorted(k for k, w in mix.items() if w > 0)
@@ -58,15 +110,26 @@ class TokenSampler:
 
     def batch(self, step: int) -> torch.Tensor:
         """The batch of training step ``step``: a CPU LongTensor ``[batch_size, seq_len]``."""
+        return self._draw(step)[0]
+
+    def labels(self, step: int) -> torch.Tensor:
+        """Labels of batch ``step``: its tokens, with -100 on every token of a tool output line."""
+        ids, scored = self._draw(step)
+        return ids.masked_fill(~scored, -100)
+
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(_step_seed(self.seed, step))
         kind_index = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=gen)
         offsets = torch.arange(self.seq_len)
-        rows = []
+        rows, scored = [], []
         for i in kind_index.tolist():
-            stream = self.streams[self.kinds[i]]
+            kind = self.kinds[i]
+            stream = self.streams[kind]
             start = int(torch.randint(len(stream), (1,), generator=gen))
-            rows.append(stream[(start + offsets) % len(stream)])
-        return torch.stack(rows)
+            index = (start + offsets) % len(stream)
+            rows.append(stream[index])
+            scored.append(self.scored[kind][index])
+        return torch.stack(rows), torch.stack(scored)
 
 
 def _check_mix(mix: Mapping[str, float]) -> None:
@@ -77,20 +140,34 @@ def _check_mix(mix: Mapping[str, float]) -> None:
         raise ConfigError(f"mix weights must be >= 0 with at least one > 0, got {dict(mix)}")
 
 
-def _kind_streams(examples: Sequence[Example], tokenizer: Any) -> dict[str, torch.Tensor]:
-    """One concatenated token stream (each text followed by EOS) per kind present in ``examples``."""
+def _kind_streams(
+    examples: Sequence[Example], tokenizer: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per kind present in ``examples``: one concatenated token stream (each text followed by EOS), and
+    a same-length bool stream that is False on tokens of tool output lines (see :func:`unscored_spans`)."""
     if not examples:
         raise ConfigError("TokenSampler got no examples to sample from")
     eos = eos_token_id(tokenizer)
     by_kind: dict[str, list[str]] = {}
     for ex in examples:
         by_kind.setdefault(ex.kind, []).append(ex.text)
-    streams = {}
+    streams, scored = {}, {}
     for kind, texts in by_kind.items():
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        flat = [t for doc in ids for t in (*doc, eos)]
+        masked = any(unscored_spans(t) for t in texts)
+        enc = tokenizer(texts, add_special_tokens=False, **({"return_offsets_mapping": True} if masked else {}))
+        flat: list[int] = []
+        keep: list[bool] = []
+        for n, doc in enumerate(enc["input_ids"]):
+            flat.extend((*doc, eos))
+            if masked:
+                spans = unscored_spans(texts[n])
+                keep.extend(not _overlaps(a, b, spans) for a, b in enc["offset_mapping"][n])
+            else:
+                keep.extend([True] * len(doc))
+            keep.append(True)
         streams[kind] = torch.tensor(flat, dtype=torch.long)
-    return streams
+        scored[kind] = torch.tensor(keep, dtype=torch.bool)
+    return streams, scored
 
 
 def _step_seed(seed: int, step: int) -> int:

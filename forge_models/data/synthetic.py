@@ -10,9 +10,11 @@ Four synthetic families exercise what the pipeline claims to improve, each in a 
 
 Real corpora (txt / jsonl / parquet) become examples of kind ``text``, used for training and perplexity.
 
-Splits are disjoint *by construction*: an example's split is a function of the sha256 of its split key
-(its prompt or story, else its text), so the same content can never be both trained on and held out, in
-this run or any other with the same percentages.
+Splits are disjoint *by canonical content*: each canonical key (a normalised calculation ``a op b``
+shared by arithmetic steps, tool calls and the persona's sums; a persona situation; a story; see
+:mod:`forge_models.data.keys`) belongs to one split by the sha256 of the key, and an example goes to the
+split its keys share (examples whose keys disagree are dropped). So no calculation, situation or story is
+both trained on and held out, in this run or any other with the same percentages, whatever its wording.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from forge_models.config import DATA_KINDS, DataConfig, SourceConfig, SyntheticConfig
+from forge_models.data.keys import QUESTION_MARK, canonical_keys
 from forge_models.runtime import ConfigError
 
 SPLITS = ("train", "validation", "test")
-
-# Separates a narrative story from its question; the story alone decides the split (see _split_key).
-QUESTION_MARK = "\nQuestion:"
 
 # Source weights are realised by replicating documents in the train split; a larger ratio between the
 # heaviest and the lightest source would multiply memory for little benefit.
@@ -517,18 +517,37 @@ def _read_parquet(file: Path, field: str) -> list[str]:
 
 
 def _split_key(ex: Example) -> str:
-    """The content that decides an example's split.
-
-    A narrative's story decides it (so the same story cannot be read in training and questioned in
-    evaluation); other answer-checked examples use the prompt; plain text uses the text.
-    """
-    if ex.kind == "narrative" and QUESTION_MARK in ex.prompt:
-        return ex.prompt.split(QUESTION_MARK, 1)[0]
-    return ex.prompt or ex.text
+    """The one string that decides the split of an example with a single canonical key (kept for callers)."""
+    return min(canonical_keys(ex))
 
 
 def _bucket(key: str) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 100
+
+
+def key_split(key: str, validation_percent: int, test_percent: int) -> str:
+    """The split a canonical key belongs to: a function of the key's hash and the two percentages only."""
+    bucket = _bucket(key)
+    if bucket < validation_percent:
+        return "validation"
+    if bucket < validation_percent + test_percent:
+        return "test"
+    return "train"
+
+
+def example_split(ex: Example, validation_percent: int, test_percent: int) -> str | None:
+    """The split of ``ex``: the split all its canonical keys share, or None when they disagree.
+
+    A multi-step arithmetic problem shows several calculations; if they belong to different splits the
+    example is dropped, because keeping it anywhere would put a held-out calculation in another split.
+    """
+    splits = {key_split(k, validation_percent, test_percent) for k in canonical_keys(ex)}
+    return splits.pop() if len(splits) == 1 else None
+
+
+def held_out_keys(corpus: "Corpus") -> frozenset[str]:
+    """Every canonical key of the validation and test splits (what generated training data must avoid)."""
+    return frozenset(k for name in ("validation", "test") for ex in corpus.split(name) for k in canonical_keys(ex))
 
 
 def _dedupe(examples: Sequence[Example]) -> list[Example]:
@@ -549,16 +568,16 @@ def _dedupe(examples: Sequence[Example]) -> list[Example]:
 def split_examples(
     examples: Sequence[Example], validation_percent: int, test_percent: int
 ) -> dict[str, list[Example]]:
-    """Dedupe, then assign each example to a split by the hash bucket of its split key."""
+    """Dedupe, then assign each example to the split of its canonical keys (see forge_models.data.keys).
+
+    No canonical key (a calculation, a persona situation, a story) is ever in two splits; examples whose
+    keys belong to different splits are dropped (see :func:`example_split`).
+    """
     splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
     for ex in _dedupe(examples):
-        bucket = _bucket(_split_key(ex))
-        if bucket < validation_percent:
-            splits["validation"].append(ex)
-        elif bucket < validation_percent + test_percent:
-            splits["test"].append(ex)
-        else:
-            splits["train"].append(ex)
+        name = example_split(ex, validation_percent, test_percent)
+        if name is not None:
+            splits[name].append(ex)
     return splits
 
 

@@ -10,6 +10,14 @@ from forge_models.eval.harness import (
     parse_tool_call,
     unigram_loss,
 )
+from forge_models.eval.stats import (
+    bootstrap_interval,
+    describe_difference,
+    difference_lines,
+    paired_difference,
+    paired_metrics,
+    within_noise,
+)
 
 __all__ = [
     "ARITH_STOPS",
@@ -20,4 +28,10 @@ __all__ = [
     "greedy_generate",
     "parse_tool_call",
     "unigram_loss",
+    "bootstrap_interval",
+    "describe_difference",
+    "difference_lines",
+    "paired_difference",
+    "paired_metrics",
+    "within_noise",
 ]

@@ -15,6 +15,12 @@ Metrics (all measured on the given held-out examples, deterministic):
   each choice given the prompt (persona and narrative examples).
 - ``n_arith`` / ``n_tool`` / ``n_choice``: how many examples each task used. A task with no examples
   reports its count as 0 and omits its score (a missing task is not a score of zero).
+- ``<accuracy>_lo`` / ``<accuracy>_hi``: the seeded 95% bootstrap interval of every accuracy
+  (:mod:`forge_models.eval.stats`). Pass an ``outcomes`` dict to get the per-example 0/1 vectors too, for
+  paired differences between two models on the same examples (:func:`forge_models.eval.paired_metrics`).
+
+Perplexity skips the tokens of tool output lines (``Tool: N``): they are the calculator's, not the model's
+(the same mask training uses, :func:`forge_models.data.stream.unscored_spans`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from forge_models.config import EvalConfig
+from forge_models.data.stream import unscored_spans
 from forge_models.data.synthetic import Example
+from forge_models.eval.stats import bootstrap_interval
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
 
@@ -48,17 +56,32 @@ _TOOL_RE = re.compile(r"<tool>\s*calculator\((.*?)\)\s*</tool>")
 
 
 def evaluate(
-    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    ctx: PhaseContext,
+    outcomes: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """All harness metrics of ``model`` on ``examples`` (a held-out split); see the module docstring."""
+    """All harness metrics of ``model`` on ``examples`` (a held-out split); see the module docstring.
+
+    ``outcomes``, when given, receives each accuracy's per-example 0/1 vector (same example order for
+    every model evaluated with the same examples and config, so two of them can be compared pairwise).
+    """
     if not examples:
         raise ConfigError("evaluate() got no examples; pass a non-empty held-out split")
     metrics: dict[str, float] = {}
+    vectors: dict[str, list[float]] = {}
     with _eval_mode(model), torch.no_grad():
         metrics.update(_perplexity(model, tokenizer, examples, cfg, ctx))
-        metrics.update(_arithmetic(model, tokenizer, examples, cfg, ctx))
-        metrics.update(_tool_use(model, tokenizer, examples, cfg, ctx))
-        metrics.update(_multiple_choice(model, tokenizer, examples, cfg, ctx))
+        metrics.update(_arithmetic(model, tokenizer, examples, cfg, ctx, vectors))
+        metrics.update(_tool_use(model, tokenizer, examples, cfg, ctx, vectors))
+        metrics.update(_multiple_choice(model, tokenizer, examples, cfg, ctx, vectors))
+    for name, values in vectors.items():
+        low, high = bootstrap_interval(values, cfg.bootstrap_samples, cfg.bootstrap_seed)
+        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = low, high
+    if outcomes is not None:
+        outcomes.update(vectors)
     return metrics
 
 
@@ -127,15 +150,27 @@ def _pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, t
 
 def _token_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> list[int]:
     """Texts tokenized, each followed by EOS, concatenated and cut at ``limit`` tokens."""
+    return _scored_stream(texts, tokenizer, limit)[0]
+
+
+def _scored_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> tuple[list[int], list[bool]]:
+    """:func:`_token_stream` plus, per token, whether it is scored (False on tool output lines)."""
     eos = eos_token_id(tokenizer)
     stream: list[int] = []
+    scored: list[bool] = []
     for chunk in _batched(list(texts), 256):  # tokenize lazily: only as many texts as the limit needs
-        for ids in _encode(tokenizer, chunk):
+        masked = any(unscored_spans(t) for t in chunk)
+        enc = tokenizer(list(chunk), add_special_tokens=False, **({"return_offsets_mapping": True} if masked else {}))
+        for n, ids in enumerate(enc["input_ids"]):
             stream.extend(ids)
             stream.append(eos)
+            spans = unscored_spans(chunk[n]) if masked else []
+            offsets = enc["offset_mapping"][n] if masked else [(0, 0)] * len(ids)
+            scored.extend(not any(a < e and b > s for s, e in spans) for a, b in offsets)
+            scored.append(True)
         if len(stream) >= limit:
             break
-    return stream[:limit]
+    return stream[:limit], scored[:limit]
 
 
 # --------------------------------------------------------------------------------------- perplexity
@@ -144,16 +179,20 @@ def _token_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> list[int]
 def _perplexity(
     model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
 ) -> dict[str, float]:
-    """Cross-entropy over non-overlapping windows of the held-out stream (each window's first token unscored)."""
-    stream = _token_stream((ex.text for ex in examples), tokenizer, cfg.ppl_max_tokens)
+    """Cross-entropy over non-overlapping windows of the held-out stream (each window's first token unscored,
+    and every token of a tool output line)."""
+    stream, scored = _scored_stream((ex.text for ex in examples), tokenizer, cfg.ppl_max_tokens)
     window = min(cfg.seq_len, _max_positions(model, cfg.seq_len))
-    windows = [stream[i : i + window] for i in range(0, len(stream), window)]
-    windows = [w for w in windows if len(w) >= 2]
+    starts = [i for i in range(0, len(stream), window) if len(stream[i : i + window]) >= 2]
+    windows = [(stream[i : i + window], scored[i : i + window]) for i in starts]
     total, count = 0.0, 0
-    for rows in _batched(windows, cfg.batch_size):
+    for chunk in _batched(windows, cfg.batch_size):
+        rows = [w for w, _ in chunk]
         ids, mask = _pad_right(rows, _pad_id(tokenizer))
+        keep, _ = _pad_right([[int(k) for k in flags] for _, flags in chunk], 0)
         logits = _logits(model, ids, mask, ctx)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
+        drop = (mask[:, 1:] == 0) | (keep[:, 1:] == 0)
+        targets = ids[:, 1:].masked_fill(drop, -100).to(logits.device)
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
         )
@@ -176,11 +215,13 @@ def unigram_loss(
     if not train or not held_out:
         raise ConfigError("unigram_loss needs non-empty train and held-out examples")
     train_ids = np.asarray(_token_stream((ex.text for ex in train), tokenizer, limit=2**62), dtype=np.int64)
-    held_ids = np.asarray(_token_stream((ex.text for ex in held_out), tokenizer, limit=max_tokens), dtype=np.int64)
+    held, scored = _scored_stream((ex.text for ex in held_out), tokenizer, limit=max_tokens)
+    held_ids = np.asarray(held, dtype=np.int64)
     vocab = max(len(tokenizer), int(train_ids.max()) + 1, int(held_ids.max()) + 1)
     counts = np.bincount(train_ids, minlength=vocab).astype(np.float64)
     log_probs = np.log(counts + 1.0) - math.log(len(train_ids) + vocab)
-    return float(-log_probs[held_ids].mean())
+    # The same tokens the harness' perplexity scores (a window's first token aside): not tool output.
+    return float(-log_probs[held_ids[np.asarray(scored, dtype=bool)]].mean())
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -346,26 +387,36 @@ def _same_number(value: float | None, answer: str) -> bool:
 
 
 def _arithmetic(
-    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
+    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext,
+    vectors: dict[str, list[float]],
 ) -> dict[str, float]:
     tasks = [ex for ex in examples if ex.kind == "arithmetic" and ex.prompt and ex.answer][: cfg.max_examples]
     metrics = {"n_arith": float(len(tasks))}
     if tasks:
         replies = _generate(model, tokenizer, tasks, cfg, ctx, ARITH_STOPS)
-        metrics["arith_em"] = _mean(extract_answer(r) == ex.answer for r, ex in zip(replies, tasks))
+        metrics["arith_em"] = _record(vectors, "arith_em", (extract_answer(r) == ex.answer for r, ex in zip(replies, tasks)))
     return metrics
 
 
 def _tool_use(
-    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
+    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext,
+    vectors: dict[str, list[float]],
 ) -> dict[str, float]:
     tasks = [ex for ex in examples if ex.kind == "tool" and ex.prompt and ex.answer][: cfg.max_examples]
     metrics = {"n_tool": float(len(tasks))}
     if tasks:
         calls = [parse_tool_call(r) for r in _generate(model, tokenizer, tasks, cfg, ctx, TOOL_STOPS)]
-        metrics["tool_valid"] = _mean(c is not None for c in calls)
-        metrics["tool_correct"] = _mean(c is not None and _same_number(c[1], ex.answer) for c, ex in zip(calls, tasks))
+        metrics["tool_valid"] = _record(vectors, "tool_valid", (c is not None for c in calls))
+        metrics["tool_correct"] = _record(
+            vectors, "tool_correct", (c is not None and _same_number(c[1], ex.answer) for c, ex in zip(calls, tasks))
+        )
     return metrics
+
+
+def _record(vectors: dict[str, list[float]], name: str, flags: Iterable[bool]) -> float:
+    """Keep the per-example outcomes of ``name`` (for intervals) and return their mean."""
+    vectors[name] = [float(f) for f in flags]
+    return _mean(vectors[name])
 
 
 def _generate(
@@ -392,18 +443,19 @@ def _mean(flags: Iterable[bool]) -> float:
 
 
 def _multiple_choice(
-    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
+    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext,
+    vectors: dict[str, list[float]],
 ) -> dict[str, float]:
     tasks = [ex for ex in examples if ex.choices and 0 <= ex.label < len(ex.choices)][: cfg.max_examples]
     metrics = {"n_choice": float(len(tasks))}
     if not tasks:
         return metrics
     picks = [_argmax_first(s) for s in choice_scores(model, tokenizer, tasks, cfg, ctx)]
-    metrics["choice_acc"] = _mean(p == ex.label for p, ex in zip(picks, tasks))
+    metrics["choice_acc"] = _record(vectors, "choice_acc", (p == ex.label for p, ex in zip(picks, tasks)))
     for kind in ("persona", "narrative"):
         hits = [p == ex.label for p, ex in zip(picks, tasks) if ex.kind == kind]
         if hits:
-            metrics[f"{kind}_acc"] = _mean(hits)
+            metrics[f"{kind}_acc"] = _record(vectors, f"{kind}_acc", hits)
     return metrics
 
 

@@ -4,7 +4,9 @@ A :class:`Genome` is a method name and a flat, ordered tuple of gene values. Whi
 fixed by :func:`gene_specs` from the merge registry's schema:
 
 - ``weight[m][g]`` for every method with a per-model weight (all but SLERP and Model Stock), in [0, 1];
-- ``density[m][g]`` for the sparsifying methods (TIES, DARE, breadcrumbs, DELLA), in [0.1, 1];
+- ``density[m][g]`` for the sparsifying methods (TIES, DARE, breadcrumbs, DELLA), in [0.1, 1] intersected
+  with the merge registry's own limits for that method (DELLA, epsilon 0.15: [0.1501, 0.8499], because
+  its MagPrune needs 0 < density - epsilon and density + epsilon < 1);
 - ``lambda`` for the methods that normalise by the agreeing weights (TIES, DELLA), in [0.5, 1.5] (for the
   others a common scale of the weights already plays that role, so a lambda gene would be redundant);
 - ``t[g]`` for SLERP, in [0, 1];
@@ -18,6 +20,12 @@ fixed by :func:`gene_specs` from the merge registry's schema:
 gene becomes a list that mergekit interpolates over depth (a "gradient"), so every output layer gets its
 own value. Gene values are rounded to :data:`DECIMALS` places, so the recipe written to disk reproduces the
 evaluated candidate exactly and the fitness cache key (:meth:`Genome.key`) is stable.
+
+Every gene range is the search range of its kind (:data:`RANGES`) intersected with the limits the merge
+registry's checks enforce (``MergeMethod.limits``), so a proposed genome never fails those checks for a
+range reason. A genome can still be invalid as a whole (e.g. ``linear`` with every weight 0 cannot be
+normalised): :meth:`Genome.invalid_reason` runs the registry's checks without merging, and the search
+scores such a candidate -inf with the reason logged instead of aborting.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any, Sequence
 from forge_models.merge.registry import METHODS, get_method
 from forge_models.runtime import ConfigError
 
-__all__ = ["GeneSpec", "Genome", "MergeSpace", "gene_specs", "DECIMALS"]
+__all__ = ["GeneSpec", "Genome", "MergeSpace", "gene_range", "gene_specs", "DECIMALS"]
 
 DECIMALS = 4
 """Gene values are rounded to this many decimals (a 1e-4 weight change is far below fitness noise)."""
@@ -99,6 +107,19 @@ class MergeSpace:
         return None
 
 
+def gene_range(method: str, kind: str) -> tuple[float, float]:
+    """The search range of gene ``kind`` of ``method``: :data:`RANGES` within the registry's limits."""
+    low, high = RANGES[kind]
+    limit = METHODS[method].limits.get(kind)
+    if limit is not None:
+        # One rounding unit inside an open end, so the rounded value is still strictly inside.
+        lo, hi = limit.closed(10.0**-DECIMALS)
+        low, high = max(low, lo), min(high, hi)
+    if not low < high:
+        raise ConfigError(f"{method}: the {kind} search range {RANGES[kind]} and the merge's limits leave nothing")
+    return round(low, DECIMALS), round(high, DECIMALS)
+
+
 def gene_specs(method: str, space: MergeSpace) -> tuple[GeneSpec, ...]:
     """The ordered genes of ``method`` on ``space`` (see module docstring)."""
     spec = METHODS[method]
@@ -107,12 +128,13 @@ def gene_specs(method: str, space: MergeSpace) -> tuple[GeneSpec, ...]:
     genes: list[GeneSpec] = []
     for kind in ("weight", "density"):
         if kind in tensor_params:
-            genes += [GeneSpec(f"{kind}.{m}.{g}", kind, *RANGES[kind]) for m in space.models for g in groups]
+            low, high = gene_range(method, kind)
+            genes += [GeneSpec(f"{kind}.{m}.{g}", kind, low, high) for m in space.models for g in groups]
     normalize = spec.param("normalize")
     if spec.param("lambda") is not None and normalize is not None and normalize.default is True:
-        genes.append(GeneSpec("lambda", "lambda", *RANGES["lambda"]))
+        genes.append(GeneSpec("lambda", "lambda", *gene_range(method, "lambda")))
     if method == "slerp":
-        genes += [GeneSpec(f"t.{g}", "t", *RANGES["t"]) for g in groups]
+        genes += [GeneSpec(f"t.{g}", "t", *gene_range(method, "t")) for g in groups]
     if method == "dfs":
         genes += [GeneSpec(f"slot.{t}", "slot", *RANGES["slot"]) for t in range(space.dfs_slots)]
     return tuple(genes)
@@ -149,6 +171,37 @@ class Genome:
 
     def genes(self, space: MergeSpace) -> dict[str, float]:
         return {s.name: v for s, v in zip(gene_specs(self.method, space), self.values)}
+
+    def invalid_reason(self, space: MergeSpace) -> str | None:
+        """None if the merge registry accepts this genome's values, else its reason (no tensors are touched).
+
+        Runs the method's own parameter checks (``MergeMethod.resolve``) once per layer group; values
+        between groups are interpolations of the groups' values, which every check here accepts when
+        both ends pass (the limits are intervals).
+        """
+        why = space.usable(self.method)
+        if why is not None:
+            return why
+        specs = gene_specs(self.method, space)
+        if len(self.values) != len(specs):
+            return f"{self.method} on this space has {len(specs)} genes, the genome {len(self.values)}"
+        if self.method == "dfs":
+            return None
+        genes = self.genes(space)
+        spec = get_method(self.method)
+        for g in range(space.layer_groups):
+            if self.method == "slerp":
+                values: dict[str, Any] = {"t": genes[f"t.{g}"]}
+                per_model: list[dict[str, Any]] = [{}]
+            else:
+                values = {"lambda": genes["lambda"]} if "lambda" in genes else {}
+                per_model = [{k: genes[f"{k}.{m}.{g}"] for k in ("weight", "density") if f"{k}.{m}.{g}" in genes}
+                             for m in space.models]
+            try:
+                spec.resolve(values, per_model, 1, f"{self.describe(space)} (layer group {g})")
+            except ValueError as exc:
+                return str(exc)
+        return None
 
     def key(self) -> str:
         """Fitness-cache key: sha256 of the method and the rounded gene values (16 hex characters)."""

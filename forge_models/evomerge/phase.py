@@ -8,8 +8,9 @@ on a split and returns one :class:`Scored` per recipe, in order. Everything else
    the fitness split; per generation, best / mean / diversity go to ``ctx.tracker``. Candidates that leave
    the population (and are not an ancestor of the best) are handed to ``discard`` once, so the caller may
    delete their stored copies (``cfg.keep_candidates`` keeps them all).
-2. The winner, every parent and the plain average of the parents are scored on the fitness split and on the
-   test split: a parent is the one-hot ``linear`` recipe of that model (bit-identical to it), the average
+2. The winner, every parent and the plain average of the parents are scored on the fitness split
+   (selection-biased for the winner, and labelled so; the test split is read only by the pipeline's final
+   evaluation): a parent is the one-hot ``linear`` recipe of that model (bit-identical to it), the average
    ``linear`` with equal weights, so every comparison goes through the same merge-and-score path.
 3. The margins of the winner over the best parent and over the average, per split, are metrics.
 4. The winner's recipe in mergekit format (``forge merge --config recipe.yaml``) is written with the model
@@ -128,7 +129,7 @@ def run(inputs: EvoMergeInputs, cfg: EvoMergeConfig, ctx: PhaseContext, fan_out:
     best = result.best
     refs = reference_genomes(space)
     compare = {"best": best.genome, **refs}
-    comparison = {split: dict(zip(compare, score(list(compare.values()), split))) for split in (fit_split, "test")}
+    comparison = {split: dict(zip(compare, score(list(compare.values()), split))) for split in (fit_split,)}  # the test split is the final evaluation's alone
     if not cfg.keep_candidates:  # the references were stored only to be scored
         for g in refs.values():
             if g.key() != best.key and g.key() not in seen:

@@ -24,15 +24,18 @@ generations.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from forge_models.evomerge.config import EvoMergeConfig
 from forge_models.evomerge.genome import Genome, MergeSpace, diversity, gene_specs
 from forge_models.runtime import ConfigError
+
+_LOG = logging.getLogger("forge_models.evomerge")
 
 __all__ = ["Candidate", "GenerationStats", "SearchResult", "evolve", "STRATEGIES", "GAStrategy", "CMAESStrategy"]
 
@@ -72,6 +75,7 @@ class SearchResult:
     candidates: dict[str, Candidate]  # every scored recipe, by key (first proposal kept)
     stopped_by: str  # "generations" or "plateau"
     evaluations: int
+    invalid: dict[str, str] = field(default_factory=dict)  # recipe key -> why the merge would refuse it (-inf)
 
     def lineage(self, key: str | None = None) -> list[Candidate]:
         """The candidate (default: the best) and all its ancestors, oldest first."""
@@ -231,8 +235,9 @@ def evolve(
     """Run the configured strategy; see the module docstring.
 
     Args:
-        evaluate: scores a batch of genomes (never called with a recipe already in ``cache``). A NaN
-            fitness counts as -inf (that candidate can never win).
+        evaluate: scores a batch of genomes (never called with a recipe already in ``cache``, nor with one
+            the merge registry refuses: that candidate scores -inf and its reason is logged and kept in
+            ``SearchResult.invalid``, so the search goes on). A NaN fitness counts as -inf (it never wins).
         cache: recipe key -> fitness, pre-filled and updated in place (lets a rerun skip scored recipes).
         on_generation: called after each generation with (stats, population, this generation's candidates).
     """
@@ -243,12 +248,19 @@ def evolve(
     best: Candidate | None = None
     stale, stopped_by = 0, "generations"
     evaluations = 0
+    invalid: dict[str, str] = {}
     for gen in range(cfg.generations):
         t0 = time.monotonic()
         cands = strategy.ask(gen)
         todo: dict[str, Genome] = {}
         for c in cands:
             if c.key not in cache:
+                reason = c.genome.invalid_reason(space)
+                if reason is not None:
+                    cache[c.key] = -math.inf
+                    invalid[c.key] = reason
+                    _LOG.warning("EvoMerge candidate %s scores -inf without merging: %s", c.key, reason)
+                    continue
                 todo.setdefault(c.key, c.genome)
         if todo:
             values = evaluate(list(todo.values()))
@@ -280,4 +292,4 @@ def evolve(
             break
     assert best is not None
     return SearchResult(best=scored[best.key], population=population, history=history, candidates=scored,
-                        stopped_by=stopped_by, evaluations=evaluations)
+                        stopped_by=stopped_by, evaluations=evaluations, invalid=invalid)

@@ -19,7 +19,7 @@ layer (slices, or the DFS indicator) and the per-tensor function only copies (an
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
@@ -83,6 +83,25 @@ class Param:
         raise TypeError(f"unsupported parameter kind {self.kind}")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """An interval of accepted values: ``low`` / ``high`` with open or closed ends."""
+
+    low: float
+    high: float
+    low_closed: bool = True
+    high_closed: bool = True
+
+    def closed(self, margin: float) -> tuple[float, float]:
+        """The largest closed sub-interval whose open ends are moved in by ``margin``."""
+        return (self.low if self.low_closed else self.low + margin, self.high if self.high_closed else self.high - margin)
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+
 Check = Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]], int], None]
 """check(global values, per-model values, numel) -> None; raises ValueError with a reason."""
 
@@ -116,6 +135,9 @@ class MergeMethod:
     random: bool = False
     check: Check | None = None
     description: str = ""
+    limits: Mapping[str, "Limits"] = field(default_factory=dict, hash=False, compare=False)
+    """Numeric limits the method's ``check`` enforces, per parameter (with the other parameters at their
+    defaults): what a search may propose without its merge raising (see forge_models.evomerge.genome)."""
 
     def param(self, name: str) -> Param | None:
         for p in (*self.parameters, *self.tensor_parameters):
@@ -278,6 +300,15 @@ def _gta(
         tensor_params.append(Param("epsilon", float, 0.15, doc="half-width of the keep-probability range"))
     if sparsification is None:
         tensor_params.remove(_DENSITY)
+    limits: dict[str, Limits] = {}
+    if sparsification == "della_magprune":
+        # _check_gta: 0 < density - epsilon and density + epsilon < 1 (or density exactly 1, a point).
+        eps = next(p for p in tensor_params if p.name == "epsilon").default
+        limits = {"density": Limits(eps, 1.0 - eps, False, False), "epsilon": Limits(0.0, 0.5, False, False)}
+    elif sparsification is not None:
+        limits = {"density": Limits(0.0, 1.0, False, True)}
+    if sparsification == "magnitude_outliers":
+        limits["gamma"] = Limits(0.0, 1.0, True, False)
     return MergeMethod(
         name=name,
         fn=functools.partial(m.generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
@@ -296,6 +327,7 @@ def _gta(
         random=sparsification in ("random", "della_magprune"),
         check=_check_gta(sparsification),
         description=description,
+        limits=limits,
     )
 
 
@@ -352,6 +384,7 @@ _register(MergeMethod(
     max_models=1,
     check=_check_slerp,
     description="spherical interpolation between the base and one model",
+    limits={"t": Limits(0.0, 1.0)},
 ))
 _register(MergeMethod(
     name="model_stock",

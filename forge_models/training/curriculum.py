@@ -7,14 +7,16 @@ knobs (:func:`difficulty_knobs`): the largest operand grows log-uniformly from `
 
 **Fresh samples.** Training tasks and held-out probes come from two disjoint seed streams
 (``sha256("forge-curriculum:<stream>:<seed>:<index>")``, streams "train", "probe", "dream"), so a batch
-is a pure function of (seed, step, difficulty). Every generated task whose prompt is in the corpus'
-validation or test split is skipped, so curriculum training never touches the final evaluation and the
-probes never are validation or test examples. (At the lowest difficulty the whole problem space has a
+is a pure function of (seed, step, difficulty). Every generated task that shows a canonical key of the
+corpus' validation or test split (a calculation ``a op b`` in any wording, see
+:mod:`forge_models.data.keys`) is skipped, so curriculum training and dreams never touch a held-out item
+and the probes never are validation or test items. (At the lowest difficulty the whole problem space has a
 few dozen members, so a probe can repeat a training task there; at that level success measures
 memorisation, which is what "easy" means.)
 
-**Success** (:func:`answer_success`) is teacher-forced exact match of every token of the answer (the
-text after the prompt: worked steps and final number, or tool call, tool result and final answer), with
+**Success** (:func:`answer_success`) is teacher-forced exact match of every token the model must produce
+(the text after the prompt: worked steps and final number, or tool call and final answer; never the
+tool's output ``Tool: N``, which the calculator writes, see :func:`forge_models.data.unscored_spans`), with
 labels shifted by one and padding ignored. A model that copies its input scores ~0: results must be
 computed, not read.
 
@@ -33,6 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from forge_models.data.keys import canonical_keys
+from forge_models.data.stream import unscored_spans
 from forge_models.data.synthetic import Example, _arithmetic, _tool
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
@@ -60,9 +64,13 @@ def generate_tasks(
     families: Sequence[str],
     min_operand: int,
     max_operand: int,
-    exclude_prompts: frozenset[str] | set[str] = frozenset(),
+    exclude_keys: frozenset[str] | set[str] = frozenset(),
 ) -> list[Example]:
-    """``n`` answer-checked tasks at ``difficulty``, families alternating at random, none in ``exclude_prompts``."""
+    """``n`` answer-checked tasks at ``difficulty``, families alternating at random.
+
+    A task showing any canonical key in ``exclude_keys`` (:func:`forge_models.data.held_out_keys` of the
+    corpus: every calculation, in any wording, of the validation and test splits) is never returned.
+    """
     knobs = difficulty_knobs(difficulty, min_operand, max_operand)
     tasks: list[Example] = []
     tries = 0
@@ -70,7 +78,7 @@ def generate_tasks(
         tries += 1
         if tries > 100 * n + 1000:
             raise ConfigError(
-                f"could not generate {n} curriculum tasks outside the validation/test prompts at difficulty "
+                f"could not generate {n} curriculum tasks outside the validation/test calculations at difficulty "
                 f"{difficulty:.2f}; raise curriculum.min_operand"
             )
         family = rng.choice(list(families))
@@ -80,7 +88,7 @@ def generate_tasks(
             ex = _tool(rng, knobs["max_operand"])
         else:
             raise ConfigError(f"unknown curriculum family {family!r}; use arithmetic or tool")
-        if ex.prompt in exclude_prompts:
+        if canonical_keys(ex) & exclude_keys:
             continue
         tasks.append(ex)
     return tasks
@@ -95,12 +103,19 @@ def answer_positions(tokenizer: Any, example: Example) -> tuple[list[int], list[
     """(token ids with the start token first, indices of the answer's tokens in that list).
 
     The answer is every token that starts at or after the end of the prompt in the full text (offsets
-    from the fast tokenizer), so no BPE merge across the boundary can shift it.
+    from the fast tokenizer, so no BPE merge across the boundary can shift it), except tokens that
+    overlap the tool's output (``Tool: N`` lines): the model must produce its call and its final answer,
+    not the calculator's result.
     """
     enc = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [_start_token(tokenizer)] + list(enc["input_ids"])
     cut = len(example.prompt)
-    answer = [i + 1 for i, (start, _end) in enumerate(enc["offset_mapping"]) if start >= cut]
+    spans = unscored_spans(example.text)
+    answer = [
+        i + 1
+        for i, (start, end) in enumerate(enc["offset_mapping"])
+        if start >= cut and not any(start < s_end and end > s_start for s_start, s_end in spans)
+    ]
     return ids, answer
 
 

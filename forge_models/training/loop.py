@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from forge_models.data import Corpus
+from forge_models.data import Corpus, held_out_keys, mask_unscored
 from forge_models.data.stream import TokenSampler
 from forge_models.optim import make_adamw
 from forge_models.runtime import ConfigError, PhaseContext, TrainingDiverged, check_finite
@@ -66,7 +66,7 @@ class Loop:
         self.eos = eos_token_id(tokenizer)
         self.sampler = TokenSampler(corpus.split("train"), tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size,
                                     ctx.seed)
-        self.exclude = frozenset(ex.prompt for split in ("validation", "test") for ex in corpus.split(split) if ex.prompt)
+        self.exclude = held_out_keys(corpus)  # every held-out calculation, in any wording
         self.check_rows = _token_windows(corpus.split("validation"), tokenizer, cfg.check_tokens, cfg.seq_len)
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", None) or 4 * cfg.seq_len)
@@ -190,12 +190,14 @@ class Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch, composition = self.batch(step, stage)
-        batch = batch.to(ctx.device)
+        labels = mask_unscored(batch, self.tokenizer)  # tool output lines are not the model's to predict
+        labels[: composition["real"]] = self.sampler.labels(step)[: composition["real"]]  # exact for cut rows
+        batch, labels = batch.to(ctx.device), labels.to(ctx.device)
         model.train()
         if self.tap is not None:
             self.tap.reset()
         with ctx.autocast():
-            out = model(input_ids=batch, labels=batch)
+            out = model(input_ids=batch, labels=labels)
         check_finite(out.loss, step + 1, "forge loss")
         if float(out.loss.detach()) > EXPLODE_FACTOR * math.log(self.vocab):
             raise TrainingDiverged(

@@ -56,7 +56,7 @@ from forge_models.checkpoint import digest as checkpoint_digest
 from forge_models.checkpoint import state_digest, tokenizer_fingerprint
 from forge_models.config import HEADLINE_METRICS, EvalConfig
 from forge_models.data import Corpus
-from forge_models.eval import evaluate
+from forge_models.eval import evaluate, paired_metrics
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput, QualityGateFailed, translate_oom
 from forge_models.training.config import TrainingConfig
 from forge_models.training.curriculum import difficulty_knobs
@@ -113,7 +113,8 @@ def _run(inputs: TrainingInputs, cfg: TrainingConfig, ctx: PhaseContext) -> Phas
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"training.seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {limit}")
     quant_lambda = loop_quant_lambda(model)
-    before = _evaluate(model, inputs, held_out, ctx)
+    outcomes: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}  # per-example, for paired diffs
+    before = _evaluate(model, inputs, held_out, ctx, outcomes)
     digest = checkpoint_digest({
         "config": cfg.model_dump(mode="json", exclude={"checkpoint_every", "max_loss_increase"}),
         "seed": ctx.seed,
@@ -129,7 +130,7 @@ def _run(inputs: TrainingInputs, cfg: TrainingConfig, ctx: PhaseContext) -> Phas
     finally:
         loop.close()
     model.eval()
-    after = _evaluate(model, inputs, held_out, ctx)
+    after = _evaluate(model, inputs, held_out, ctx, outcomes)
     increase = after["loss"] - before["loss"]
     if increase > cfg.max_loss_increase:
         raise QualityGateFailed(
@@ -206,5 +207,12 @@ def _run(inputs: TrainingInputs, cfg: TrainingConfig, ctx: PhaseContext) -> Phas
     )
 
 
-def _evaluate(model: nn.Module, inputs: TrainingInputs, held_out: Sequence[Any], ctx: PhaseContext) -> dict[str, float]:
-    return {k: float(v) for k, v in evaluate(model, inputs.tokenizer, held_out, inputs.eval_cfg, ctx).items()}
+def _evaluate(model: nn.Module, inputs: TrainingInputs, held_out: Sequence[Any], ctx: PhaseContext,
+              outcomes: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """Harness metrics; the second call (after) adds paired differences to the first (before), same examples."""
+    when = "after" if outcomes["before"] else "before"
+    cfg = inputs.eval_cfg
+    values = {k: float(v) for k, v in evaluate(model, inputs.tokenizer, held_out, cfg, ctx, outcomes[when]).items()}
+    if when == "after":
+        values.update(paired_metrics(outcomes["after"], outcomes["before"], cfg.bootstrap_samples, cfg.bootstrap_seed))
+    return values

@@ -35,13 +35,14 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert bit["size/ternary_linear"] * 7 < bit["size/bf16_linear"]  # 2 bits vs 16, measured on disk
     assert 1.99 < bit["size/bits_per_ternary_weight"] < 2.01
     assert bit["export/max_rel_logit_diff"] < 1e-4
-    assert bit["bitnet/loss"] - bit["input/loss"] <= 1.0  # the quality gate of the preset
+    assert bit["bitnet/loss"] < bit["ternary_no_ft/loss"]  # QAT recovered part of what ternarising cost
     assert set(doc["test_metrics"]) == {"model"}
     # EvoMerge on the tiny Cognate variants: the evolved merge beats every parent on validation fitness
+    # (selection-biased: chosen on that split; "beats the plain average" is not asserted, the GA starts there)
     evo = phases["evomerge"]["metrics"]
     for parent in ("math", "dialog", "story"):
         assert evo["validation/best/fitness"] > evo[f"validation/parent:{parent}/fitness"], (parent, evo)
-    assert evo["validation/best/fitness"] > evo["validation/average/fitness"]
+    assert not any(k.startswith("test/") for k in evo)  # the test split is the final evaluation's alone
     assert evo["evaluations"] >= 8 and evo["generations"] >= 2
     # ... and its recipe.yaml reproduces the stored winner with `forge merge`
     evo_dir = tmp_path / "forge-store" / phases["evomerge"]["artifact"]["uri"].split("/forge-store/")[1]
@@ -60,9 +61,11 @@ def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     assert (tr_dir / "model" / "bitnet.json").is_file() and (tr_dir / "model" / "latent" / "model.safetensors").is_file()
     cog = phases["cognate"]
     assert cog["status"] == "completed" and not cog["cached"]
-    for name in ("trunk", "math", "dialog", "story"):
-        assert cog["metrics"][f"{name}/unigram_gain"] >= 0.5
+    for name in ("trunk", "math", "dialog", "story"):  # (the unigram gate is the phase's; not re-asserted here)
         assert cog["metrics"][f"{name}/params"] > 0
+    final = doc["test_metrics"]["model"]  # every test example scored, each accuracy with its interval
+    assert min(final["n_arith"], final["n_tool"], final["n_choice"]) >= 200
+    assert final["tool_correct_lo"] <= final["tool_correct"] <= final["tool_correct_hi"]
     out = proc.stdout + proc.stderr
     assert "cognate" in out and "MLflow UI" in out
     assert (tmp_path / "forge-store" / "mlflow.db").is_file()

@@ -49,7 +49,8 @@ from forge_models.bitnet import (
     write_bf16_reference,
 )
 from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
-from forge_models.data import build_corpus
+from forge_models.data import TokenSampler, build_corpus
+from forge_models.eval import evaluate, unigram_loss
 from forge_models.runtime import (
     ArtifactIntegrityError,
     ConfigError,
@@ -698,8 +699,7 @@ EVAL = EvalConfig(max_examples=3, ppl_max_tokens=512, max_new_tokens=6, batch_si
 
 
 def phase_config(**overrides) -> BitNetConfig:
-    fields = dict(steps=10, warmup_steps=4, lr=1e-3, batch_size=4, seq_len=32, checkpoint_every=4,
-                  max_loss_increase=5.0)
+    fields = dict(steps=10, warmup_steps=4, lr=1e-3, batch_size=4, seq_len=32, checkpoint_every=4)  # default gates
     fields.update(overrides)
     return BitNetConfig(**fields)
 
@@ -792,6 +792,48 @@ def test_quality_gate_fails_a_model_that_lost_too_much(corpus_and_tokenizer):
     cfg = phase_config(steps=2, warmup_steps=0, lr=1.0, max_loss_increase=0.5)
     with pytest.raises(QualityGateFailed, match="max_loss_increase is 0.5"):
         run_phase(corpus_and_tokenizer, cfg)
+
+
+def test_gain_gate_uses_the_input_gain_over_unigram():
+    from forge_models.bitnet.phase import _gain_gate
+
+    # The tiny-preset pilot: unigram 4.647, merged input 0.859; ternary without fine-tuning 1.954, after QAT 0.832.
+    with pytest.raises(QualityGateFailed, match="keeps 71.1% of the input's gain"):
+        _gain_gate({"loss": 0.859}, {"loss": 1.954}, 4.647, 0.9)
+    _gain_gate({"loss": 0.859}, {"loss": 0.832}, 4.647, 0.9)
+    _gain_gate({"loss": 0.859}, {"loss": 1.2}, 4.647, 0.9)  # keeps 91%
+    # An input without gain over unigram (untrained) must simply not get worse.
+    _gain_gate({"loss": 6.0}, {"loss": 5.9}, 4.6, 0.9)
+    with pytest.raises(QualityGateFailed):
+        _gain_gate({"loss": 6.0}, {"loss": 6.01}, 4.6, 0.9)
+
+
+@pytest.fixture(scope="module")
+def trained_input(corpus_and_tokenizer):
+    """A tiny Cognate model trained on the corpus until it clearly beats the unigram baseline."""
+    corpus, tokenizer = corpus_and_tokenizer
+    model = tiny_cognate(vocab=len(tokenizer))
+    sampler = TokenSampler(corpus.train, tokenizer, {"arithmetic": 1, "tool": 1, "persona": 1, "narrative": 1},
+                           seq_len=32, batch_size=16, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(150):
+        model(input_ids=sampler.batch(step), labels=sampler.labels(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_quality_gate_fails_a_ternary_model_that_was_not_fine_tuned(corpus_and_tokenizer, trained_input):
+    """The phase must make the model usable, not merely run: ternarising without fine-tuning fails the gate."""
+    corpus, tokenizer = corpus_and_tokenizer
+    held = corpus.validation
+    before = evaluate(trained_input, tokenizer, held, EVAL, PhaseContext(precision="fp32"))["loss"]
+    unigram = unigram_loss(corpus.train, held, tokenizer, EVAL.ppl_max_tokens)
+    assert unigram - before > 1.0, (unigram, before)  # the input has a real gain to keep
+    barely = phase_config(steps=2, warmup_steps=1, lr=1e-7)
+    with pytest.raises(QualityGateFailed, match="min_gain_kept is 90%"):
+        run_phase(corpus_and_tokenizer, barely, model=trained_input)
 
 
 def test_config_rejects_contradictions_before_any_work():

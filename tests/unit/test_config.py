@@ -14,8 +14,17 @@ def test_presets_load(preset):
 
 
 def test_overrides_apply_and_parse_types():
-    cfg = load_config("tiny", overrides=["cognate.trunk.steps=70", "eval.split=test", "device.precision=fp32"])
-    assert cfg.cognate.trunk.steps == 70 and cfg.eval.split == "test" and cfg.device.precision == "fp32"
+    cfg = load_config("tiny", overrides=["cognate.trunk.steps=70", "eval.max_examples=12", "device.precision=fp32"])
+    assert cfg.cognate.trunk.steps == 70 and cfg.eval.max_examples == 12 and cfg.device.precision == "fp32"
+
+
+def test_eval_split_refuses_test_and_only_the_final_evaluation_scores_every_test_example():
+    with pytest.raises(ConfigProblems, match="eval.split 'test' is refused"):
+        load_config("tiny", overrides=["eval.split=test"])
+    cfg = load_config("tiny")
+    assert cfg.eval.split == "validation"
+    assert cfg.eval.for_split("validation") is cfg.eval
+    assert cfg.eval.for_split("test").max_examples == (cfg.eval.final_max_examples or 100_000)
 
 
 def test_config_file_merges_over_preset(tmp_path):

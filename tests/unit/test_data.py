@@ -11,14 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from forge_models.config import DataConfig, SourceConfig, SyntheticConfig
+from forge_models.config import DataConfig, EvalConfig, SourceConfig, SyntheticConfig
 from forge_models.data import (
     SPLITS,
     Corpus,
     Example,
     TokenSampler,
     build_corpus,
+    canonical_keys,
+    example_split,
     generate_synthetic,
+    key_split,
+    mask_unscored,
     split_examples,
 )
 from forge_models.runtime import ConfigError
@@ -371,3 +375,112 @@ def test_sampler_rejects_mix_without_present_kinds(corpus5k: Corpus, tokenizer):
         TokenSampler(corpus5k.train, tokenizer, {"text": 1.0}, 16, 2, seed=0)
     with pytest.raises(ConfigError, match="unknown data kinds"):
         TokenSampler(corpus5k.train, tokenizer, {"poetry": 1.0}, 16, 2, seed=0)
+
+
+# ---------------------------------------------------------------------------- canonical split keys
+
+_CALC_RES = (
+    re.compile(r"calculator\((\d+) ([+\-*]) (\d+)\)"),
+    re.compile(r"(-?\d+) ([+\-*]) (-?\d+) = "),
+)
+_SUM_RE = re.compile(r"what is (\d+) plus (\d+)\?")
+
+
+def _calculations(text: str) -> set[tuple[int, str, int]]:
+    """Every calculation a text shows, found independently of forge_models.data.keys (commutative: sorted)."""
+    found = {(int(a), op, int(b)) for rx in _CALC_RES for a, op, b in rx.findall(text)}
+    found |= {(int(a), "+", int(b)) for a, b in _SUM_RE.findall(text)}
+    return {(min(a, b), op, max(a, b)) if op in "+*" else (a, op, b) for a, op, b in found}
+
+
+@pytest.fixture(scope="module")
+def corpus40k() -> Corpus:
+    return build_corpus(_cfg(40000, validation_percent=5, test_percent=15))
+
+
+def test_no_canonical_key_crosses_splits_in_a_large_corpus(corpus40k: Corpus):
+    where: dict[str, set[str]] = {}
+    for name in SPLITS:
+        for ex in corpus40k.split(name):
+            for key in canonical_keys(ex):
+                where.setdefault(key, set()).add(name)
+    crossing = {k: v for k, v in where.items() if len(v) > 1}
+    assert not crossing, list(crossing.items())[:5]
+    assert sum(1 for v in where.values() if "test" in v) > 1000
+
+
+def test_no_held_out_calculation_or_persona_reply_appears_in_training(corpus40k: Corpus):
+    """The leak the exact-prompt split had: the same calculation in another wording, or inside a worked step."""
+    train_calcs = set().union(*(_calculations(ex.text) for ex in corpus40k.train))
+    for name in ("validation", "test"):
+        held = [ex for ex in corpus40k.split(name) if ex.kind in ("tool", "arithmetic", "persona")]
+        calcs = set().union(*(_calculations(ex.text) for ex in held))
+        assert len(calcs) > 30 and not calcs & train_calcs, sorted(calcs & train_calcs)[:5]
+    train_replies = {ex.choices[ex.label] for ex in corpus40k.train if ex.kind == "persona"}
+    held_replies = {ex.choices[ex.label] for n in ("validation", "test") for ex in corpus40k.split(n) if ex.kind == "persona"}
+    worded = {r for r in held_replies if not re.fullmatch(r" -?\d+\.", r)}  # " 12." may answer another sum
+    assert worded and not worded & train_replies
+
+
+def test_a_calculation_gets_one_split_whatever_its_wording_or_kind():
+    wordings = [
+        Example("tool", "User: What is 7 times 13?\nAssistant: <tool>calculator(7 * 13)</tool>\nTool: 91\n"
+                "Assistant: The answer is 91.\n", "User: What is 7 times 13?\nAssistant:", "91"),
+        Example("tool", "User: Compute 13 * 7.\nAssistant: <tool>calculator(13 * 7)</tool>\nTool: 91\n"
+                "Assistant: The answer is 91.\n", "User: Compute 13 * 7.\nAssistant:", "91"),
+        Example("arithmetic", "Q: What is 7 * 13?\nA: 7 * 13 = 91. The answer is 91.\n", "Q: What is 7 * 13?\nA:", "91"),
+    ]
+    assert len({frozenset(canonical_keys(ex)) for ex in wordings}) == 1
+    assert len({example_split(ex, 30, 30) for ex in wordings}) == 1
+    # A worked problem whose steps belong to different splits is kept in none of them.
+    mixed = [Example("arithmetic", f"Q: What is {a} + {b} * 2?\nA: {b} * 2 = {b * 2}. {a} + {b * 2} = {a + b * 2}. "
+                     f"The answer is {a + b * 2}.\n", f"Q: What is {a} + {b} * 2?\nA:", str(a + b * 2))
+             for a in range(1, 30) for b in range(1, 30)]
+    splits = [example_split(ex, 30, 30) for ex in mixed]
+    assert None in splits and {"train", "validation", "test"} <= set(splits)
+    for ex, name in zip(mixed, splits):
+        if name is not None:
+            assert {key_split(k, 30, 30) for k in canonical_keys(ex)} == {name}
+
+
+def test_tiny_preset_test_split_holds_200_answer_checked_examples_per_task_all_scored():
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).parents[2] / "flows" / "presets" / "tiny.yaml").read_text())
+    corpus = build_corpus(DataConfig(**preset["data"]))
+    test = corpus.test
+    counts = {
+        "arith": sum(ex.kind == "arithmetic" for ex in test),
+        "tool": sum(ex.kind == "tool" for ex in test),
+        "choice": sum(bool(ex.choices) for ex in test),
+    }
+    assert min(counts.values()) >= 200, counts
+    final = EvalConfig(**preset["eval"]).for_split("test")
+    assert final.max_examples >= max(counts.values())  # the final evaluation scores every one
+
+
+# ------------------------------------------------------------------------------------- loss masks
+
+
+def test_sampler_labels_mask_tool_output_only(tokenizer):
+    tool = [ex for ex in generate_synthetic(SyntheticConfig(n_examples=400, kinds={"tool": 1.0}), 3)]
+    sampler = TokenSampler(tool, tokenizer, {"tool": 1.0}, seq_len=64, batch_size=16, seed=0)
+    ids, labels = sampler.batch(5), sampler.labels(5)
+    assert torch.equal(ids[labels != -100], labels[labels != -100])
+    masked = labels == -100
+    assert 0.05 < masked.float().mean() < 0.4
+    for row, keep in zip(ids.tolist(), (~masked).tolist()):
+        kept = tokenizer.decode([t for t, k in zip(row, keep) if k])
+        dropped = tokenizer.decode([t for t, k in zip(row, keep) if not k])
+        assert "Tool" not in kept and "calculator(" in kept and "The answer is" in kept
+        assert re.fullmatch(r"[Tool: \d\n-]*", dropped), dropped
+    # A packed row (starting at a document boundary) is masked the same way from its tokens alone.
+    eos = tokenizer.eos_token_id
+    row = [eos] + [t for ex in tool[:3] for t in (*tokenizer(ex.text, add_special_tokens=False)["input_ids"], eos)]
+    packed = mask_unscored(torch.tensor([row]), tokenizer)
+    dropped = tokenizer.decode([t for t, lab in zip(row, packed[0].tolist()) if lab == -100])
+    assert dropped == "".join(re.findall(r"Tool: -?\d+\n", "".join(ex.text for ex in tool[:3])))
+    # Kinds without tool output are left whole.
+    narrative = [ex for ex in generate_synthetic(SyntheticConfig(n_examples=200, kinds={"narrative": 1.0}), 3)]
+    plain = TokenSampler(narrative, tokenizer, {"narrative": 1.0}, seq_len=64, batch_size=4, seed=0)
+    assert torch.equal(plain.labels(1), plain.batch(1))

@@ -42,8 +42,11 @@ class CharTokenizer:
     def __len__(self) -> int:
         return len(self.chars) + 2
 
-    def __call__(self, texts: Sequence[str], add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [[self.index[c] for c in t] for t in texts]}
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = False, return_offsets_mapping: bool = False) -> dict:
+        out = {"input_ids": [[self.index[c] for c in t] for t in texts]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [[(i, i + 1) for i in range(len(t))] for t in texts]
+        return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return "".join(self.chars[i - 2] for i in ids if i >= 2)
@@ -368,3 +371,99 @@ def test_evaluate_runs_on_a_real_llama_and_is_deterministic():
         assert 0.0 <= first[key] <= 1.0
     baseline = unigram_loss(splits["train"], held_out, hf_tok, 512)
     assert 0 < baseline < math.log(len(hf_tok))  # unigram statistics beat a uniform guess
+
+
+# ------------------------------------------------------------------------------------- intervals
+
+
+def test_bootstrap_interval_covers_the_true_rate_at_about_the_nominal_rate():
+    """A seeded simulation: 400 accuracies of 200 Bernoulli(0.7) outcomes; 95% intervals cover 0.7 ~95% of the time."""
+    import numpy as np
+
+    from forge_models.eval import bootstrap_interval
+
+    rng = np.random.default_rng(123)
+    covered = 0
+    for trial in range(400):
+        outcomes = (rng.random(200) < 0.7).astype(float)
+        low, high = bootstrap_interval(outcomes, n_resamples=1000, seed=trial)
+        assert low <= outcomes.mean() <= high
+        covered += low <= 0.7 <= high
+    assert 0.91 <= covered / 400 <= 0.98, covered / 400
+    # Width shrinks like 1 / sqrt(n): 4x the examples, about half the width.
+    small = bootstrap_interval((rng.random(100) < 0.5).astype(float), 2000, 0)
+    large = bootstrap_interval((rng.random(1600) < 0.5).astype(float), 2000, 0)
+    assert (large[1] - large[0]) < 0.35 * (small[1] - small[0])
+
+
+def test_paired_difference_of_identical_vectors_is_exactly_zero_with_zero_width():
+    from forge_models.eval import describe_difference, paired_difference, paired_metrics, within_noise
+
+    vec = [1.0, 0.0, 1.0, 1.0, 0.0] * 40
+    assert paired_difference(vec, vec, 2000, 0) == (0.0, 0.0, 0.0)
+    assert within_noise(0.0, 0.0)
+    # A real improvement on the same examples is detected; the pairing makes it sharper than unpaired.
+    before = [0.0] * 150 + [1.0] * 50
+    after = [1.0] * 60 + [0.0] * 90 + [1.0] * 50  # 60 more right, none lost
+    diff, low, high = paired_difference(after, before, 2000, 0)
+    assert diff == pytest.approx(0.3) and low > 0.2 and not within_noise(low, high)
+    assert "better" in describe_difference("tool_correct", diff, low, high)
+    # Two equally good models that disagree on different examples: within noise.
+    a = [1.0, 0.0] * 100
+    b = [0.0, 1.0] * 100
+    d = paired_metrics({"acc": a}, {"acc": b})
+    assert d["d_acc"] == 0.0 and within_noise(d["d_acc_lo"], d["d_acc_hi"])
+    assert "within noise" in describe_difference("acc", d["d_acc"], d["d_acc_lo"], d["d_acc_hi"])
+    with pytest.raises(ConfigError, match="same examples"):
+        paired_difference([1.0, 0.0], [1.0], 100, 0)
+
+
+def test_evaluate_reports_intervals_and_outcomes_per_example(tok):
+    examples = [_arith("3 + 4 * 2", "11"), _arith("5 - 7", "-2"), _arith("2 * 2", "4"), _arith("9 - 1", "8")]
+    right = {ex.prompt: ex.text[len(ex.prompt):] for ex in examples[:3]}
+    outcomes: dict = {}
+    metrics = evaluate(ScriptedLM(tok, right), tok, examples, CFG, CTX, outcomes=outcomes)
+    assert outcomes["arith_em"] == [1.0, 1.0, 1.0, 0.0]
+    assert metrics["arith_em"] == 0.75
+    assert 0.0 <= metrics["arith_em_lo"] <= 0.75 <= metrics["arith_em_hi"] <= 1.0
+    assert metrics["arith_em_lo"] < metrics["arith_em_hi"]
+    # Seeded: the same config gives the same interval.
+    assert evaluate(ScriptedLM(tok, right), tok, examples, CFG, CTX) == metrics
+
+
+def test_perplexity_does_not_score_tool_output(tok):
+    """Two held-out sets that differ only in the calculator's output have the same loss under a bigram model."""
+
+    class BigramLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = nn.Embedding(len(tok), len(tok))
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=self.table(input_ids))
+
+    def episode(result: str) -> Example:
+        prompt = "User: Compute 6 * 7.\nAssistant:"
+        text = f"{prompt} <tool>calculator(6 * 7)</tool>\nTool: {result}\nAssistant: The answer is 42.\n"
+        return Example("tool", text, prompt, "42")
+
+    cfg = CFG.model_copy(update={"seq_len": 256})
+    honest = evaluate(BigramLM(), tok, [episode("42")], cfg, CTX)
+    other = evaluate(BigramLM(), tok, [episode("987654")], cfg, CTX)
+    assert honest["loss"] == pytest.approx(other["loss"], abs=1e-6)
+    assert honest["ppl_tokens"] == other["ppl_tokens"] == len(episode("42").text) + 1 - 1 - len("Tool: 42\n")
+
+
+def test_report_lines_say_within_noise_when_the_interval_covers_zero():
+    from forge_models.eval import difference_lines, paired_metrics
+
+    same = [1.0, 0.0] * 100
+    flipped = [0.0, 1.0] * 100
+    better = [1.0] * 200
+    after = {"tool_correct": better, "choice_acc": flipped}
+    lines = difference_lines(paired_metrics(after, {"tool_correct": same, "choice_acc": same}), "after - before")
+    assert lines[0].startswith("Paired differences, after - before")
+    assert any(l.startswith("- choice_acc: +0.000") and "within noise" in l for l in lines)
+    assert any(l.startswith("- tool_correct: +0.500") and "(better)" in l for l in lines)
+    assert difference_lines({"loss": 1.0}, "x") == []

@@ -203,6 +203,104 @@ def test_nan_fitness_never_wins():
     assert result.best.fitness == 0.5
 
 
+# ----------------------------------------------------------------- gene ranges and invalid genomes
+
+
+def _group_params(g: Genome, space: MergeSpace, group: int) -> dict:
+    genes = g.genes(space)
+    if g.method == "slerp":
+        return {"t": genes[f"t.{group}"]}
+    params = {k: [genes[f"{k}.{m}.{group}"] for m in space.models] for k in ("weight", "density")
+              if f"{k}.{space.models[0]}.{group}" in genes}
+    if "lambda" in genes:
+        params["lambda_"] = genes["lambda"]
+    return params
+
+
+@pytest.mark.parametrize("method", [m for m in SEARCHABLE_METHODS if m != "dfs"])
+def test_many_random_genomes_of_every_searchable_method_merge_without_error(method):
+    """Gene ranges come from the registry's limits: no random genome (nor a corner) makes the merge raise."""
+    space = SPACE3 if method != "slerp" else MergeSpace(models=("a", "b"), base="trunk", layer_groups=2)
+    n = len(space.models) if method != "slerp" else 1
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 8, generator=gen)
+    tensors = [base + 0.1 * torch.randn(16, 8, generator=gen) for _ in range(n)]
+    specs = gene_specs(method, space)
+    genomes = [Genome.random(method, space, rng) for _ in range(200)]
+    genomes += [Genome.make(method, [s.low for s in specs], space), Genome.make(method, [s.high for s in specs], space),
+                Genome.center(method, space)]
+    for g in genomes:
+        reason = g.invalid_reason(space)
+        if reason is not None:  # the one whole-genome refusal: linear cannot normalise weights summing to 0
+            assert method == "linear" and all(v == 0 for v in g.values), reason
+            with pytest.raises(ValueError, match="sum to 0"):
+                merge_tensors(method, tensors, None, **_group_params(g, space, 0))
+            continue
+        for group in range(space.layer_groups):
+            out = merge_tensors(method, tensors, base if METHODS[method].base == "required" else None, seed=1,
+                                **_group_params(g, space, group))
+            assert out.shape == base.shape and torch.isfinite(out).all()
+
+
+def test_random_genomes_of_every_searchable_method_merge_real_folders(tmp_path):
+    """The same through recipes and folders (per-layer gradients over 2 layer groups included)."""
+    from forge_models.evomerge import merge_candidate
+    from tests.unit.test_merge import make_llama
+
+    folders = {n: make_llama(tmp_path / n, seed=i, tokenizer=False) for i, n in enumerate(("trunk", "a", "b", "c"))}
+    three = MergeSpace(models=("a", "b", "c"), base="trunk", layer_groups=2)
+    two = MergeSpace(models=("a", "b"), base="trunk", layer_groups=2)
+    rng = random.Random(1)
+    for method in [m for m in SEARCHABLE_METHODS if m != "dfs"]:
+        space = two if method == "slerp" else three
+        for i in range(3):
+            g = Genome.random(method, space, rng)
+            assert g.invalid_reason(space) is None
+            merge_candidate(g, space, folders, tmp_path / f"{method}-{i}", seed=i)
+            assert (tmp_path / f"{method}-{i}" / "config.json").is_file()
+
+
+def test_della_densities_stay_inside_its_magprune_limits_and_the_old_range_is_refused():
+    low, high = next((s.low, s.high) for s in gene_specs("della", SPACE3) if s.kind == "density")
+    assert (low, high) == (0.1501, 0.8499)
+    assert next(s.low for s in gene_specs("ties", SPACE3) if s.kind == "density") == 0.1  # TIES: (0, 1]
+    # The genome the old range allowed (density 0.1 < epsilon 0.15) is named as invalid, with the reason.
+    specs = gene_specs("della", SPACE3)
+    bad = Genome("della", tuple(0.1 if s.kind == "density" else 0.5 for s in specs))
+    assert "DELLA needs 0 < density - epsilon" in bad.invalid_reason(SPACE3)
+
+
+def test_an_invalid_candidate_scores_minus_inf_with_its_reason_and_the_search_goes_on(monkeypatch, caplog):
+    from forge_models.evomerge import search
+
+    space = MergeSpace(models=("a", "b"), base="base")
+    specs = gene_specs("della", space)
+    bad = Genome("della", tuple(0.05 if s.kind == "density" else 0.5 for s in specs))  # what a bug could propose
+    original = search.GAStrategy.ask
+
+    def ask(self, generation):
+        cands = original(self, generation)
+        return cands + [search.Candidate(bad, generation, "init")] if generation == 0 else cands
+
+    monkeypatch.setattr(search.GAStrategy, "ask", ask)
+    cfg = EvoMergeConfig(strategy="ga", methods=["linear", "della"], generations=3, population=4, elites=1,
+                         base_model="base", patience=5)
+    seen: list[Genome] = []
+
+    def evaluate(genomes):
+        seen.extend(genomes)
+        return [0.5] * len(genomes)
+
+    with caplog.at_level("WARNING", logger="forge_models.evomerge"):
+        result = evolve(space, cfg, evaluate, seed=0)
+    assert bad.key() not in {g.key() for g in seen}  # never merged
+    assert "DELLA needs" in result.invalid[bad.key()]
+    assert any(bad.key() in r.message and "-inf" in r.message for r in caplog.records)
+    assert result.candidates[bad.key()].fitness == -math.inf and result.best.fitness == 0.5
+    assert len(result.history) == 3
+
+
 # ------------------------------------------------------------------------- merging real folders
 
 

@@ -22,10 +22,10 @@ import forge_models  # noqa: F401  (registers "cognate")
 from forge_models.bitnet import bit_linears, convert_to_bitnet
 from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
 from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
-from forge_models.data import build_corpus
+from forge_models.data import build_corpus, canonical_keys, held_out_keys, mask_unscored
 from forge_models.data.stream import TokenSampler
 from forge_models.data.synthetic import Example
-from forge_models.runtime import ConfigError, PhaseContext, RecordingTracker, TrainingDiverged
+from forge_models.runtime import ConfigError, PhaseContext, QualityGateFailed, RecordingTracker, TrainingDiverged
 from forge_models.training import (
     EXIT_CRITERIA,
     BandController,
@@ -40,7 +40,7 @@ from forge_models.training import (
     run,
 )
 from forge_models.training import loop as loop_module
-from forge_models.training.curriculum import stream_rng, task_stats
+from forge_models.training.curriculum import answer_positions, stream_rng, task_stats
 from forge_models.training.selfmodel import LayerTap, SelfModelHead, decoder_layers, logit_lens, self_model_loss
 from forge_models.tokenizer import train_bpe
 from tests.helpers import Interrupted, StopAt, poison_loss
@@ -84,7 +84,7 @@ def ten_stages(steps: int = 6) -> list[StageConfig]:
 
 def small_config(**overrides) -> TrainingConfig:
     fields = dict(stages=ten_stages(), warmup_steps=3, eval_every=3, batch_size=4, seq_len=32, check_tokens=256,
-                  checkpoint_every=7, max_loss_increase=5.0, lr=3e-3, grokfast={"enabled": True},
+                  checkpoint_every=7, lr=3e-3, grokfast={"enabled": True},
                   curriculum={"window": 8}, dreams={"every": 3, "n_samples": 4, "max_new_tokens": 12})
     fields.update(overrides)
     return TrainingConfig(**fields)
@@ -207,10 +207,51 @@ def test_difficulty_changes_the_generated_tasks():
     assert h["max_operand"] > 10 * e["max_operand"]
     assert h["ops"] > e["ops"] + 0.3  # tool calls always have one operation
     assert h["answer_digits"] > e["answer_digits"] + 1
-    # Held-out prompts are never generated.
-    banned = frozenset(t.prompt for t in easy[:50])
+    # Held-out calculations are never generated, in any wording.
+    banned = frozenset(k for t in easy[:50] for k in canonical_keys(t))
     again = generate_tasks(stream_rng(0, "train", 1), 200, 0.1, ["arithmetic", "tool"], 2, 999, banned)
-    assert not banned & {t.prompt for t in again}
+    assert not banned & {k for t in again for k in canonical_keys(t)}
+
+
+@pytest.mark.parametrize("stream", ["train", "probe", "dream"])
+def test_generated_curriculum_and_dream_tasks_never_hit_a_held_out_key(stream):
+    """Phase 5 excludes held_out_keys(corpus): no generated task shows a validation/test calculation."""
+    corpus = build_corpus(DataConfig(seed=7, synthetic=SyntheticConfig(n_examples=20000, max_operand=20),
+                                     validation_percent=5, test_percent=15))
+    held = held_out_keys(corpus)
+    assert len(held) > 300
+    hits_without, total = 0, 0
+    for index, difficulty in enumerate((0.0, 0.2, 0.5, 0.8, 1.0)):
+        tasks = generate_tasks(stream_rng(3, stream, index), 300, difficulty, ["arithmetic", "tool"], 2, 20, held)
+        assert not held & {k for t in tasks for k in canonical_keys(t)}
+        # The check can fail: the same streams without the exclusion do hit held-out calculations.
+        free = generate_tasks(stream_rng(3, stream, index), 300, difficulty, ["arithmetic", "tool"], 2, 20)
+        hits_without += sum(bool(held & canonical_keys(t)) for t in free)
+        total += len(free)
+    assert hits_without > 0.05 * total
+
+
+def test_tool_output_is_neither_an_answer_token_nor_needed_for_success(data):
+    _, tokenizer = data
+    ex = Example("tool", "User: Compute 6 * 7.\nAssistant: <tool>calculator(6 * 7)</tool>\nTool: 42\n"
+                 "Assistant: The answer is 42.\n", "User: Compute 6 * 7.\nAssistant:", "42")
+    ids, answer = answer_positions(tokenizer, ex)
+    produced = tokenizer.decode([ids[i] for i in answer])
+    assert "calculator(6 * 7)" in produced and "The answer is 42." in produced
+    assert "Tool" not in produced and produced.count("42") == 1  # the final answer's 42, not the tool's
+    tasks = [t for t in generate_tasks(stream_rng(0, "probe", 1), 40, 0.5, ["tool"], 2, 99)]
+    ctx = PhaseContext(precision="fp32")
+
+    class OracleButTool(nn.Module):
+        """Predicts the next token everywhere except where the next token is tool output (wrong there)."""
+
+        def forward(self, input_ids, attention_mask=None, **kw):
+            nxt = torch.roll(input_ids, -1, dims=1)
+            unscored = torch.roll(mask_unscored(input_ids, tokenizer) == -100, -1, dims=1)
+            wrong = (nxt + 1) % len(tokenizer)
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.where(unscored, wrong, nxt), len(tokenizer)).float())
+
+    assert all(answer_success(OracleButTool(), tokenizer, tasks, ctx))
 
 
 class CopyInput(nn.Module):
@@ -386,7 +427,7 @@ def test_trained_self_model_head_beats_a_head_that_copies_its_input(data):
         fresh_loss = float(self_model_loss(untrained(h), logits, 2.0))
     tap.remove()
     assert trained_loss < 0.5 * copy_loss, (trained_loss, copy_loss)
-    assert trained_loss < 0.5 * fresh_loss, (trained_loss, fresh_loss)
+    assert trained_loss < fresh_loss, (trained_loss, fresh_loss)  # a sanity floor only: the copy baseline is the test
 
 
 # ------------------------------------------------------------------------------ the phase end to end
@@ -419,6 +460,23 @@ def test_full_loop_resume_reproduces_the_uninterrupted_run(data, tmp_path: Path)
     again = run_phase(data, cfg, checkpoint_dir=folder)  # finished: loaded, not retrained
     assert again.details["steps_run"] == 0
     assert all(torch.equal(ref[k], again.models["model"].state_dict()[k]) for k in ref)
+
+
+def test_quality_gate_fails_when_the_loop_makes_the_model_worse(data, monkeypatch):
+    """Damage the model after its training: the default gate (max_loss_increase 0.2) must refuse it."""
+    original = loop_module.Loop.train
+
+    def train_then_damage(self):
+        original(self)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for p in self.model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    monkeypatch.setattr(loop_module.Loop, "train", train_then_damage)
+    cfg = small_config(stages=ten_stages(2), self_model={"enabled": False}, dreams={"enabled": False})
+    with pytest.raises(QualityGateFailed, match="made the model worse"):
+        run_phase(data, cfg)
 
 
 def test_nan_loss_raises_training_diverged(data, monkeypatch):
