@@ -478,8 +478,10 @@ def test_the_phase_scores_through_fan_out_compares_with_parents_and_prunes():
     out = run(EvoMergeInputs(space=space, model_paths={"a": "s3://x/a", "b": "s3://x/b", "base": "s3://x/base"}, seed=3),
               cfg, PhaseContext(tracker=tracker), fan_out, discard=discarded.append)
     m = out.metrics
-    assert batches[-2:] == [(4, "validation"), (4, "test")]  # winner + 2 parents + average, on both splits
-    for split in ("validation", "test"):
+    assert batches[-1] == (4, "validation")  # winner + 2 parents + average, on the fitness split
+    assert all(split == "validation" for _, split in batches)  # the test split is the final evaluation's alone
+    assert not any(k.startswith("test/") for k in m)
+    for split in ("validation",):
         parents = max(m[f"{split}/parent:a/fitness"], m[f"{split}/parent:b/fitness"])
         assert m[f"{split}/margin_over_best_parent"] == m[f"{split}/best/fitness"] - parents
         assert m[f"{split}/margin_over_average"] == m[f"{split}/best/fitness"] - m[f"{split}/average/fitness"]
