@@ -173,3 +173,15 @@ def test_a_missing_optional_package_names_the_install_command(monkeypatch, tiny_
 def test_an_unknown_source_is_refused_before_any_work(tmp_path: Path):
     with pytest.raises(ConfigError, match="not a named source"):
         import_model("no-such-model", tmp_path / "out")
+
+
+def test_forge_import_command(tiny_gguf, tmp_path: Path, capsys):
+    from flows.cli import main
+
+    assert main(["import", str(tiny_gguf[0]), "--out", str(tmp_path / "cli")]) == 0
+    assert "max abs diff 0.0" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "manifest.json").is_file()
+    pickle = tmp_path / "w.pt"
+    pickle.write_bytes(b"x")
+    assert main(["import", str(pickle), "--out", str(tmp_path / "no")]) != 0
+    assert "pickled weights" in capsys.readouterr().err
