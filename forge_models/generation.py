@@ -18,7 +18,9 @@
 - **Greedy** (temperature 0) or temperature sampling from an explicit ``torch.Generator`` (no hidden
   global RNG).
 
-Prompts are truncated from the left so prompt + continuation fit the model's ``max_position_embeddings``.
+Prompts are truncated from the left so prompt + continuation fit the model's ``max_position_embeddings``
+(keeping at least one token); if ``max_new_tokens`` alone exceeds it, recomputation slides a window over
+the sequence and a cached generation ends when the positions run out.
 """
 
 from __future__ import annotations
@@ -130,9 +132,7 @@ def generate(
     if cfg.temperature > 0 and generator is None:
         raise ConfigError("temperature sampling needs an explicit torch.Generator (generator=...)")
     limit = int(max_positions or getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1 << 30)
-    if cfg.max_new_tokens >= limit:
-        raise ConfigError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in {limit} positions")
-    keep = limit - cfg.max_new_tokens
+    keep = max(1, limit - cfg.max_new_tokens)
     chat = uses_chat(tokenizer, cfg)
     contexts = [_truncate(prompt_ids(tokenizer, p, cfg), keep, keep_first=not chat) for p in prompts]
     cached = has_kv_cache(model) if cfg.use_cache is None else cfg.use_cache
@@ -146,7 +146,7 @@ def generate(
         with torch.no_grad():
             for chunk in _batched(order, cfg.batch_size):
                 for i, g in zip(chunk, _generate_batch(model, tokenizer, [contexts[i] for i in chunk], cfg, ctx,
-                                                       cached, generator)):
+                                                       cached, generator, limit)):
                     outputs[i] = g
     finally:
         model.train(was_training)
@@ -181,6 +181,7 @@ def _generate_batch(
     ctx: PhaseContext,
     cached: bool,
     generator: torch.Generator | None,
+    limit: int,
 ) -> list[Generation]:
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = eos_ids(model, tokenizer)
@@ -193,29 +194,35 @@ def _generate_batch(
         mask[row, width - len(c):] = 1
     padded = width * b != sum(len(c) for c in contexts)
     with_positions = _accepts(model, "position_ids")
+    # transformers >= 5.2x names the cache argument `cache` (`past_key_values` is deprecated there).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generated: list[list[int]] = [[] for _ in contexts]
     texts = [""] * b
     finish: list[str] = ["length"] * b
     active = list(range(b))
     past = None
     for _ in range(cfg.max_new_tokens):
+        if cached and ids.shape[1] > limit:
+            break  # the model has no positions left; a cache cannot slide, so the continuation ends here
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if cached:
             # Every row stays in the batch (the cache holds them all); finished rows feed masked padding.
             step = ids if past is None else ids[:, -1:]
             kwargs: dict[str, Any] = {"input_ids": step, "attention_mask": mask, "use_cache": True,
-                                      "past_key_values": past, "position_ids": positions[:, -step.shape[1]:]}
+                                      cache_arg: past, "position_ids": positions[:, -step.shape[1]:]}
             rows = list(range(b))
         else:
             # Finished rows leave the batch: nothing is recomputed for them.
-            kwargs = {"input_ids": ids[active], "attention_mask": mask[active]}
+            # Beyond the model's positions the window slides (only when max_new_tokens >= max positions).
+            window = mask[active][:, -limit:]
+            kwargs = {"input_ids": ids[active][:, -limit:], "attention_mask": window}
             if with_positions and padded:
-                kwargs["position_ids"] = positions[active]
+                kwargs["position_ids"] = (window.cumsum(-1) - 1).clamp(min=0)
             rows = active
         with ctx.autocast():
             out = model(**{k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
         if cached:
-            past = out.past_key_values
+            past = getattr(out, "cache", None) or out.past_key_values
         logits = out.logits[:, -1].float().cpu()
         if cfg.temperature > 0:
             probs = torch.softmax(logits / cfg.temperature, dim=-1)
