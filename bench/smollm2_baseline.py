@@ -124,7 +124,7 @@ def part_ppl(model, tok, args) -> dict:
 def part_gen(model, tok, args) -> dict:
     ctx = PhaseContext(precision="fp32")
     rows = []
-    for p in PROMPTS:
+    for p in PROMPTS[: args.prompts]:
         row = {"prompt": p}
         for mode, cache in (("cached", True), ("uncached", False)):
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, use_cache=cache, batch_size=1)
@@ -143,6 +143,7 @@ def part_gen(model, tok, args) -> dict:
             row[mode].pop("ids")
         print(json.dumps({k: v for k, v in row.items() if k != "text"}), flush=True)
         rows.append(row)
+        save(args, "gen_partial", {"rows": rows})  # a slow machine may not finish every prompt
     france = generate(model, tok, ["What is the capital of France?"], GenerationConfig(max_new_tokens=24), ctx)[0].text
     total = {m: (sum(r[m]["tokens"] for r in rows), sum(r[m]["seconds_median"] for r in rows)) for m in ("cached", "uncached")}
     return {
@@ -219,6 +220,14 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def save(args, part: str, result: dict) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    data[part] = result
+    out.write_text(json.dumps(data, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("ppl", "gen", "train", "tasks"), required=True)
@@ -228,6 +237,7 @@ def main() -> None:
     ap.add_argument("--holdout-every", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="gen: how many of the prompts to time.")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
@@ -246,11 +256,7 @@ def main() -> None:
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                          "omp": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg(),
                          "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(out.read_text()) if out.is_file() else {}
-    data[args.part] = result
-    out.write_text(json.dumps(data, indent=2))
+    save(args, args.part, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows",)}, indent=2))
 
 
