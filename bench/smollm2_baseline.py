@@ -187,6 +187,7 @@ def part_train(model, tok, args) -> dict:
         tokens = args.steps * args.batch * args.seq
         results[precision] = {"tokens_per_s": tokens / sum(times), "seconds_per_step": statistics.median(times),
                               "losses": losses}
+        save(args, "train_partial", results)  # a slow machine may not finish every precision
         del m, opt
     return {"loop": "plain PyTorch (AdamW, clip 1.0)", "batch": args.batch, "seq": args.seq, "steps_timed": args.steps,
             "lr": args.lr, **results}
