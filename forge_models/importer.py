@@ -240,9 +240,11 @@ def import_model(source: str, out: str | Path) -> ImportResult:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         params = sum(p.numel() for p in model.parameters())
+        dtype = next(model.parameters()).dtype  # reload in the source's dtype (a bf16 folder stays bf16)
         del model
 
-        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), local_files_only=True, use_safetensors=True)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=dtype, local_files_only=True,
+                                                        use_safetensors=True)
         retok = AutoTokenizer.from_pretrained(str(staging), local_files_only=True)
         if getattr(reloaded.config, "quantization_config", None) is not None:
             raise ConfigError(f"import of {path}: the saved config still declares a quantization; it must be plain")

@@ -141,6 +141,12 @@ def test_hf_folder_import_and_refusals(tiny_gguf, tmp_path: Path):
     result = import_model(str(src), tmp_path / "again")
     assert result.source_kind == "hf" and result.max_abs_logit_diff == 0.0
 
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(bf16))
+    assert import_model(str(bf16), tmp_path / "bf16-out").max_abs_logit_diff == 0.0
+    assert json.loads((tmp_path / "bf16-out" / "config.json").read_text())["dtype"] == "bfloat16"
+
     pickle = tmp_path / "pytorch_model.bin"
     pickle.write_bytes(b"not even read")
     with pytest.raises(ConfigError, match="pickled weights"):
