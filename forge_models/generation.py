@@ -196,6 +196,8 @@ def _generate_batch(
     with_positions = _accepts(model, "position_ids")
     # transformers >= 5.2x names the cache argument `cache` (`past_key_values` is deprecated there).
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # Only the last position's logits are used: skipping the rest saves most of the LM head's work.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     generated: list[list[int]] = [[] for _ in contexts]
     texts = [""] * b
     finish: list[str] = ["length"] * b
@@ -219,6 +221,7 @@ def _generate_batch(
             if with_positions and padded:
                 kwargs["position_ids"] = (window.cumsum(-1) - 1).clamp(min=0)
             rows = active
+        kwargs.update(last_only)
         with ctx.autocast():
             out = model(**{k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
         if cached:
