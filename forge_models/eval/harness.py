@@ -1,8 +1,9 @@
 """The one evaluation harness every phase runs before and after itself.
 
 It works on any Hugging Face-style causal LM: something called as ``model(input_ids=...,
-attention_mask=...)`` that returns an object with ``.logits`` of shape ``[batch, length, vocab]``. No KV
-cache is used (each generation step recomputes the whole sequence), so models without one work too.
+attention_mask=...)`` that returns an object with ``.logits`` of shape ``[batch, length, vocab]``.
+Generation goes through :mod:`forge_models.generation` (KV cache where the model has one, full recompute
+otherwise, so models without one such as Cognate work too; chat template when the tokenizer has one).
 The model must already be on ``ctx.device``; inputs are put there.
 
 Metrics (all measured on the given held-out examples, deterministic):
@@ -29,7 +30,6 @@ import ast
 import math
 import operator
 import re
-from collections import defaultdict
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -41,6 +41,7 @@ from forge_models.config import EvalConfig
 from forge_models.data.stream import unscored_spans
 from forge_models.data.synthetic import Example
 from forge_models.eval.stats import bootstrap_interval
+from forge_models.generation import GenerationConfig, generate
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
 
@@ -240,78 +241,25 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuation of each prompt (the generated text only, special tokens dropped).
 
-    A continuation ends at EOS, after ``max_new_tokens`` tokens, or right after the first occurrence of
-    any ``stop`` string (which is kept). Prompts are conditioned on BOS (else EOS) and truncated from the
-    left so prompt + continuation fit ``max_positions`` (default: the model config's
-    ``max_position_embeddings``). Prompts of equal token length are batched together, so no padding is
-    ever needed and every model, whatever its position handling, sees exactly the unbatched input.
+    A thin call of :func:`forge_models.generation.generate`, the project's one generator: a prompt is
+    chat-formatted (user role) when the tokenizer has a chat template, else conditioned on BOS (else EOS);
+    the KV cache is used where the model has one; prompts of different lengths are left-padded. A
+    continuation ends at EOS, after ``max_new_tokens`` tokens, or right after the first ``stop`` string
+    (kept). Prompts are truncated from the left so prompt + continuation fit ``max_positions`` (default:
+    the model config's ``max_position_embeddings``).
     """
     if not prompts:
         return []
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    limit = max_positions or _max_positions(model, 1 << 30)
-    contexts = [_context(tokenizer, ids, max(1, limit - max_new_tokens)) for ids in _encode(tokenizer, prompts)]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(contexts):
-        by_length[len(c)].append(i)
-    outputs = [""] * len(prompts)
-    with _eval_mode(model), torch.no_grad():
-        for length in sorted(by_length):
-            for chunk in _batched(by_length[length], batch_size):
-                texts = _generate_group(model, tokenizer, [contexts[i] for i in chunk], max_new_tokens, ctx, stop, limit)
-                for i, text in zip(chunk, texts):
-                    outputs[i] = text
-    return outputs
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop), batch_size=batch_size)
+    return [g.text for g in generate(model, tokenizer, prompts, cfg, ctx, max_positions=max_positions)]
 
 
 def _context(tokenizer: Any, prompt_ids: list[int], max_len: int) -> list[int]:
     """Start token + the last ``max_len - 1`` prompt tokens (the end of a prompt matters most)."""
     keep = max(0, max_len - 1)
     return [_start_token(tokenizer)] + (prompt_ids[-keep:] if keep else [])
-
-
-def _generate_group(
-    model: Any,
-    tokenizer: Any,
-    contexts: list[list[int]],
-    max_new_tokens: int,
-    ctx: PhaseContext,
-    stop: Sequence[str],
-    limit: int,
-) -> list[str]:
-    """Greedy decoding of equal-length contexts; finished rows leave the batch."""
-    eos = eos_token_id(tokenizer)
-    ids = torch.tensor(contexts, dtype=torch.long)
-    generated: list[list[int]] = [[] for _ in contexts]
-    texts = [""] * len(contexts)
-    active = list(range(len(contexts)))
-    for _ in range(max_new_tokens):
-        x = ids[active][:, -limit:]  # a sliding window once the sequence outgrows the model
-        next_ids = _logits(model, x, torch.ones_like(x), ctx)[:, -1].argmax(-1).cpu()
-        column = torch.full((len(contexts), 1), eos, dtype=torch.long)
-        column[active, 0] = next_ids
-        ids = torch.cat([ids, column], dim=1)
-        still = []
-        for row, token in zip(active, next_ids.tolist()):
-            if token == eos:
-                continue
-            generated[row].append(token)
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            cut = _cut_after_stop(text, stop)
-            texts[row] = text if cut is None else cut
-            if cut is None:
-                still.append(row)
-        active = still
-        if not active:
-            break
-    return texts
-
-
-def _cut_after_stop(text: str, stops: Sequence[str]) -> str | None:
-    """``text`` up to and including the earliest stop string, or None if it contains none."""
-    ends = [text.find(s) + len(s) for s in stops if s and s in text]
-    return text[: min(ends)] if ends else None
 
 
 # ------------------------------------------------------------------------------ answer-checked tasks

@@ -10,21 +10,20 @@ from (seed, cycle), and keeps a sample only if it is *answer-checked correct*:
   exactly as a real tool call would be.
 
 Kept dreams go into a bounded FIFO buffer; batches of replay stages take ``replay_ratio`` of their rows
-from it (the rest stays real corpus data: reality anchoring). Sampling uses no KV cache (every model in
-the pipeline works), and prompts of equal token length are batched together, so no padding is needed.
+from it (the rest stays real corpus data: reality anchoring). Sampling goes through the project's one
+generator (KV cache where the model has one, left-padded batches).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
 
 from forge_models.data.synthetic import Example
 from forge_models.eval.harness import extract_answer, parse_tool_call
+from forge_models.generation import GenerationConfig, generate
 from forge_models.runtime import PhaseContext
-from forge_models.tokenizer import eos_token_id
 
 __all__ = ["check_dream", "sample_continuations"]
 
@@ -43,49 +42,19 @@ def sample_continuations(
     ctx: PhaseContext,
     max_positions: int,
 ) -> list[str]:
-    """One sampled continuation per prompt (text only), ending at EOS, a stop string (kept) or the budget."""
-    eos = eos_token_id(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    start = int(bos) if bos is not None else eos
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    keep = max(1, max_positions - max_new_tokens - 1)
-    contexts = [[start] + list(ids)[-keep:] for ids in encoded]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(contexts):
-        groups[len(c)].append(i)
+    """One sampled continuation per prompt (text only), ending at EOS, a stop string (kept) or the budget.
+
+    Runs :func:`forge_models.generation.generate` once per distinct stop set (in order of first
+    appearance), never chat-formatted: a dream is trained on as plain text in the corpus's own format.
+    """
     outputs = [""] * len(prompts)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        for length in sorted(groups):
-            rows = groups[length]
-            ids = torch.tensor([contexts[i] for i in rows], dtype=torch.long)
-            generated: list[list[int]] = [[] for _ in rows]
-            active = list(range(len(rows)))
-            for _ in range(max_new_tokens):
-                x = ids[active]
-                with ctx.autocast():
-                    logits = model(input_ids=x.to(ctx.device), attention_mask=torch.ones_like(x).to(ctx.device)).logits
-                probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1).cpu()
-                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                column = torch.full((len(rows), 1), eos, dtype=torch.long)
-                column[active, 0] = next_ids
-                ids = torch.cat([ids, column], dim=1)
-                still = []
-                for r, token in zip(active, next_ids.tolist()):
-                    if token == eos:
-                        continue
-                    generated[r].append(token)
-                    text = tokenizer.decode(generated[r], skip_special_tokens=True)
-                    ends = [text.find(s) + len(s) for s in stops[rows[r]] if s in text]
-                    outputs[rows[r]] = text[: min(ends)] if ends else text
-                    if not ends:
-                        still.append(r)
-                active = still
-                if not active:
-                    break
-    finally:
-        model.train(was_training)
+    for stop in dict.fromkeys(tuple(s) for s in stops):
+        rows = [i for i, s in enumerate(stops) if tuple(s) == stop]
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
+                               batch_size=max(1, len(rows)), chat=False)
+        for i, g in zip(rows, generate(model, tokenizer, [prompts[i] for i in rows], cfg, ctx, generator=generator,
+                                       max_positions=max_positions)):
+            outputs[i] = g.text
     return outputs
 
 
