@@ -225,6 +225,11 @@ class Ternary(Encoder):
         return Encoded(self.name, self.model_dump(), tuple(w.shape), tensors, meta)
 
     def decode(self, enc, dtype=torch.float32):
+        q, scale = self.decode_codes(enc)
+        return (q.float() / scale).to(dtype)
+
+    def decode_codes(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 ternary matrix, float32 scale s_w) exactly as stored (for PackedBitLinear at load)."""
         out, inp = enc.shape
         packing = PACKINGS[self.packing]
         codes = enc.tensors["codes"]
@@ -236,7 +241,7 @@ class Ternary(Encoder):
                 raise ArtifactIntegrityError(f"ternary codes are neither packed ({expected} B) nor LZMA: {exc}") from exc
             codes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
         q = packing.unpack(codes.reshape(-1, inp), out)
-        return (q.float() / enc.tensors["scale"].float()).to(dtype)
+        return q, enc.tensors["scale"].float()
 
     def payload_bits(self, shape):
         return 8 * PACKINGS[self.packing].packed_bytes(shape[0], shape[1]) + 32
