@@ -105,31 +105,33 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state: dict[str, torch.Tensor] = {}
-    packed: dict[str, PackedBitLinear] = {}
+    plain: dict[str, torch.Tensor] = {}
+    fields: dict[str, dict[str, torch.Tensor]] = {}
     for shard in sorted(set(e["shard"] for e in recipe["tensors"].values()) | set(recipe["plain"].values())):
         path = folder / shard
         if not path.is_file():
             raise ArtifactIntegrityError(f"shard {path} listed in the recipe is missing")
-        fields, plain = read_shard(path)
-        for name, t in plain.items():
-            state[name] = t.to(dtype)
-        for name, f in fields.items():
-            entry = recipe["tensors"].get(name)
-            if entry is None:
-                raise ArtifactIntegrityError(f"{path} holds {name!r}, which the recipe does not list")
-            if entry.get("bitlinear"):
-                module = name.rsplit(".", 1)[0]
-                enc = make_encoder({"name": entry["encoding"], **entry["params"]})
-                q, scale = enc.decode_codes(Encoded(entry["encoding"], entry["params"], tuple(entry["shape"]), f))
-                bl = entry["bitlinear"]
-                norm = plain.get(f"{module}.rms_norm.weight")
-                packed[module] = PackedBitLinear(
-                    q, scale, None if bl.get("bias") is None else plain[f"{module}.bias"],
-                    None if norm is None else norm.float(), bl.get("eps", 1e-6),
-                )
-            else:
-                state[name] = decode_entry(entry, f, dtype)
+        f, p = read_shard(path)
+        fields.update(f)
+        plain.update(p)
+    state: dict[str, torch.Tensor] = {name: t.to(dtype) for name, t in plain.items()}
+    packed: dict[str, PackedBitLinear] = {}
+    for name, f in fields.items():
+        entry = recipe["tensors"].get(name)
+        if entry is None:
+            raise ArtifactIntegrityError(f"{folder} holds {name!r}, which the recipe does not list")
+        if entry.get("bitlinear"):
+            module = name.rsplit(".", 1)[0]
+            enc = make_encoder({"name": entry["encoding"], **entry["params"]})
+            q, scale = enc.decode_codes(Encoded(entry["encoding"], entry["params"], tuple(entry["shape"]), f))
+            bl = entry["bitlinear"]
+            norm = plain.get(f"{module}.rms_norm.weight")
+            packed[module] = PackedBitLinear(
+                q, scale, None if bl.get("bias") is None else plain[f"{module}.bias"].float(),
+                None if norm is None else norm.float(), bl.get("eps", 1e-6),
+            )
+        else:
+            state[name] = decode_entry(entry, f, dtype)
     missing = [n for n in recipe["tensors"] if n not in state and n.rsplit(".", 1)[0] not in packed]
     if missing:
         raise ArtifactIntegrityError(f"tensors in the recipe but in no shard: {missing[:5]}")

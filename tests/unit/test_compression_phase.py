@@ -150,3 +150,25 @@ def test_bad_config_and_inputs_fail_before_compute(tmp_path):
     with pytest.raises(ConfigError):
         run(CompressionInputs(_tiny(), _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "full"), _single({"name": "bf16"}), PhaseContext())
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_bitnet_model_ternary_layers_stored_exactly_and_reloaded_as_packed(tmp_path):
+    from forge_models.bitnet.convert import convert_to_bitnet
+    from forge_models.bitnet.layers import PackedBitLinear
+
+    model = _tiny()
+    convert_to_bitnet(model)
+    cands = ({"name": "ternary", "packing": "base3"}, {"name": "bf16"}, {"name": "rtn", "bits": 4, "group": 32})
+    inputs = CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "bit")
+    out = run(inputs, CompressionConfig(candidates=cands, target_bpw=8.0, max_loss_increase=100.0), PhaseContext())
+    recipe = json.loads((tmp_path / "bit" / "recipe.json").read_text())
+    bit = [n for n, r in recipe["tensors"].items() if r.get("bitlinear")]
+    assert len(bit) == 2 * 7 and all(recipe["tensors"][n]["encoding"] == "ternary" for n in bit)
+    reloaded = load_compressed(tmp_path / "bit")
+    assert sum(isinstance(m, PackedBitLinear) for m in reloaded.modules()) == 14
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        diff = (reloaded(input_ids=probe).logits - model(input_ids=probe).logits).abs().max()
+    # the embedding/head is RTN or bf16 (not ternary), so compare with the phase's reloaded model exactly
+    assert torch.equal(reloaded(input_ids=probe).logits, out.models["model"](input_ids=probe).logits)
+    assert float(diff) < 1.0  # same model up to the encoding of the (non-ternary) embedding
