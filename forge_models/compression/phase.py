@@ -9,7 +9,7 @@
 5. Choose one candidate per tensor minimising total damage under the budget left after the tensors that
    are not encoded (norms, biases: float32) and the non-weight files (config, tokenizer, recipe), both
    measured by writing them first.
-6. Encode group by group (one group per decoder layer, plus "other" for embeddings and head): write the
+6. Encode group by group (``layers_per_group`` decoder layers each, plus "other" for embeddings and head): write the
    group's shard, read it back from disk, decode it into the working model, evaluate the validation loss;
    if it rose by more than ``max_loss_increase`` over the input model, roll the group back to its
    highest-fidelity candidate (and re-write the shard).
@@ -82,6 +82,9 @@ class CompressionConfig(Frozen):
     calib_batch: int = Field(4, ge=1, description="Sequences per forward pass when collecting Hessians.")
     eval_batch: int = Field(4, ge=1, description="Sequences per forward pass when evaluating losses.")
     skip_patterns: tuple[str, ...] = Field((), description="Regexes of 2-D tensors kept in bf16 (never encoded).")
+    layers_per_group: int = Field(
+        1, ge=1, description="Decoder layers per encode/reload/evaluate/rollback group (larger = fewer evaluations)."
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> "CompressionConfig":
@@ -153,9 +156,9 @@ def _tensors(model: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, nn.Para
     return enc, own, plain
 
 
-def _group(name: str) -> str:
+def _group(name: str, layers_per_group: int = 1) -> str:
     m = _LAYER.search(name)
-    return f"layer{int(m.group(1)):03d}" if m else "other"
+    return f"layer{int(m.group(1)) // layers_per_group * layers_per_group:03d}" if m else "other"
 
 
 def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) -> PhaseOutput:
@@ -228,7 +231,7 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
     # Sequential encode, reload from disk, evaluate, roll back.
     groups: dict[str, list[str]] = {}
     for name in enc_params:
-        groups.setdefault(_group(name), []).append(name)
+        groups.setdefault(_group(name, cfg.layers_per_group), []).append(name)
     order = sorted(groups, key=lambda g: (g == "other", g))
     rolled_back: list[str] = []
     group_losses: list[tuple[int, float]] = []
@@ -261,7 +264,7 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
             "encoding": e.encoding,
             "params": e.params,
             "shape": list(e.shape),
-            "shard": shard_name(_group(n)),
+            "shard": shard_name(_group(n, cfg.layers_per_group)),
             "payload_bytes": e.nbytes,
             "bits_per_weight": e.bits_per_weight,
             "damage": options[n][choice[n]].damage,
