@@ -104,7 +104,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
     from forge_models.compression.artifact import artifact_bytes, load_compressed
 
     folder = Path(res.details["recipe"]).parent
-    reloaded = load_compressed(folder)
+    reloaded = res.models["model"]  # the phase's model is the folder reloaded with load_compressed
     losses = per_seq_losses(reloaded, test)
     r, lo, hi = ratio_ci(ref_losses, losses)
     sizes = artifact_bytes(folder)
@@ -120,7 +120,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rtn", "vptq", "seedlm"], default="rtn")
+    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm"], default="rtn")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--n-test", type=int, default=12)
     args = ap.parse_args()
@@ -132,26 +132,40 @@ def main():
     model, tok = load()
     print(f"loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     calib, val, test = splits(tok, 8, 1, args.n_test)
-    ref = per_seq_losses(model, test)
-    rows = [{"method": "reference fp32 (dequantised GGUF)", "ppl": math.exp(float(ref.mean())), "test_tokens": int(test.numel())}]
-    print(json.dumps(rows[0]), flush=True)
+    ref = per_seq_losses(model, test) if args.part != "seedlm" else torch.zeros(1)
+    rows = []
+    if args.part != "seedlm":
+        rows.append({"method": "reference fp32 (dequantised GGUF)", "ppl": math.exp(float(ref.mean())), "test_tokens": int(test.numel())})
+        print(json.dumps(rows[0]), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="compress-bench-"))
     out_file = RESULTS / f"compression_smollm2_{args.part}.json"
     try:
-        if args.part == "rtn":
-            singles = {
+        if args.part == "singles":  # the same single encodings as --part rtn runs last, in their own process
+            for i, (label, spec) in enumerate({
                 "RTN int4 g128": {"name": "rtn", "bits": 4, "group": 128},
-                "RTN int4 g32 asym": {"name": "rtn", "bits": 4, "group": 32, "sym": False},
-                "RTN int3 g32 asym": {"name": "rtn", "bits": 3, "group": 32, "sym": False},
-            }
-            for i, (label, spec) in enumerate(singles.items()):
+                "RTN int3 g128": {"name": "rtn", "bits": 3, "group": 128},
+            }.items()):
                 res, wall = compress(model, tok, calib, val, test, [spec], tmp / f"s{i}", target_bpw=32.0)
                 rows.append(record(label, res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
-            cands = [{"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 128}, *singles.values()]
-            for mb in (50, 60, 75):
+        elif args.part == "rtn":
+            singles = {
+                "RTN int4 g128": {"name": "rtn", "bits": 4, "group": 128},
+                "RTN int3 g128": {"name": "rtn", "bits": 3, "group": 128},
+            }
+            cands = [
+                {"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 128},
+                {"name": "rtn", "bits": 4, "group": 32, "sym": False}, {"name": "rtn", "bits": 4, "group": 128},
+                {"name": "rtn", "bits": 3, "group": 32, "sym": False}, {"name": "rtn", "bits": 3, "group": 128},
+                {"name": "rtn", "bits": 2, "group": 64, "sym": False},
+            ]
+            for mb in (75, 60, 50):
                 res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
                 rows.append(record(f"chooser (bf16/RTN candidates) <= {mb} MB", res, wall, ref, test))
+                json.dump(rows, open(out_file, "w"), indent=1)
+            for i, (label, spec) in enumerate(singles.items()):
+                res, wall = compress(model, tok, calib, val, test, [spec], tmp / f"s{i}", target_bpw=32.0)
+                rows.append(record(label, res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "vptq":
             spec = {"name": "vptq", "v": 4, "k1": 256, "k2": 16, "kiter": 10, "kmeans_sample": 16384}
@@ -169,6 +183,9 @@ def main():
                 {"name": "rtn", "bits": 4, "group": 128}, {"name": "rtn", "bits": 3, "group": 128},
                 {"name": "seedlm", "c": 8, "p": 3, "k": 8}, {"name": "seedlm", "c": 8, "p": 3, "k": 10},
                 {"name": "seedlm", "c": 8, "p": 3, "k": 12}, {"name": "seedlm", "c": 8, "p": 2, "k": 12},
+                {"name": "vptq", "v": 4, "k1": 256}, {"name": "vptq", "v": 4, "k1": 256, "k2": 16},
+                {"name": "vptq", "v": 4, "k1": 256, "k2": 256},
+                {"name": "vptq", "v": 4, "k1": 256, "hessian_weighted": False, "error_feedback": False},
             ):
                 enc = make_encoder(spec)
                 t = time.perf_counter()
@@ -193,13 +210,15 @@ def plot():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for part in ("rtn", "vptq"):
+    seen = set()
+    for part in ("rtn", "singles", "vptq"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue
         for row in json.load(open(f)):
-            if "bytes_total" not in row:
+            if "bytes_total" not in row or row["method"] in seen:
                 continue
+            seen.add(row["method"])
             lo, hi = row["ppl_ratio_ci95"]
             mb = row["bytes_total"] / 1e6
             marker = "s" if row["method"].startswith("chooser") else "o"
