@@ -122,6 +122,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm"], default="rtn")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--n-test", type=int, default=12)
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -138,7 +140,7 @@ def main():
         rows.append({"method": "reference fp32 (dequantised GGUF)", "ppl": math.exp(float(ref.mean())), "test_tokens": int(test.numel())})
         print(json.dumps(rows[0]), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="compress-bench-"))
-    out_file = RESULTS / f"compression_smollm2_{args.part}.json"
+    out_file = RESULTS / f"compression_smollm2_{args.part}{args.tag}.json"
     try:
         if args.part == "singles":  # the same single encodings as --part rtn runs last, in their own process
             for i, (label, spec) in enumerate({
@@ -159,7 +161,7 @@ def main():
                 {"name": "rtn", "bits": 3, "group": 32, "sym": False}, {"name": "rtn", "bits": 3, "group": 128},
                 {"name": "rtn", "bits": 2, "group": 64, "sym": False},
             ]
-            for mb in (75, 60, 50):
+            for mb in [int(b) for b in args.budgets.split(",")]:
                 res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
                 rows.append(record(f"chooser (bf16/RTN candidates) <= {mb} MB", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
@@ -211,7 +213,7 @@ def plot():
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
-    for part in ("rtn", "singles", "vptq"):
+    for part in ("rtn", "rtn50", "singles", "vptq"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue
