@@ -231,7 +231,7 @@ def plot():
     ax.set_xlabel("artifact bytes on disk (MB)")
     ax.set_ylabel("held-out perplexity ratio vs fp32 reference")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M-Instruct, carroll-alice held-out (95% paired bootstrap)")
+    ax.set_title("SmolLM2-135M-Instruct, held-out prose, 95% paired bootstrap", fontsize=9)
     fig.tight_layout()
     out = Path(__file__).parents[1] / "docs" / "phases" / "compression_smollm2.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 2. Losses of the input model on the validation ids (decisions) and the test ids (the report).
 3. Hessians E[x x^T] of every linear layer's inputs on the calibration ids (train split only).
 4. Per 2-D tensor and candidate: encode, decode, damage = output error on calibration activations
-   (:mod:`forge_models.compression.chooser`), bytes = the payload bytes that will be written.
+   (:mod:`forge_models.compression.chooser`; for an embedding also its lookup error on the calibration
+   tokens, added to the LM-head term when tied), bytes = the payload bytes that will be written.
    BitLinear weights only take the ``ternary`` encoding (exact for what the layer computes).
 5. Choose one candidate per tensor minimising total damage under the budget left after the tensors that
    are not encoded (norms, biases: float32) and the non-weight files (config, tokenizer, recipe), both
@@ -181,6 +182,10 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
 
     linears = {owners[n][0]: owners[n][1] for n in enc_params if owners[n] is not None}
     hessians = collect_hessians(model, inputs.calib_ids, cfg.calib_batch, linears)
+    # An embedding's own output is the looked-up row: its output error on the calibration tokens is
+    # sum_t p_t ||dE_t||^2 (p_t = token frequency), added to the LM-head term when the weight is tied.
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    counts = torch.bincount(inputs.calib_ids.reshape(-1).cpu(), minlength=1).double()
 
     # Non-weight files and float32 tensors first: their bytes come off the budget.
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +214,14 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
                 encoded[name].append(None)
                 continue
             e = enc.encode(w, h, seed=ctx.seed)
-            options[name].append(Option(e.nbytes, output_damage(w, enc.decode(e), h)))
+            dec = enc.decode(e)
+            damage = output_damage(w, dec, h) if (h is not None or id(p) not in embeddings) else 0.0
+            if id(p) in embeddings:
+                freq = torch.zeros(w.shape[0], dtype=torch.float64)
+                n = min(w.shape[0], counts.numel())
+                freq[:n] = counts[:n] / counts.sum()
+                damage += float((freq * ((w - dec).double() ** 2).sum(1)).sum())
+            options[name].append(Option(e.nbytes, damage))
             encoded[name].append(e)
         if not any(e is not None for e in encoded[name]):
             raise ConfigError(f"no candidate applies to {name} (BitLinear weights need a 'ternary' candidate)")

@@ -172,3 +172,21 @@ def test_bitnet_model_ternary_layers_stored_exactly_and_reloaded_as_packed(tmp_p
     # the embedding/head is RTN or bf16 (not ternary), so compare with the phase's reloaded model exactly
     assert torch.equal(reloaded(input_ids=probe).logits, out.models["model"](input_ids=probe).logits)
     assert float(diff) < 1.0  # same model up to the encoding of the (non-ternary) embedding
+
+
+def test_tied_embedding_damage_is_head_term_plus_lookup_of_calibration_tokens(tmp_path):
+    from forge_models.compression.chooser import collect_hessians, output_damage
+
+    model = _tiny()
+    spec = {"name": "rtn", "bits": 2, "group": 32}
+    calib = torch.randint(0, 8, (4, 32), generator=torch.Generator().manual_seed(0))  # only 8 rows looked up
+    run(CompressionInputs(model, _Tok(), calib, _ids(2), _ids(3), tmp_path / "e"), _single(spec), PhaseContext())
+    damage = json.loads((tmp_path / "e" / "recipe.json").read_text())["tensors"]["model.embed_tokens.weight"]["damage"]
+    w = model.model.embed_tokens.weight.detach().float()
+    enc = make_encoder(spec)
+    dec = enc.decode(enc.encode(w))
+    h = collect_hessians(model, calib, 4, {"lm_head": model.lm_head})["lm_head"]
+    head = output_damage(w, dec, h)
+    counts = torch.bincount(calib.reshape(-1), minlength=128).double()
+    lookup = float((counts / counts.sum() * ((w - dec).double() ** 2).sum(1)).sum())
+    assert lookup > 0 and damage == pytest.approx(head + lookup, rel=1e-5)
