@@ -1,0 +1,256 @@
+"""The encoder contract, the name registry, and the simple encodings (bf16, group-wise int RTN, ternary).
+
+An encoder is a frozen pydantic model (its fields are its parameters) with three methods:
+
+- ``encode(w, hessian, seed) -> Encoded``: the packed payload of one 2-D weight ``(out, in)``; ``hessian``
+  is E[x x^T] of the layer's inputs (``(in, in)``, float32) for encoders that use it, else ignored.
+- ``decode(enc, dtype) -> Tensor``: the dense weight, shape ``enc.shape``, in ``dtype``.
+- ``payload_bits(shape) -> int``: the exact number of bits the payload fields hold (before the byte
+  round-up of each stored stream); tests check it against the packed tensors.
+
+``Encoded.tensors`` is what the artifact stores (uint8 bit streams, fp16/fp32 scales and codebooks);
+``Encoded.nbytes`` is their exact byte count. Sizes reported as results are read from the written files.
+SeedLM and VPTQ live in their own modules and register here on import of the package.
+"""
+
+from __future__ import annotations
+
+import lzma
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from forge_models.bitnet.packing import PACKINGS
+from forge_models.compression.bitpack import pack_bits, packed_nbytes, unpack_bits
+from forge_models.config import Frozen
+from forge_models.runtime import ArtifactIntegrityError, ConfigError
+
+__all__ = ["Encoded", "Encoder", "ENCODERS", "register", "make_encoder", "Bf16", "RTN", "Ternary"]
+
+
+@dataclass
+class Encoded:
+    """One encoded tensor: which encoder, its parameters, the original shape and the stored payload."""
+
+    encoding: str
+    params: dict[str, Any]
+    shape: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of the payload tensors (what the artifact writes for this tensor, header aside)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+
+class Encoder(Frozen):
+    """Base of every encoder; subclasses set ``name`` and implement the three methods."""
+
+    name: ClassVar[str] = ""
+    uses_hessian: ClassVar[bool] = False
+
+    def encode(self, w: torch.Tensor, hessian: torch.Tensor | None = None, seed: int = 0) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def payload_bits(self, shape: tuple[int, int]) -> int:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON form used by configs and the recipe: {"name": ..., **params}."""
+        return {"name": self.name, **self.model_dump()}
+
+    def label(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.model_dump().items())
+        return f"{self.name}({params})"
+
+    def _check(self, w: torch.Tensor) -> torch.Tensor:
+        if w.ndim != 2 or w.numel() == 0:
+            raise ConfigError(f"{self.name} encodes 2-D tensors; got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ConfigError(f"{self.name}: the tensor holds NaN or inf values")
+        return w.detach().float().cpu()
+
+
+ENCODERS: dict[str, type[Encoder]] = {}
+"""Encoder classes by name."""
+
+
+def register(cls: type[Encoder]) -> type[Encoder]:
+    if not cls.name or cls.name in ENCODERS:
+        raise ValueError(f"encoder name {cls.name!r} is empty or already registered")
+    ENCODERS[cls.name] = cls
+    return cls
+
+
+def make_encoder(spec: dict[str, Any] | Encoder) -> Encoder:
+    """An encoder from its spec ``{"name": ..., **params}`` (validated by the encoder's own model).
+
+    Raises:
+        ConfigError: unknown name or invalid parameters.
+    """
+    if isinstance(spec, Encoder):
+        return spec
+    params = dict(spec)
+    name = params.pop("name", None)
+    if name not in ENCODERS:
+        raise ConfigError(f"unknown encoding {name!r}; known: {sorted(ENCODERS)}")
+    try:
+        return ENCODERS[name](**params)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(f"invalid parameters for encoding {name!r}: {exc}") from exc
+
+
+def encoded_from_record(encoding: str, params: dict[str, Any], shape, tensors, meta=None) -> Encoded:
+    return Encoded(encoding, dict(params), tuple(int(s) for s in shape), dict(tensors), dict(meta or {}))
+
+
+@register
+class Bf16(Encoder):
+    """The tensor in bfloat16 (16 bits per weight): the no-loss-to-speak-of reference candidate."""
+
+    name: ClassVar[str] = "bf16"
+
+    def encode(self, w, hessian=None, seed=0):
+        w = self._check(w)
+        return Encoded(self.name, self.model_dump(), tuple(w.shape), {"w": w.to(torch.bfloat16).contiguous()})
+
+    def decode(self, enc, dtype=torch.float32):
+        return enc.tensors["w"].to(dtype).reshape(enc.shape)
+
+    def payload_bits(self, shape):
+        return 16 * shape[0] * shape[1]
+
+
+@register
+class RTN(Encoder):
+    """Group-wise round-to-nearest int-k along the input dimension, one fp16 scale (and zero) per group.
+
+    Symmetric (default, as the reference's "RTN int4 g128 = 4.125 bpw"): ``q = clamp(round(w / s),
+    -2^(k-1), 2^(k-1) - 1)`` with ``s = max|w| / (2^(k-1) - 1)``. Asymmetric: ``s = (max - min) / (2^k - 1)``,
+    ``q = round((w - min) / s)``, an fp16 min stored next to the scale (Q4_1-style). Rows whose length is
+    not a multiple of ``group`` end in a shorter last group (no padding codes are stored: SmolLM2's 576-wide
+rows would otherwise pay 11% more code bits at g = 128).
+    """
+
+    name: ClassVar[str] = "rtn"
+    bits: int = Field(4, ge=2, le=8, description="Bits per integer code.")
+    group: int = Field(128, ge=8, le=1 << 16, description="Weights per scale, along the input dimension.")
+    sym: bool = Field(True, description="Symmetric absmax (one scale) or asymmetric min/max (scale + min).")
+
+    def _groups(self, shape):
+        return -(-shape[1] // self.group)
+
+    def encode(self, w, hessian=None, seed=0):
+        w = self._check(w)
+        out, inp = w.shape
+        ng = self._groups(w.shape)
+        padded = torch.zeros(out, ng * self.group)
+        padded[:, :inp] = w
+        g = padded.view(out, ng, self.group)
+        if self.sym:
+            qmax = (1 << (self.bits - 1)) - 1
+            scale = (g.abs().amax(-1) / qmax).to(torch.float16)
+            s = scale.float().clamp(min=1e-12).unsqueeze(-1)
+            q = (g / s).round().clamp(-qmax - 1, qmax) + (qmax + 1)
+            q = q.reshape(out, -1)[:, :inp]
+            tensors = {"codes": pack_bits(q.to(torch.int64), self.bits), "scale": scale.contiguous()}
+        else:
+            lo = g.amin(-1).to(torch.float16)
+            scale = ((g.amax(-1) - lo.float()) / ((1 << self.bits) - 1)).to(torch.float16)
+            s = scale.float().clamp(min=1e-12).unsqueeze(-1)
+            q = ((g - lo.float().unsqueeze(-1)) / s).round().clamp(0, (1 << self.bits) - 1)
+            q = q.reshape(out, -1)[:, :inp]
+            tensors = {"codes": pack_bits(q.to(torch.int64), self.bits), "scale": scale.contiguous(), "min": lo.contiguous()}
+        return Encoded(self.name, self.model_dump(), (out, inp), tensors)
+
+    def decode(self, enc, dtype=torch.float32):
+        out, inp = enc.shape
+        ng = self._groups(enc.shape)
+        q = torch.zeros(out, ng * self.group)
+        q[:, :inp] = unpack_bits(enc.tensors["codes"], self.bits, out * inp).view(out, inp).float()
+        q = q.view(out, ng, self.group)
+        s = enc.tensors["scale"].float().unsqueeze(-1)
+        if self.sym:
+            w = (q - (1 << (self.bits - 1))) * s
+        else:
+            w = q * s + enc.tensors["min"].float().unsqueeze(-1)
+        return w.reshape(out, ng * self.group)[:, :inp].to(dtype).contiguous()
+
+    def payload_bits(self, shape):
+        ng = self._groups(shape)
+        return shape[0] * (shape[1] * self.bits + ng * (16 if self.sym else 32))
+
+
+@register
+class Ternary(Encoder):
+    """BitNet b1.58 ternary weights: absmean scale per tensor, codes packed 2-bit or base-3 (1.6 bpw).
+
+    For a BitLinear layer this is lossless with respect to what the layer computes: the codes and scale
+    are exactly ``forge_models.bitnet.quant.weight_quant`` of the latent weight. With ``entropy=True`` the
+    packed stream is also compressed with LZMA (lossless) and the smaller of the two is stored (the choice
+    is recorded); on near-uniform ternary codes the gain is small, which is why it is measured, not assumed.
+    """
+
+    name: ClassVar[str] = "ternary"
+    packing: Literal["2bit", "base3"] = Field("base3", description="2 bits per weight or 5 weights per byte.")
+    entropy: bool = Field(True, description="Also try LZMA on the packed stream; keep it only if smaller.")
+
+    def encode(self, w, hessian=None, seed=0):
+        from forge_models.bitnet.quant import weight_quant
+
+        w = self._check(w)
+        q, s_w = weight_quant(w)
+        packed = PACKINGS[self.packing].pack(q).reshape(-1).contiguous()
+        tensors = {"scale": s_w.reshape(1).float()}
+        meta = {"raw_bytes": int(packed.numel()), "lzma": False}
+        if self.entropy:
+            comp = lzma.compress(packed.numpy().tobytes(), preset=9 | lzma.PRESET_EXTREME)
+            meta["lzma_bytes"] = len(comp)
+            if len(comp) < packed.numel():
+                packed = torch.frombuffer(bytearray(comp), dtype=torch.uint8).clone()
+                meta["lzma"] = True
+        tensors["codes"] = packed
+        return Encoded(self.name, self.model_dump(), tuple(w.shape), tensors, meta)
+
+    def decode(self, enc, dtype=torch.float32):
+        q, scale = self.decode_codes(enc)
+        return (q.float() / scale).to(dtype)
+
+    def decode_codes(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 ternary matrix, float32 scale s_w) exactly as stored (for PackedBitLinear at load)."""
+        out, inp = enc.shape
+        packing = PACKINGS[self.packing]
+        codes = enc.tensors["codes"]
+        expected = packing.packed_bytes(out, inp)
+        if codes.numel() != expected:  # an LZMA stream: decompress, then it must have the packed length
+            try:
+                raw = lzma.decompress(codes.numpy().tobytes())
+            except lzma.LZMAError as exc:
+                raise ArtifactIntegrityError(f"ternary codes are neither packed ({expected} B) nor LZMA: {exc}") from exc
+            codes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+        q = packing.unpack(codes.reshape(-1, inp), out)
+        return q, enc.tensors["scale"].float()
+
+    def payload_bits(self, shape):
+        return 8 * PACKINGS[self.packing].packed_bytes(shape[0], shape[1]) + 32
+
+
+def bitpacked_len(count: int, nbits: int) -> int:
+    return packed_nbytes(count, nbits)
