@@ -2,6 +2,7 @@
 position, a mixing head, non-myopic talk loss and REINFORCE on the thoughts. See docs/phases/quietstar.md."""
 
 from forge_models.quietstar.config import QuietStarConfig
+from forge_models.quietstar.phase import QuietStarInputs, measure_thoughts, run
 from forge_models.quietstar.thoughts import (
     END,
     START,
@@ -21,6 +22,6 @@ from forge_models.quietstar.thoughts import (
     thought_logits,
 )
 
-__all__ = ["END", "START", "MixingHead", "QuietStar", "QuietStarConfig", "Streams", "add_thought_tokens",
+__all__ = ["END", "START", "MixingHead", "QuietStar", "QuietStarConfig", "QuietStarInputs", "measure_thoughts", "run", "Streams", "add_thought_tokens",
            "advantages", "block_mask", "generate_ids", "load_quietstar", "quietstar_loss", "save_quietstar",
            "sequential_hidden", "stream_hidden", "talk_targets", "thought_logits"]

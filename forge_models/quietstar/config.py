@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forge_models.config import DataMix, data_mix_field
+
 
 class QuietStarConfig(BaseModel):
     """Quiet-STaR (Zelikman et al. 2024, arXiv 2403.09629) training of one causal LM."""
@@ -41,8 +43,6 @@ class QuietStarConfig(BaseModel):
         100.0, gt=0, description="thought-token embeddings are stored divided by this and multiplied back at use, "
                                  "~100x their learning rate (released 1e2).")
     init_token: str = Field("---", description="text whose embedding initialises both thought tokens (released '---').")
-    position_stride: int = Field(
-        1, ge=1, description="think at every stride-th position (1: every position, as released).")
     steps: int = Field(60, ge=0, description="optimizer steps (released kill_after 100; tiny preset: 60).")
     batch_size: int = Field(4, ge=1, description="sequences per step (released 8 = 4 x 2 accumulation).")
     seq_len: int = Field(48, ge=4, description="tokens per training sequence (released 256; tiny: 48).")
@@ -53,3 +53,6 @@ class QuietStarConfig(BaseModel):
     mixing_hidden: int | None = Field(
         None, ge=1, description="hidden width of the mixing MLP (None: the model's hidden size, as released).")
     seed: int = Field(0, description="seed of the thought sampling and the mixing-head initialisation.")
+    data_mix: DataMix = data_mix_field()
+    eval_examples: int = Field(
+        48, ge=1, description="held-out examples (per measure) of the with-vs-without-thoughts comparison.")
