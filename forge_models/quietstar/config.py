@@ -14,6 +14,8 @@ class QuietStarConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    input_model: str | None = Field(
+        None, description="which model of a multi-model input to train (None: the input must hold exactly one).")
     thought_tokens: int = Field(
         4, ge=0,
         description="sampled thought tokens between <|startthought|> and <|endthought|>. Released: 9 (n_ahead 12 = "

@@ -55,6 +55,18 @@ def test_test_split_is_never_read_and_metrics_are_measured(data, tmp_path):
     prompt = clean.tokenizer.encode("Q: What is 2 + 3?", add_special_tokens=False)
     assert generate_ids(qs2, prompt, 6) == generate_ids(qs, prompt, 6)
 
+    # What BitNet (the next phase) does with this folder: a plain causal LM (thought rows in its vocabulary,
+    # the mixing head not used) that loads, converts to ternary and runs.
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.bitnet import convert_to_bitnet
+    from forge_models.tokenizer import load_tokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert plain.get_input_embeddings().weight.shape[0] == len(load_tokenizer(tmp_path / "out"))
+    convert_to_bitnet(plain, ["lm_head"], "none")
+    assert torch.isfinite(plain(torch.tensor([prompt])).logits).all()
+
 
 def test_refuses_a_too_long_span_before_training(data):
     corpus, tok = data
