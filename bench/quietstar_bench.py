@@ -147,9 +147,7 @@ def table(pretrain_steps: int, steps: int) -> dict:
     return {"pretrain_steps": pretrain_steps, "pretrain_final_loss": float(loss), "pretrain_s": pre_s,
             "phase_wall_s": phase_s, "config": cfg.model_dump(mode="json", exclude={"data_mix"}),
             "metrics": out.metrics, "curves_every_n": curves,
-            "before": {k: out.evaluations["before"]["input"].get(k) for k in ("val_loss", "arith_acc")},
-            "after_no_thought": {k: out.evaluations["after"]["quietstar"].get(k) for k in
-                                 ("val_loss", "arith_acc", "d_arith_acc", "d_arith_acc_lo", "d_arith_acc_hi")}}
+            "before": out.evaluations["before"]["input"], "after_no_thought": out.evaluations["after"]["quietstar"]}
 
 
 if __name__ == "__main__":

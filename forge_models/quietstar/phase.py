@@ -76,7 +76,7 @@ def run(inputs: QuietStarInputs, cfg: QuietStarConfig, ctx: PhaseContext) -> Pha
     thoughts = measure_thoughts(qs, tokenizer, held, cfg, ctx, inputs.eval_cfg)
     metrics = {"quietstar/train_tokens_per_s": tokens_per_s, "quietstar/w_abs_step0": w_first,
                **{f"quietstar/{k}": v for k, v in thoughts.items()}}
-    for name in ("val_loss", "val_ppl"):
+    for name in ("loss", "ppl"):
         if name in before and name in after:
             metrics[f"input/{name}"], metrics[f"quietstar/{name}"] = before[name], after[name]
     return PhaseOutput(

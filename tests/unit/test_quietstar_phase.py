@@ -73,3 +73,19 @@ def test_refuses_a_too_long_span_before_training(data):
     model = tiny_llama(vocab=len(tok), hidden=32, inter=64, max_position_embeddings=16)
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         run(QuietStarInputs(model, tok, corpus, EVAL), CFG, PhaseContext(precision="fp32"))
+
+
+def test_forge_phase_quietstar_and_pipeline_validation(tmp_path):
+    """`forge phase quietstar --input DIR` imports DIR and runs the phase; in a pipeline it takes EvoMerge's
+    one model, and a multi-model input needs quietstar.input_model."""
+    from flows.cli import _phase_overrides
+    from flows.config import ConfigProblems, load_config
+    from tests.factories import make_llama
+
+    a = make_llama(tmp_path / "a", seed=0)
+    cfg = load_config(preset="tiny", overrides=_phase_overrides("quietstar", [str(a)], None))
+    assert cfg.phases == ["quietstar"] and cfg.input == str(a.resolve()) and cfg.quietstar.input_model is None
+    chain = load_config("tiny", overrides=["phases=[cognate, evomerge, quietstar, bitnet, training]"])
+    assert chain.quietstar.steps == 60
+    with pytest.raises(ConfigProblems, match="quietstar.input_model"):
+        load_config("tiny", overrides=["phases=[cognate, quietstar]"])
