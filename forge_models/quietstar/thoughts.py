@@ -92,6 +92,22 @@ class QuietStar(nn.Module):
         torch.manual_seed(cfg.seed)
         return cls(model, start, end, init, cfg)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "QuietStar":
+        """The thinking model of a folder written by :func:`save_quietstar` (its tokenizer as ``.tokenizer``).
+
+        The folder itself stays a plain model of the base architecture, so ``AutoModelForCausalLM`` and the
+        later phases load it as an LM without thoughts; this loader adds the thought embeddings and the head.
+        """
+        qs, tokenizer = load_quietstar(Path(path), dtype)
+        qs.tokenizer = tokenizer
+        return qs.eval()
+
+    def generate(self, prompt: list[int], max_new_tokens: int, budget: int | None = None,
+                 eos: set[int] | None = None, seed: int = 0) -> list[int]:
+        """Greedy continuation with ``budget`` thought tokens before each token (0: no thoughts)."""
+        return generate_ids(self, prompt, max_new_tokens, budget, eos, seed)
+
     # -------------------------------------------------------------------------- pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         e = self.model.get_input_embeddings()(ids)

@@ -158,3 +158,5 @@ def test_generation_never_emits_thought_tokens_and_survives_reload(tokenizer, tm
     assert tok2.convert_tokens_to_ids("<|startthought|>") == qs.start_id
     assert generate_ids(qs2, prompt, 12) == out
     assert generate_ids(qs2, prompt, 12, budget=0) == plain
+    thinking = QuietStar.from_pretrained(tmp_path / "qs")
+    assert thinking.generate(prompt, 12) == out and thinking.generate(prompt, 12, budget=0) == plain
