@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from forge_models.bitnet.config import BitNetConfig
 from forge_models.config import CognateConfig
 from forge_models.evomerge.config import EvoMergeConfig
+from forge_models.quietstar.config import QuietStarConfig
 from forge_models.training.config import TrainingConfig
 
 Kind = Literal["dataset", "model-set", "model"]
@@ -182,7 +183,9 @@ PHASES: dict[str, PhaseSpec] = {
         ),
         PhaseSpec(
             name="quietstar", order=3, title="Quiet-STaR: learn to think before each token", verb="train",
-            input_kind="model", output_kind="model",
+            input_kind="model", output_kind="model", section="quietstar", config=QuietStarConfig,
+            task="tasks.quietstar:quietstar_task", takes="input_model",
+            standalone=one_model_standalone("quietstar", "quietstar.input_model"),
         ),
         PhaseSpec(
             name="bitnet", order=4, title="BitNet b1.58: ternarise one model, fine-tune, store packed",

@@ -326,7 +326,16 @@ class CognateModel(CognatePreTrainedModel):
 
         real = torch.ones(b, t, dtype=torch.bool, device=device)
         attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A prepared additive mask (B or 1, 1, T, T): 0 where a query may attend, a large negative value
+            # where not (Quiet-STaR's diagonal thought blocks). The caller owns the positions.
+            if attention_mask.shape[-2:] != (t, t) or not attention_mask.is_floating_point():
+                raise ValueError(f"a 4-D attention_mask must be an additive float mask of shape (B, 1, {t}, {t}); "
+                                 f"got {tuple(attention_mask.shape)} {attention_mask.dtype}")
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids")
+            attn_mask = attention_mask.to(device=device, dtype=h.dtype)
+        elif attention_mask is not None and not bool(attention_mask.all()):
             real = attention_mask.to(device=device, dtype=torch.bool)
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
             # Keys that are padding are hidden; every query may see itself so fully padded rows stay finite.

@@ -1,0 +1,345 @@
+"""Quiet-STaR's machinery: thought tokens, parallel thought generation, the mixing head, the losses, inference.
+
+Shapes: a batch ``x`` is (B, T) token ids. Every position j gets its own continuation ("thought stream")
+``x_{<=j}, <|startthought|>, t_1..t_m, <|endthought|>, x_{j+1}..x_{j+k-1}``; stream step s of all T positions
+is one block of T tokens. Block s attends to block 0 (the text) causally and to blocks 1..s only on the
+diagonal (its own position), so one forward pass per step advances every position's thought at once
+(Zelikman et al. 2024, sec. 4.2). Position ids advance by one per step (j + s).
+
+Llama-family models keep a KV cache between steps (each step feeds only the T new tokens). Cognate has no
+cache (its ACT refiner recomputes every token at every refinement step), so each step re-runs the whole
+concatenated sequence under the same 4-D block mask: identical outputs, quadratic cost in the thought length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from forge_models.quietstar.config import QuietStarConfig
+from forge_models.runtime import ArtifactIntegrityError, ConfigError
+
+START, END = "<|startthought|>", "<|endthought|>"
+HEAD_FILE = "quietstar_head.safetensors"
+META_FILE = "quietstar.json"
+NEG = -1e10  # logit given to the thought delimiters wherever they must not be sampled (released value)
+
+
+# ------------------------------------------------------------------------------ tokens and the mixing head
+
+
+def add_thought_tokens(model: Any, tokenizer: Any, init_token: str = "---") -> tuple[int, int, torch.Tensor]:
+    """Add <|startthought|>/<|endthought|> to ``tokenizer`` and the (possibly tied) embeddings of ``model``.
+
+    Both new rows are initialised to the mean embedding of ``init_token``'s tokens (released: "---"); an
+    untied output head gets the same rows of its own matrix. Returns (start id, end id, init vector).
+    """
+    tokenizer.add_tokens([START, END], special_tokens=True)
+    start, end = tokenizer.convert_tokens_to_ids([START, END])
+    init_ids = [i for i in tokenizer.encode(init_token, add_special_tokens=False) if i not in (start, end)]
+    if not init_ids:
+        raise ConfigError(f"init_token {init_token!r} encodes to no token")
+    emb = model.get_input_embeddings()
+    if max(start, end) >= emb.weight.shape[0]:
+        model.resize_token_embeddings(max(start, end) + 1, mean_resizing=False)
+        emb = model.get_input_embeddings()
+    with torch.no_grad():
+        vec = emb.weight[init_ids].float().mean(0)
+        emb.weight[[start, end]] = vec.to(emb.weight.dtype)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not emb.weight:
+            out.weight[[start, end]] = out.weight[init_ids].float().mean(0).to(out.weight.dtype)
+    return int(start), int(end), vec
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base; h_post]): Linear 2h->d, ReLU, Linear d->d, ReLU, Linear d->1, last layer zero (w = 0
+    at the start, so the mixed prediction is exactly the base model's). No sigmoid, as released."""
+
+    def __init__(self, hidden: int, width: int | None = None) -> None:
+        super().__init__()
+        d = width or hidden
+        self.net = nn.Sequential(nn.Linear(2 * hidden, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, h_base: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([h_base, h_post], dim=-1).float())
+
+
+class QuietStar(nn.Module):
+    """A causal LM plus the two learned thought embeddings and the mixing head (all trainable)."""
+
+    def __init__(self, model: Any, start_id: int, end_id: int, init: torch.Tensor, cfg: QuietStarConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.start_id, self.end_id = start_id, end_id
+        hidden = model.get_input_embeddings().weight.shape[1]
+        # Stored divided by embedding_scale and multiplied back at use: ~scale x the learning rate (released).
+        self.thought_embed = nn.Parameter(init.detach().float().repeat(2, 1) / cfg.embedding_scale)
+        self.head = MixingHead(hidden, cfg.mixing_hidden)
+        self.cached = bool(getattr(model.config, "use_cache", False))
+
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any, cfg: QuietStarConfig) -> "QuietStar":
+        start, end, init = add_thought_tokens(model, tokenizer, cfg.init_token)
+        torch.manual_seed(cfg.seed)
+        return cls(model, start, end, init, cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "QuietStar":
+        """The thinking model of a folder written by :func:`save_quietstar` (its tokenizer as ``.tokenizer``).
+
+        The folder itself stays a plain model of the base architecture, so ``AutoModelForCausalLM`` and the
+        later phases load it as an LM without thoughts; this loader adds the thought embeddings and the head.
+        """
+        qs, tokenizer = load_quietstar(Path(path), dtype)
+        qs.tokenizer = tokenizer
+        return qs.eval()
+
+    def generate(self, prompt: list[int], max_new_tokens: int, budget: int | None = None,
+                 eos: set[int] | None = None, seed: int = 0) -> list[int]:
+        """Greedy continuation with ``budget`` thought tokens before each token (0: no thoughts)."""
+        return generate_ids(self, prompt, max_new_tokens, budget, eos, seed)
+
+    # -------------------------------------------------------------------------- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.model.get_input_embeddings()(ids)
+        is_start, is_end = (ids == self.start_id)[..., None], (ids == self.end_id)[..., None]
+        scaled = (self.thought_embed * self.cfg.embedding_scale).to(e.dtype)
+        return torch.where(is_start, scaled[0], torch.where(is_end, scaled[1], e))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden).float()
+
+    def trunk(self, embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: Any = None):
+        kwargs: dict[str, Any] = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        if self.cached:
+            kwargs.update(cache=cache, use_cache=True)
+        return self.model.model(**kwargs)
+
+
+def block_mask(length: int, blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive (1, 1, blocks*L, blocks*L) mask: block 0 causal; block s>0 sees block 0 causally and blocks
+    1..s on the diagonal only."""
+    L = length
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    allowed = torch.zeros(blocks * L, blocks * L, dtype=torch.bool, device=device)
+    for q in range(blocks):
+        allowed[q * L:(q + 1) * L, :L] = causal
+        for k in range(1, q + 1):
+            allowed[q * L:(q + 1) * L, k * L:(k + 1) * L] = eye
+    mask = torch.zeros(blocks * L, blocks * L, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class Streams:
+    """Grows every position's thought stream by one block per :meth:`step`; ``base`` is the text's hidden."""
+
+    def __init__(self, qs: QuietStar, x: torch.Tensor) -> None:
+        self.qs, self.L = qs, x.shape[1]
+        self.embeds = [qs.embed(x)]
+        pos = torch.arange(self.L, device=x.device)[None].expand(x.shape[0], -1)
+        self.positions = [pos]
+        self.cache = None
+        if qs.cached:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        out = qs.trunk(self.embeds[0], None, pos, self.cache)
+        self.base = out.last_hidden_state
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        s, L = len(self.embeds), self.L
+        e = self.qs.embed(tokens)
+        pos = self.positions[0] + s
+        self.embeds.append(e)
+        self.positions.append(pos)
+        mask = block_mask(L, s + 1, e.dtype, e.device)
+        if self.qs.cached:
+            return self.qs.trunk(e, mask[:, :, s * L:], pos, self.cache).last_hidden_state
+        out = self.qs.trunk(torch.cat(self.embeds, 1), mask, torch.cat(self.positions, 1))
+        return out.last_hidden_state[:, s * L:]
+
+
+def stream_hidden(qs: QuietStar, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, T, S, H) of teacher-forced streams ``tokens`` (B, T, S): the parallel pass."""
+    st = Streams(qs, x)
+    return torch.stack([st.step(tokens[:, :, s]) for s in range(tokens.shape[2])], dim=2)
+
+
+def sequential_hidden(qs: QuietStar, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference loop: for every position j a separate causal forward of x_{<=j} + its stream."""
+    B, T, S = tokens.shape
+    out = torch.empty(B, T, S, qs.model.config.hidden_size, dtype=torch.float32)
+    for j in range(T):
+        seq = torch.cat([x[:, :j + 1], tokens[:, j]], dim=1)
+        pos = torch.arange(seq.shape[1], device=x.device)[None].expand(B, -1)
+        h = qs.model.model(inputs_embeds=qs.embed(seq), position_ids=pos).last_hidden_state
+        out[:, j] = h[:, j + 1:].float()
+    return out
+
+
+# ------------------------------------------------------------------------------ the Quiet-STaR objective
+
+
+def talk_targets(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (B, T, k) of the non-myopic talk loss, target[:, j, i] = x[:, j + 1 + i], and their validity."""
+    B, T = x.shape
+    idx = torch.arange(T, device=x.device)[:, None] + 1 + torch.arange(k, device=x.device)[None]
+    valid = idx < T
+    return x[:, idx.clamp(max=T - 1)], valid[None].expand(B, -1, -1)
+
+
+def advantages(rewards: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """rewards (P, ...) -> reward minus the mean over the P passes (trice baseline); negatives to 0 if clamp."""
+    adv = rewards - rewards.mean(0, keepdim=True)
+    return adv.clamp(min=0) if clamp else adv
+
+
+def sample_thought_token(logits: torch.Tensor, qs: QuietStar, temperature: float, gen: torch.Generator | None):
+    """Gumbel-max sample (= hard Gumbel-softmax forward value), delimiters excluded; detached."""
+    logits = logits.detach().clone()
+    logits[..., [qs.start_id, qs.end_id]] = NEG
+    u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_(1e-20, 1.0)
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def quietstar_loss(qs: QuietStar, x: torch.Tensor, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One Quiet-STaR objective on a batch: think (n_passes thoughts at every position), talk, learn."""
+    cfg = qs.cfg
+    P, (B, T) = cfg.n_passes, x.shape
+    X = x.repeat(P, 1)
+    st = Streams(qs, X)
+    hb = st.base
+    base_logits = qs.logits(hb[:B])
+    plain_nll = F.cross_entropy(base_logits[:, :-1].reshape(-1, base_logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    fill = lambda t: torch.full_like(X, t)  # noqa: E731
+    h = st.step(fill(qs.start_id))
+    logp = torch.zeros(P * B, T, device=x.device)
+    for _ in range(cfg.thought_tokens):
+        lg = qs.logits(h)
+        tok = sample_thought_token(lg, qs, cfg.gumbel_temperature, gen)
+        lg = lg.clone()
+        lg[..., [qs.start_id, qs.end_id]] = NEG
+        logp = logp + F.log_softmax(lg / cfg.policy_temperature, -1).gather(-1, tok[..., None]).squeeze(-1)
+        h = st.step(tok)
+    h = st.step(fill(qs.end_id))
+
+    targets, valid = talk_targets(X, cfg.n_ahead_talk)
+    hidden = hb.shape[-1]
+    nll_mixed, nll_base, weights = [], [], []
+    for i in range(cfg.n_ahead_talk):
+        if i > 0:  # teacher-force the true token x_{j+i} into position j's stream
+            h = st.step(torch.cat([X[:, i:], X[:, :i]], dim=1))
+        hb_i = torch.cat([hb[:, i:], hb.new_zeros(P * B, i, hidden)], dim=1)  # base hidden at position j+i
+        w = qs.head(hb_i, h)
+        mixed = (1 - w) * hb_i.float() + w * h.float()
+        nll_mixed.append(F.cross_entropy(qs.logits(mixed.to(h.dtype)).transpose(1, 2), targets[..., i], reduction="none"))
+        with torch.no_grad():
+            nll_base.append(F.cross_entropy(qs.logits(hb_i).transpose(1, 2), targets[..., i], reduction="none"))
+        weights.append(w.squeeze(-1))
+    nll_mixed_t, nll_base_t = torch.stack(nll_mixed, -1), torch.stack(nll_base, -1)  # (PB, T, k)
+    vf = valid.float()
+    talk_nll = (nll_mixed_t * vf).sum() / vf.sum()
+    reward = ((nll_base_t - nll_mixed_t.detach()) * vf).sum(-1).view(P, B, T)
+    adv = advantages(reward, cfg.remove_negative_rewards)
+    thinks = valid[..., 0].float().view(P, B, T)  # positions with at least one target
+    policy = -(adv * logp.view(P, B, T) * thinks).sum() / thinks.sum()
+    lm = cfg.original_loss_weight * plain_nll + (1 - cfg.original_loss_weight) * talk_nll
+    w_all = torch.stack(weights, -1)
+    return {
+        "loss": lm + cfg.policy_loss_beta * policy, "lm": lm.detach(), "plain_nll": plain_nll.detach(),
+        "talk_nll": talk_nll.detach(), "policy": policy.detach(), "reward": (reward * thinks).sum() / thinks.sum(),
+        "w_mean": (w_all.detach() * vf).sum() / vf.sum(), "w_abs": (w_all.detach().abs() * vf).sum() / vf.sum(),
+    }
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+@torch.no_grad()
+def thought_logits(qs: QuietStar, x: torch.Tensor, budget: int | None = None,
+                   gen: torch.Generator | None = None) -> torch.Tensor:
+    """Next-token logits (B, T, V) at every position after thinking ``budget`` tokens there (None: the
+    trained count; 0: the plain model). Thoughts sampled at eval_temperature; delimiters never predicted."""
+    budget = qs.cfg.thought_tokens if budget is None else budget
+    st = Streams(qs, x)
+    if budget == 0:
+        out = qs.logits(st.base)
+    else:
+        h = st.step(torch.full_like(x, qs.start_id))
+        for _ in range(budget):
+            h = st.step(sample_thought_token(qs.logits(h), qs, qs.cfg.eval_temperature, gen))
+        h = st.step(torch.full_like(x, qs.end_id))
+        w = qs.head(st.base, h)
+        out = qs.logits(((1 - w) * st.base.float() + w * h.float()).to(h.dtype))
+    out[..., [qs.start_id, qs.end_id]] = float("-inf")
+    return out
+
+
+@torch.no_grad()
+def generate_ids(qs: QuietStar, prompt: list[int], max_new_tokens: int, budget: int | None = None,
+                 eos: set[int] | None = None, seed: int = 0) -> list[int]:
+    """Greedy continuation of ``prompt``; each new token is predicted after a thought at the last position.
+    Thoughts are never part of the context or the output (released code did not teach the model not to emit
+    them, so the delimiters are masked)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = qs.model.get_input_embeddings().weight.device
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids], device=device)
+        nxt = int(thought_logits(qs, x, budget, gen)[0, -1].argmax())
+        ids.append(nxt)
+        if eos and nxt in eos:
+            break
+    return ids[len(prompt):]
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def save_quietstar(qs: QuietStar, tokenizer: Any, out: Path) -> None:
+    """The model folder (thought rows written into the embeddings) + tokenizer + mixing head (safetensors)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    with torch.no_grad():
+        emb = qs.model.get_input_embeddings().weight
+        emb[[qs.start_id, qs.end_id]] = (qs.thought_embed * qs.cfg.embedding_scale).to(emb.dtype)
+    qs.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    save_file({k: v.detach().contiguous() for k, v in qs.head.state_dict().items()}, str(out / HEAD_FILE))
+    meta = {"start_id": qs.start_id, "end_id": qs.end_id, "config": qs.cfg.model_dump(mode="json")}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_quietstar(path: Path, dtype: torch.dtype = torch.float32) -> tuple[QuietStar, Any]:
+    """(QuietStar, tokenizer) from a folder written by :func:`save_quietstar`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import forge_models  # noqa: F401  (registers Cognate)
+    from forge_models.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if not (path / META_FILE).is_file() or not (path / HEAD_FILE).is_file():
+        raise ArtifactIntegrityError(f"{path} is not a Quiet-STaR folder (no {META_FILE} / {HEAD_FILE})")
+    meta = json.loads((path / META_FILE).read_text())
+    cfg = QuietStarConfig(**meta["config"])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    emb = model.get_input_embeddings().weight
+    qs = QuietStar(model, meta["start_id"], meta["end_id"], emb[meta["start_id"]].detach().float(), cfg)
+    with torch.no_grad():
+        qs.thought_embed.copy_(emb[[meta["start_id"], meta["end_id"]]].float() / cfg.embedding_scale)
+    qs.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+    return qs, tokenizer

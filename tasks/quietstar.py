@@ -1,0 +1,93 @@
+"""Prefect task for phase 3, Quiet-STaR: train the previous phase's model to think before each token.
+
+Output prefix: ``model/`` — a Hugging Face folder (safetensors; the two thought tokens in the tokenizer and the
+embeddings) plus ``quietstar_head.safetensors`` (the mixing head) and ``quietstar.json``:
+``AutoModelForCausalLM.from_pretrained`` gives the plain LM (generation without thoughts);
+``forge_models.quietstar.load_quietstar`` gives the model with its thoughts and mixing head. Also
+``quietstar_curve.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from forge_models.eval import difference_lines
+from forge_models.runtime import PhaseContext
+from tasks import runtime as rt
+from tasks.bitnet import choose_model
+from tasks.cache import phase_key
+from tasks.config import ForgeConfig
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.store import ArtifactRef
+
+QUIETSTAR_VERSION = "1"
+
+
+def quietstar_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
+    section = json.dumps({"quietstar": config.quietstar.model_dump(mode="json"),
+                          "eval": config.eval.model_dump(mode="json"), "seed": config.seed,
+                          "precision": config.device.precision}, sort_keys=True)
+    return phase_key("quietstar", QUIETSTAR_VERSION, section, [previous.digest], dataset.digest)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _body(config: ForgeConfig, previous: ArtifactRef):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        import forge_models  # noqa: F401  (registers Cognate)
+        from transformers import AutoModelForCausalLM
+
+        from forge_models import quietstar
+        from forge_models.data import Corpus
+        from forge_models.tokenizer import load_tokenizer
+
+        dataset_dir, model_root = inputs
+        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
+        name = choose_model(names, config.quietstar.input_model, previous.uri)
+        with rt.MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(model_root / name, dtype=torch.float32)
+        tokenizer = load_tokenizer(model_root / name)
+        corpus = Corpus.load(dataset_dir / "corpus")
+        out = quietstar.run(quietstar.QuietStarInputs(model, tokenizer, corpus, config.eval), config.quietstar, ctx)
+        quietstar.save_quietstar(out.models["model"], out.tokenizer, out_dir / "model")
+        loss_curve_png({k: out.curves[k] for k in ("loss", "plain_nll", "talk_nll") if out.curves.get(k)},
+                       out_dir / "quietstar_curve.png", f"Quiet-STaR training of {name}")
+        m, c = out.metrics, config.quietstar
+        lines = [
+            "# Phase 3: Quiet-STaR", "",
+            f"Input: `{previous.uri}/{name}`. Trained on the train split only; held-out split: "
+            f"**{config.eval.split}**. {c.steps} steps, {c.thought_tokens} thought tokens, n_ahead_talk "
+            f"{c.n_ahead_talk}, n_passes {c.n_passes}.", "",
+            "Harness, input vs trained model **without** thoughts:", "",
+            metrics_table(out.evaluations, list(HEADLINE_METRICS)), "",
+            *difference_lines(out.evaluations["after"]["quietstar"], "quietstar - input"), "",
+            "With vs without thoughts (held-out, paired bootstrap 95%):", "",
+            "| measure | without | with | gain [95% interval] |", "|---|---|---|---|",
+            f"| next-token NLL, text ({int(m.get('quietstar/n_text', 0))} ex.; gain = without - with) | "
+            f"{_fmt(m.get('quietstar/nll_without'))} | {_fmt(m.get('quietstar/nll_with'))} | "
+            f"{_fmt(m.get('quietstar/nll_gain'))} [{_fmt(m.get('quietstar/nll_gain_lo'))}, "
+            f"{_fmt(m.get('quietstar/nll_gain_hi'))}] |",
+            f"| teacher-forced answer probability, arithmetic ({int(m.get('quietstar/n_arith', 0))} ex.; not "
+            f"generation accuracy) | {_fmt(m.get('quietstar/answer_prob_without'))} | "
+            f"{_fmt(m.get('quietstar/answer_prob_with'))} | {_fmt(m.get('quietstar/answer_prob_gain'))} "
+            f"[{_fmt(m.get('quietstar/answer_prob_gain_lo'))}, {_fmt(m.get('quietstar/answer_prob_gain_hi'))}] |",
+            "", f"Learning signal: mean |w| of the mixing head {m.get('quietstar/w_abs_step0', 0.0):.4f} at step 0 "
+            f"(zero-initialised), {_fmt(m.get('quietstar/w_abs_heldout'))} on held-out text after training.",
+            f"Training throughput: {m.get('quietstar/train_tokens_per_s', float('nan')):.1f} tokens/s.",
+        ]
+        return PhaseWritten(metrics=m, report_md="\n".join(lines) + "\n", params=int(out.details["params"]),
+                            steps_run=c.steps, curves=out.curves,
+                            details={k: v for k, v in out.details.items() if k != "params"})
+
+    return body
+
+
+quietstar_task = phase_task(
+    "quietstar", kind="model", key=quietstar_key, body=_body, section="quietstar",
+    doc="Train (or reuse) Quiet-STaR on the previous phase's model.",
+)

@@ -1,0 +1,91 @@
+"""The Quiet-STaR phase run: trains on train only (test split poisoned -> nothing changes), measures with vs
+without thoughts, and its output survives save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from forge_models.config import EvalConfig
+from forge_models.data.synthetic import Example
+from forge_models.quietstar import QuietStarConfig, QuietStarInputs, generate_ids, load_quietstar, run, save_quietstar
+from forge_models.runtime import ConfigError, PhaseContext
+from tests.factories import corpus_and_tokenizer, tiny_llama
+
+CFG = QuietStarConfig(steps=3, batch_size=2, seq_len=16, thought_tokens=2, n_ahead_talk=2, eval_examples=4)
+EVAL = EvalConfig(max_examples=8, ppl_max_tokens=256, max_new_tokens=4, bootstrap_samples=200)
+
+
+@pytest.fixture(scope="module")
+def data():
+    corpus, tok = corpus_and_tokenizer(n_examples=200, vocab_size=300)
+    return corpus, tok
+
+
+def _run(corpus, tok):
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(tok), hidden=32, inter=64, max_position_embeddings=256)
+    return run(QuietStarInputs(model, tok, corpus, EVAL), CFG, PhaseContext(precision="fp32"))
+
+
+def _stable(metrics):
+    return {k: v for k, v in metrics.items() if "tokens_per_s" not in k}
+
+
+def test_test_split_is_never_read_and_metrics_are_measured(data, tmp_path):
+    corpus, tok = data
+    clean = _run(corpus, tok)
+    poison = [Example(kind="text", text="POISON " * 50)] * 5
+    poisoned = _run(dataclasses.replace(corpus, test=tuple(poison)), tok)
+    assert _stable(clean.metrics) == _stable(poisoned.metrics)
+    m = clean.metrics
+    for key in ("quietstar/nll_with", "quietstar/nll_without", "quietstar/nll_gain_lo", "quietstar/nll_gain_hi",
+                "quietstar/answer_prob_with", "quietstar/answer_prob_without", "quietstar/w_abs_heldout"):
+        assert math.isfinite(m[key]), key
+    assert m["quietstar/w_abs_step0"] == 0.0  # zero-initialised mixing head
+    assert m["quietstar/nll_gain_lo"] <= m["quietstar/nll_gain"] <= m["quietstar/nll_gain_hi"]
+    assert len(clean.curves["w_abs"]) == CFG.steps
+
+    qs = clean.models["model"]
+    save_quietstar(qs, clean.tokenizer, tmp_path / "out")
+    qs2, _ = load_quietstar(tmp_path / "out")
+    prompt = clean.tokenizer.encode("Q: What is 2 + 3?", add_special_tokens=False)
+    assert generate_ids(qs2, prompt, 6) == generate_ids(qs, prompt, 6)
+
+    # What BitNet (the next phase) does with this folder: a plain causal LM (thought rows in its vocabulary,
+    # the mixing head not used) that loads, converts to ternary and runs.
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.bitnet import convert_to_bitnet
+    from forge_models.tokenizer import load_tokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert plain.get_input_embeddings().weight.shape[0] == len(load_tokenizer(tmp_path / "out"))
+    convert_to_bitnet(plain, ["lm_head"], "none")
+    assert torch.isfinite(plain(torch.tensor([prompt])).logits).all()
+
+
+def test_refuses_a_too_long_span_before_training(data):
+    corpus, tok = data
+    model = tiny_llama(vocab=len(tok), hidden=32, inter=64, max_position_embeddings=16)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        run(QuietStarInputs(model, tok, corpus, EVAL), CFG, PhaseContext(precision="fp32"))
+
+
+def test_forge_phase_quietstar_and_pipeline_validation(tmp_path):
+    """`forge phase quietstar --input DIR` imports DIR and runs the phase; in a pipeline it takes EvoMerge's
+    one model, and a multi-model input needs quietstar.input_model."""
+    from flows.cli import _phase_overrides
+    from flows.config import ConfigProblems, load_config
+    from tests.factories import make_llama
+
+    a = make_llama(tmp_path / "a", seed=0)
+    cfg = load_config(preset="tiny", overrides=_phase_overrides("quietstar", [str(a)], None))
+    assert cfg.phases == ["quietstar"] and cfg.input == str(a.resolve()) and cfg.quietstar.input_model is None
+    chain = load_config("tiny", overrides=["phases=[cognate, evomerge, quietstar, bitnet, training]"])
+    assert chain.quietstar.steps == 60
+    with pytest.raises(ConfigProblems, match="quietstar.input_model"):
+        load_config("tiny", overrides=["phases=[cognate, quietstar]"])
