@@ -45,6 +45,20 @@ def model_folders(store: Store, artifact: ArtifactRef) -> list[str]:
     return sorted({rel.split("/", 1)[0] for rel in manifest["files"] if rel.endswith("/config.json") and rel.count("/") == 1})
 
 
+def load_model(folder: Path, device: torch.device):
+    """A stored model folder as a float32 causal LM on ``device``: a compressed artifact (``recipe.json``,
+    phase 8) through ``load_compressed``; anything else (plain or packed BitNet) through ``from_pretrained``."""
+    import forge_models  # noqa: F401  (registers the Cognate architecture)
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.compression.artifact import RECIPE_FILE, load_compressed
+
+    with _rt.MODEL_LOAD_LOCK:  # both switch torch's global default device (meta): not thread-safe
+        if (folder / RECIPE_FILE).is_file():
+            return load_compressed(folder, torch.float32, device)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+
+
 @task(
     name="evaluate-model",
     **PHASE_TASK_OPTIONS,
@@ -56,7 +70,6 @@ def evaluate_model_task(
 ) -> ModelEvaluation:
     """Download one model folder (verified) and the corpus, and run the harness on ``split``."""
     import forge_models  # noqa: F401  (registers the Cognate architecture)
-    from transformers import AutoModelForCausalLM
 
     from forge_models.data import Corpus
     from forge_models.eval import evaluate
@@ -70,8 +83,7 @@ def evaluate_model_task(
         store.download(artifact.uri, tmp / "model", expected_digest=artifact.digest, only=model)
         corpus = Corpus.load(tmp / "data" / "corpus")
         tokenizer = load_tokenizer(tmp / "model" / model)
-        with _rt.MODEL_LOAD_LOCK:  # from_pretrained switches torch's global default device (meta): not thread-safe
-            net = AutoModelForCausalLM.from_pretrained(tmp / "model" / model, dtype=torch.float32).to(device)
+        net = load_model(tmp / "model" / model, device)
         ctx = PhaseContext(device=device, seed=config.seed, precision=config.device.precision)
         metrics = evaluate(net, tokenizer, corpus.split(split), config.eval.for_split(split), ctx)  # test: every example
     return ModelEvaluation(model=model, split=split, metrics=metrics, executor=_rt.executor_name())

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel
 
 from forge_models.bitnet.config import BitNetConfig
+from forge_models.compression.phase import CompressionConfig
 from forge_models.config import CognateConfig
 from forge_models.evomerge.config import EvoMergeConfig
 from forge_models.quietstar.config import QuietStarConfig
@@ -207,8 +208,11 @@ PHASES: dict[str, PhaseSpec] = {
             input_kind="model", output_kind="model",
         ),
         PhaseSpec(
-            name="compression", order=8, title="Final compression: SeedLM, VPTQ", verb="compress",
-            input_kind="model", output_kind="model",
+            name="compression", order=8,
+            title="Final compression: each tensor in its best encoding under a byte budget, one loadable folder",
+            verb="compress", input_kind="model", output_kind="model", section="compression",
+            config=CompressionConfig, task="tasks.compression:compression_task",
+            standalone=one_model_standalone("compression"),
         ),
     )
 }

@@ -50,7 +50,8 @@ from forge_models.compression.encoders import Encoded, make_encoder
 from forge_models.config import Frozen
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput, QualityGateFailed
 
-__all__ = ["CompressionConfig", "CompressionInputs", "run", "mean_loss", "DEFAULT_CANDIDATES"]
+__all__ = ["CompressionConfig", "CompressionInputs", "run", "mean_loss", "token_blocks", "DEFAULT_CANDIDATES",
+           "DEFAULT_BPW"]
 
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "bf16"},
@@ -62,6 +63,7 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "vptq", "v": 4, "k1": 256, "k2": 16},
     {"name": "vptq", "v": 4, "k1": 256},
 )
+DEFAULT_BPW = 4.5  # budget when neither target_bytes nor target_bpw is given
 # Logits of the reloaded folder vs the working model: both decode the same stored bytes to float32.
 RELOAD_LOGIT_TOLERANCE = 1e-4
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -75,8 +77,14 @@ class CompressionConfig(Frozen):
     )
     target_bytes: int | None = Field(None, ge=1, description="Budget for the whole folder on disk, in bytes.")
     target_bpw: float | None = Field(
-        None, gt=0, le=32, description="Alternative budget: bits per weight over all encoded (2-D) tensors."
+        None, gt=0, le=32,
+        description=f"Alternative budget: bits per weight over all encoded (2-D) tensors ({DEFAULT_BPW} when "
+                    "neither budget is given).",
     )
+    calib_sequences: int = Field(16, ge=1, description="Calibration sequences (train split) for Hessians and damages.")
+    val_sequences: int = Field(8, ge=1, description="Sequences (train split, after the calibration ones) deciding rollbacks.")
+    test_sequences: int = Field(16, ge=1, description="Sequences of the held-out split for the phase's own loss metrics.")
+    seq_len: int = Field(128, ge=8, description="Tokens per calibration / validation / test sequence.")
     max_loss_increase: float = Field(
         0.5, gt=0, description="Retention bound: validation loss (nats) may rise at most this much over the input."
     )
@@ -86,6 +94,14 @@ class CompressionConfig(Frozen):
     layers_per_group: int = Field(
         1, ge=1, description="Decoder layers per encode/reload/evaluate/rollback group (larger = fewer evaluations)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        # Neither budget given (the pipeline's default section): DEFAULT_BPW; giving one replaces it.
+        if isinstance(data, dict) and data.get("target_bytes") is None and data.get("target_bpw") is None:
+            data = {**data, "target_bpw": DEFAULT_BPW}
+        return data
 
     @model_validator(mode="after")
     def _valid(self) -> "CompressionConfig":
@@ -119,6 +135,26 @@ class CompressionInputs:
     val_ids: torch.Tensor
     test_ids: torch.Tensor
     out_dir: Path
+
+
+def token_blocks(tokenizer: Any, texts: list[str], seq_len: int, n: int, skip: int = 0) -> torch.Tensor:
+    """(n, seq_len) int64 ids: the texts tokenised, joined with EOS, cut into consecutive blocks; the first
+    ``skip`` blocks are dropped (so two calls with different skips give disjoint blocks of one split).
+
+    Raises:
+        ConfigError: when the texts hold fewer than ``skip + n`` blocks.
+    """
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    need = (skip + n) * seq_len
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ConfigError(f"the texts hold {len(stream) // seq_len} blocks of {seq_len} tokens; {skip + n} needed")
+    return torch.tensor(stream[skip * seq_len : need], dtype=torch.long).reshape(n, seq_len)
 
 
 @torch.no_grad()
