@@ -180,15 +180,6 @@ class BandController:
         self.difficulty = min(1.0, max(0.0, self.difficulty))
         return self.difficulty
 
-    def consecutive_in_band(self) -> int:
-        """How many of the latest measurements in a row were inside the band."""
-        n = 0
-        for h in reversed(self.history):
-            if not h["in_band"]:
-                break
-            n += 1
-        return n
-
     def state(self) -> dict[str, Any]:
         return {"difficulty": self.difficulty, "history": list(self.history)}
 
