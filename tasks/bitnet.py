@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from forge_models.runtime import ArtifactIntegrityError, PhaseContext
+from forge_models.runtime import PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
 from forge_models.eval import difference_lines
@@ -32,16 +32,6 @@ def bitnet_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef)
     return phase_key("bitnet", BITNET_VERSION, section, [previous.digest], dataset.digest)
 
 
-def choose_model(names: list[str], wanted: str | None, uri: str) -> str:
-    if wanted is not None:
-        if wanted not in names:
-            raise ArtifactIntegrityError(f"bitnet.input_model {wanted!r} is not in {uri} (it holds {names})")
-        return wanted
-    if len(names) != 1:
-        raise ArtifactIntegrityError(f"{uri} holds {names}; set bitnet.input_model to the one to ternarise")
-    return names[0]
-
-
 def _body(config: ForgeConfig, previous: ArtifactRef):
     def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
         import forge_models  # noqa: F401  (registers Cognate)
@@ -52,11 +42,10 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
-        name = choose_model(names, config.bitnet.input_model, previous.uri)
+        name, folder = rt.input_model_folder(model_root, config.bitnet.input_model, previous.uri, "bitnet.input_model")
         with rt.MODEL_LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(model_root / name, dtype=torch.float32)
-        tokenizer = load_tokenizer(model_root / name)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         out = bitnet.run(
             bitnet.BitNetInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval,

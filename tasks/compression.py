@@ -1,7 +1,7 @@
 """Prefect task for phase 8, final compression: every tensor in its chosen encoding, one loadable folder.
 
 Input: the one model of the previous phase's artifact. A BitNet artifact (``model/`` with ``model/latent/``)
-is rebuilt from its latent weights (`tasks.training.load_input_model`), so its BitLinear weights are stored
+is rebuilt from its latent weights (`tasks.runtime.load_input_model`), so its BitLinear weights are stored
 exactly as the ternary codes the layer computes with; anything else is loaded as a Hugging Face causal LM.
 
 Output prefix: ``model/`` — the compressed folder (``config.json``, tokenizer, ``recipe.json``,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from forge_models.eval import difference_lines
 from forge_models.runtime import PhaseContext
-from tasks.bitnet import choose_model
+from tasks import runtime as rt
 from tasks.cache import phase_key
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
@@ -49,13 +49,11 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.data import Corpus
         from forge_models.eval import evaluate, paired_metrics
         from forge_models.tokenizer import load_tokenizer
-        from tasks.training import load_input_model
 
         dataset_dir, model_root = inputs
-        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
-        name = choose_model(names, None, previous.uri)
-        model, latent_meta = load_input_model(model_root / name)
-        tokenizer = load_tokenizer(model_root / name)
+        name, folder = rt.input_model_folder(model_root, None, previous.uri, None)
+        model, latent_meta = rt.load_input_model(folder)
+        tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         cfg = config.compression
         is_bitnet = any(isinstance(m, BitLinear) for m in model.modules())
@@ -81,7 +79,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         before = evaluate(model.to(ctx.device), tokenizer, held_out, config.eval, ctx, before_o)
         after = evaluate(compressed, tokenizer, held_out, config.eval, ctx, after_o)
         after.update(paired_metrics(after_o, before_o, config.eval.bootstrap_samples, config.eval.bootstrap_seed))
-        in_bytes = folder_bytes(model_root / name, exclude=bitnet.LATENT_DIR)
+        in_bytes = folder_bytes(folder, exclude=bitnet.LATENT_DIR)
         m = out.metrics
         metrics = {f"compression/{k}": float(v) for k, v in m.items()}
         metrics["compression/input_bytes"] = float(in_bytes)

@@ -17,7 +17,6 @@ import torch
 from forge_models.eval import difference_lines
 from forge_models.runtime import PhaseContext
 from tasks import runtime as rt
-from tasks.bitnet import choose_model
 from tasks.cache import phase_key
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
@@ -47,11 +46,11 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
-        name = choose_model(names, config.quietstar.input_model, previous.uri)
+        name, folder = rt.input_model_folder(model_root, config.quietstar.input_model, previous.uri,
+                                             "quietstar.input_model")
         with rt.MODEL_LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(model_root / name, dtype=torch.float32)
-        tokenizer = load_tokenizer(model_root / name)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         out = quietstar.run(quietstar.QuietStarInputs(model, tokenizer, corpus, config.eval), config.quietstar, ctx)
         quietstar.save_quietstar(out.models["model"], out.tokenizer, out_dir / "model")

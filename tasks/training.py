@@ -14,11 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from forge_models.runtime import ArtifactIntegrityError, PhaseContext
+from forge_models.runtime import PhaseContext
 from tasks import runtime as rt
-from tasks.bitnet import choose_model
 from tasks.cache import phase_key
 from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
@@ -34,25 +31,6 @@ def training_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRe
                           "packing": config.bitnet.packing, "seed": config.seed, "precision": config.device.precision},
                          sort_keys=True)
     return phase_key("training", TRAINING_VERSION, section, [previous.digest], dataset.digest)
-
-
-def load_input_model(folder: Path):
-    """The model to train: BitLinear from latent weights for a packed BitNet folder, else from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    from forge_models import bitnet
-
-    latent = folder / bitnet.LATENT_DIR
-    if latent.is_dir():
-        return bitnet.load_latent(latent), json.loads((latent / "bitnet_latent.json").read_text())
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("quantization_config", {}).get("quant_method") == "bitnet":
-        raise ArtifactIntegrityError(
-            f"{folder} is a packed BitNet folder without its latent weights (latent/); the training loop needs "
-            "them to keep training the ternary model. Run the bitnet phase of this pipeline to produce them."
-        )
-    with rt.MODEL_LOAD_LOCK:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), None
 
 
 def _curriculum_png(curves: dict, path: Path, band: tuple[float, float]) -> bool:
@@ -88,10 +66,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        names = sorted(p.parent.name for p in model_root.glob("*/config.json"))
-        name = choose_model(names, None, previous.uri)
-        model, latent_meta = load_input_model(model_root / name)
-        tokenizer = load_tokenizer(model_root / name)
+        name, folder = rt.input_model_folder(model_root, None, previous.uri, None)
+        model, latent_meta = rt.load_input_model(folder)
+        tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         out = training.run(training.TrainingInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval),
                            config.training, ctx)

@@ -16,6 +16,7 @@ SeedLM and VPTQ live in their own modules and register here on import of the pac
 from __future__ import annotations
 
 import lzma
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -47,10 +48,7 @@ class Encoded:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def bits_per_weight(self) -> float:
