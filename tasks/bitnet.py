@@ -17,6 +17,7 @@ import torch
 from forge_models.runtime import PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
+from tasks.inputs import input_model_folder
 from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
@@ -42,7 +43,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        name, folder = rt.input_model_folder(model_root, config.bitnet.input_model, previous.uri, "bitnet.input_model")
+        name, folder = input_model_folder(model_root, config.bitnet.input_model, previous.uri, "bitnet.input_model")
         with rt.MODEL_LOAD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = load_tokenizer(folder)

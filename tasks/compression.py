@@ -1,7 +1,7 @@
 """Prefect task for phase 8, final compression: every tensor in its chosen encoding, one loadable folder.
 
 Input: the one model of the previous phase's artifact. A BitNet artifact (``model/`` with ``model/latent/``)
-is rebuilt from its latent weights (`tasks.runtime.load_input_model`), so its BitLinear weights are stored
+is rebuilt from its latent weights (`tasks.inputs.load_input_model`), so its BitLinear weights are stored
 exactly as the ternary codes the layer computes with; anything else is loaded as a Hugging Face causal LM.
 
 Output prefix: ``model/`` — the compressed folder (``config.json``, tokenizer, ``recipe.json``,
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from forge_models.eval import difference_lines
 from forge_models.runtime import PhaseContext
-from tasks import runtime as rt
 from tasks.cache import phase_key
+from tasks.inputs import input_model_folder, load_input_model
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
 from tasks.store import ArtifactRef
@@ -51,8 +51,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        name, folder = rt.input_model_folder(model_root, None, previous.uri, None)
-        model, latent_meta = rt.load_input_model(folder)
+        name, folder = input_model_folder(model_root, None, previous.uri, None)
+        model, latent_meta = load_input_model(folder)
         tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         cfg = config.compression

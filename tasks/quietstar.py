@@ -18,6 +18,7 @@ from forge_models.eval import difference_lines
 from forge_models.runtime import PhaseContext
 from tasks import runtime as rt
 from tasks.cache import phase_key
+from tasks.inputs import input_model_folder
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
@@ -46,7 +47,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        name, folder = rt.input_model_folder(model_root, config.quietstar.input_model, previous.uri,
+        name, folder = input_model_folder(model_root, config.quietstar.input_model, previous.uri,
                                              "quietstar.input_model")
         with rt.MODEL_LOAD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

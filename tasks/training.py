@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from forge_models.runtime import PhaseContext
-from tasks import runtime as rt
 from tasks.cache import phase_key
+from tasks.inputs import input_model_folder, load_input_model
 from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
@@ -66,8 +66,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
-        name, folder = rt.input_model_folder(model_root, None, previous.uri, None)
-        model, latent_meta = rt.load_input_model(folder)
+        name, folder = input_model_folder(model_root, None, previous.uri, None)
+        model, latent_meta = load_input_model(folder)
         tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         out = training.run(training.TrainingInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval),

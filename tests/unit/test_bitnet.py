@@ -852,7 +852,7 @@ def test_config_rejects_contradictions_before_any_work():
 
 def test_latent_weights_round_trip_so_training_can_continue(tmp_path):
     from forge_models.bitnet import load_latent, save_latent
-    from tasks.runtime import load_input_model
+    from tasks.inputs import load_input_model
 
     model = tiny_cognate(seed=3)
     convert_to_bitnet(model, keep_patterns=["lm_head", "halt"], act_norm="rms")

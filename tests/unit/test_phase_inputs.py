@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from forge_models.runtime import ArtifactIntegrityError
-from tasks.runtime import input_model_folder
+from tasks.inputs import input_model_folder
 
 
 def _folders(root: Path, names: list[str]) -> Path:
