@@ -326,6 +326,7 @@ def _compute(
         }
         (out_dir / "phase.json").write_text(json.dumps(phase_meta, indent=2, sort_keys=True, default=str))
         (out_dir / "report.md").write_text(written.report_md)
+        lock.ensure_held()  # a run that stalled past the lock's TTL lost the output to another run: never publish
         digest = store.write_prefix(out_dir, out_uri, kind)
         manifest = store.verify(out_uri, expected_digest=digest, deep=False)
         ref = ref_from_manifest(store, out_uri, manifest, run_id)
