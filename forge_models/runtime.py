@@ -45,6 +45,26 @@ class ArtifactIntegrityError(ForgeError):
     """A stored artifact is missing, incomplete, tampered with or of the wrong kind."""
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that are pickles: loading one runs whatever code it carries."""
+
+
+def refuse_pickles(folder, field: str) -> None:
+    """Raise ConfigError if a model folder holds pickled weights, before ``from_pretrained`` could unpickle them.
+
+    ``from_pretrained`` falls back to ``pytorch_model.bin`` (``torch.load``) when a folder has no safetensors;
+    callers also pass ``use_safetensors=True``, and this check names the file and says what to do.
+    """
+    from pathlib import Path
+
+    pickles = sorted(p.name for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ConfigError(
+            f"{field}: {folder} holds pickled weights ({', '.join(pickles)}), which are refused since loading a "
+            "pickle runs code; keep only .safetensors weights there (convert them where you trust them)"
+        )
+
+
 class Tracker(Protocol):
     """Side channel for metrics and progress. Implementations must be cheap and never raise."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from forge_models.runtime import ArtifactIntegrityError
+from forge_models.runtime import ArtifactIntegrityError, refuse_pickles
 from tasks.runtime import MODEL_LOAD_LOCK
 
 
@@ -51,5 +51,6 @@ def load_input_model(folder: Path):
             f"{folder} is a packed BitNet folder without its latent weights (latent/); the training loop needs "
             "them to keep training the ternary model. Run the bitnet phase of this pipeline to produce them."
         )
+    refuse_pickles(folder, "input model")
     with MODEL_LOAD_LOCK:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), None
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True), None

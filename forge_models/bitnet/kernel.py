@@ -9,6 +9,10 @@ expanded per call, and its outputs are bit-identical to the PyTorch path (same i
 It is compiled with the system C++ compiler (``$CXX`` or ``g++``) against this torch's headers, for this CPU
 (``-march=native``), into ``$FORGE_KERNEL_CACHE`` (default ``~/.cache/agent-forge/kernels``) under a key of
 the source, torch version, compiler and CPU flags, then reused. Building takes about 8 s once per key.
+Loading a shared library runs its code, so the cache is private and verified: the folder is created 0700 and
+refused when another user owns it (made 0700 when it is ours but open to others), and each library has a
+``.sha256`` written after it is built; a library whose bytes do not match it (truncated, replaced) or that
+has none is rebuilt, never loaded.
 Nothing is downloaded. ``FORGE_BITNET_KERNEL=0`` disables it (the packed layers then use fbgemm's row-wise
 2-bit kernel or ``_int_mm``, also exact).
 """
@@ -99,6 +103,9 @@ def _build_and_load() -> Path:
         library = kernel_library_path()
     except (OSError, RuntimeError) as exc:  # e.g. no home directory for the default cache
         raise KernelUnavailable(f"no kernel cache location ({exc}); set {CACHE_ENV}") from exc
+    _private_folder(library.parent)
+    if library.is_file() and not _verified(library):
+        library.unlink()  # corrupted, replaced or from before digests were kept: rebuilt below, never loaded
     if not library.is_file():
         compiler = os.environ.get("CXX", "g++")
         if shutil.which(compiler) is None:
@@ -115,12 +122,17 @@ def _build_and_load() -> Path:
             proc = subprocess.run(_compile_command(compiler, Path(tmp)), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            os.chmod(tmp, 0o700)  # whatever the umask: nobody else may replace what we will load
+            digest = _sha256(Path(tmp))
             os.replace(tmp, library)
+            _write_atomic(_digest_path(library), digest.encode())
         except OSError as exc:
             raise KernelUnavailable(f"running {compiler!r} failed: {exc}") from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if not _verified(library):
+        raise KernelUnavailable(f"{library} does not match {_digest_path(library).name}: refusing to load it")
     try:
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as exc:
@@ -128,6 +140,49 @@ def _build_and_load() -> Path:
     if not hasattr(torch.ops.forge_bitnet, "ternary_linear"):
         raise KernelUnavailable(f"{library} does not define forge_bitnet::ternary_linear")
     return library
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _verified(library: Path) -> bool:
+    """The library's bytes match the digest recorded when it was built, and only this user can replace it."""
+    try:
+        st = library.stat()
+        want = _digest_path(library).read_text().strip()
+    except OSError:
+        return False
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return False
+    return _sha256(library) == want
+
+
+def _private_folder(folder: Path) -> None:
+    """Create the cache folder 0700; refuse one another user owns; close one of ours that others could write."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.stat()
+        if st.st_uid != os.getuid():
+            raise KernelUnavailable(
+                f"the kernel cache {folder} belongs to uid {st.st_uid}, not to this user: loading a library from it "
+                f"would run their code; set {CACHE_ENV} to a folder of your own"
+            )
+        if st.st_mode & 0o077:
+            os.chmod(folder, 0o700)
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot write the kernel cache {folder} ({exc}); set {CACHE_ENV}") from exc
 
 
 def kernel_available() -> bool:

@@ -45,6 +45,7 @@ from forge_models.runtime import (
     PhaseOutput,
     QualityGateFailed,
     check_finite,
+    refuse_pickles,
     translate_oom,
 )
 
@@ -438,6 +439,9 @@ def _quality_gate(after: dict[str, dict[str, float]], unigram: float, min_gain: 
 
 def _run_pretrained(inputs: CognateInputs, cfg: CognateConfig, ctx: PhaseContext) -> PhaseOutput:
     """Load the given HF causal LMs, evaluate each, pass them on unchanged."""
+    for path in ([cfg.common_base] if cfg.common_base else []) + list(cfg.base_models):
+        if Path(path).is_dir():  # every folder checked before the first one is loaded or evaluated
+            refuse_pickles(path, "cognate.base_models" if path in cfg.base_models else "cognate.common_base")
     held_out = inputs.corpus.split(inputs.eval_cfg.split)
     if not held_out:
         raise ConfigError(f"the corpus has no {inputs.eval_cfg.split!r} examples to evaluate on")
@@ -474,8 +478,9 @@ def _load_pretrained(path: str, tokenizer: PreTrainedTokenizerBase, device: torc
         raise ConfigError(f"cognate.base_models: {path} is not a folder (give local Hugging Face model folders)")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"cognate.base_models: {path} has no config.json; it is not a Hugging Face model folder")
+    refuse_pickles(folder, "cognate.base_models")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise ConfigError(f"cognate.base_models: {path} cannot be loaded as a causal LM: {exc}") from exc
     vocab = model.get_input_embeddings().num_embeddings
