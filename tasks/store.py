@@ -116,6 +116,9 @@ class Store:
                 options["client_kwargs"] = {"endpoint_url": endpoint}
             # Fresh instances: a cached s3fs client may point at a server that no longer exists.
             options["skip_instance_cache"] = True
+            # No listings cache: other runs write here concurrently (a waiter polls for a manifest, a reader
+            # must see the files that exist now); a cached listing hid a manifest written after it was taken.
+            options["use_listings_cache"] = False
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
 
     # ------------------------------------------------------------------ paths
