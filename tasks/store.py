@@ -315,6 +315,8 @@ class Store:
                     h.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
+            if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+                dest.unlink()  # never leave a copy of a bad file where a caller might pick it up
             if size != meta["size"]:
                 raise ArtifactIntegrityError(f"{furi} has {size} bytes, manifest says {meta['size']}")
             if h.hexdigest() != meta["sha256"]:
