@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 
 from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forge_models.runtime import check_finite
 from tasks.runtime import PhaseWritten, run_phase
 from tasks.store import Store
 
@@ -45,10 +46,7 @@ def train_body(steps: int, every: int, step_s: float):
         for step in range(start + 1, steps + 1):
             i = (step * 8) % 64
             loss = torch.nn.functional.mse_loss(model(x[i:i + 8]), y[i:i + 8])
-            if not torch.isfinite(loss):
-                from forge_models.runtime import TrainingDiverged
-
-                raise TrainingDiverged(f"toy loss is {loss.item()} at step {step}; lower the learning rate")
+            check_finite(loss, step, "toy loss")  # the phases' own guard
             opt.zero_grad()
             loss.backward()
             opt.step()
