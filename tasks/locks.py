@@ -162,11 +162,16 @@ class StoreLock:
             self._etag = self._s3("lock", "put_object", Body=self._payload(), IfNoneMatch="*")["ETag"]
             return True
         except FileExistsError:
-            return False
+            pass
         except OSError as exc:
-            if _precondition_failed(exc):
-                return False
-            raise
+            if not _precondition_failed(exc):
+                raise
+        # A retried create whose first attempt landed (the response was lost) finds our own lock: adopt it.
+        seen = self._read()
+        if seen is not None and seen[0].get("owner") == self.owner:
+            self._etag = seen[1]
+            return True
+        return False
 
     def _read(self) -> tuple[dict[str, Any], Any] | None:
         """The lock's content and a token that changes with every write (None: no lock)."""
@@ -297,12 +302,18 @@ class StoreLock:
                 return
             try:
                 self._etag = self._s3("refresh lock", "put_object", Body=payload, IfMatch=self._etag)["ETag"]
+                return
             except FileNotFoundError:
-                self._mark_lost()
+                pass
             except OSError as exc:
                 if not _precondition_failed(exc):
                     raise
-                self._mark_lost()
+            # A retried refresh whose first attempt landed (the response was lost) finds our own new beat.
+            seen = self._read()
+            if seen is not None and seen[0].get("owner") == self.owner and seen[0].get("beat") == self.beats:
+                self._etag = seen[1]
+                return
+            self._mark_lost()
 
     def _mark_lost(self) -> None:
         self.lost = True

@@ -161,13 +161,31 @@ class Store:
         path = self._path(uri)
         try:
             if self.protocol == "file":
+                # Written whole under a private name, then linked (create-only): a crash mid-write never leaves a
+                # torn manifest at the name, which would block the output forever.
                 self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                with open(path, "xb") as f:
+                tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+                with open(tmp, "xb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
             else:
                 self._call(f"create {uri}", self.fs.pipe_file, path, data, mode="create")
         except FileExistsError:
+            # On S3 a retried create whose first attempt landed (its response lost) meets its own object.
+            if self.protocol != "file" and self._same_bytes(uri, data):
+                return
             raise ArtifactIntegrityError(f"{uri} already exists: another writer committed this output first") from None
+
+    def _same_bytes(self, uri: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(uri) == data
+        except FileNotFoundError:
+            return False
 
     def put_file(self, local: Path, uri: str) -> None:
         path = self._path(uri)
