@@ -39,7 +39,7 @@ import torch
 
 from forge_models.generation import GenerationConfig, Prompt, generate, start_token, uses_chat
 from forge_models.runtime import ConfigError, PhaseContext
-from forge_models.tools.registry import CALL_CLOSE, CALL_OPEN, ToolCall, ToolRegistry, find_calls
+from forge_models.tools.registry import CALL_CLOSE, CALL_OPEN, ToolCall, ToolRegistry, find_calls, parse_call
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
@@ -53,6 +53,7 @@ class AgentTurn:
     prompt_tokens: int
     completion_tokens: int
     text: str
+    steps: tuple[str, ...] = ()  # what the model wrote at each step (the tool lines in between are the runtime's)
 
 
 def render_plain(messages: Sequence[dict[str, str]]) -> str:
@@ -93,6 +94,7 @@ class _Episode:
     completion_tokens: int = 0
     answer: str | None = None
     calls: list[ToolCall] | None = None
+    steps: list[str] | None = None
 
 
 def run_agent_batch(
@@ -106,8 +108,10 @@ def run_agent_batch(
     device: torch.device | str = "cpu",
     seed: int = 0,
     ctx: PhaseContext | None = None,
+    max_positions: int | None = None,
 ) -> list[AgentTurn]:
-    """:func:`run_agent` for many prompts, in the same order. ``ctx`` (device, precision) overrides ``device``."""
+    """:func:`run_agent` for many prompts, in the same order. ``ctx`` (device, precision) overrides ``device``;
+    ``max_positions`` overrides the model config's ``max_position_embeddings`` (as in ``generate``)."""
     if max_tool_calls < 0:
         raise ConfigError(f"max_tool_calls must be >= 0, got {max_tool_calls}")
     if not prompts:
@@ -123,10 +127,11 @@ def run_agent_batch(
         if not active:
             break
         contexts = [_context_ids(tokenizer, e, chat) for e in active]
-        outs = generate(model, tokenizer, contexts, step_cfg, ctx, generator=generator)
+        outs = generate(model, tokenizer, contexts, step_cfg, ctx, generator=generator, max_positions=max_positions)
         for e, g in zip(active, outs):
             e.completion_tokens += len(g.token_ids)
             text = g.text
+            e.steps.append(text)
             calls = find_calls(text) if g.finish == "stop" and text.endswith(CALL_CLOSE) else []
             if not calls:
                 e.continuation += text
@@ -135,8 +140,10 @@ def run_agent_batch(
             e.continuation += text
             inner = calls[-1]
             if step == max_tool_calls:  # the limit: the call is recorded, not run, and the turn ends
-                e.calls.append(ToolCall(name="", arguments=inner, result=f"error: more than {max_tool_calls} tool calls",
-                                        ok=False, error=f"more than {max_tool_calls} tool calls"))
+                name, arguments = parse_call(inner) or ("", inner)
+                e.calls.append(ToolCall(name=name, arguments=arguments, ok=False,
+                                        result=f"error: more than {max_tool_calls} tool calls",
+                                        error=f"more than {max_tool_calls} tool calls"))
                 e.answer = ""
                 continue
             call = registry.call_text(inner)
@@ -144,7 +151,7 @@ def run_agent_batch(
             e.continuation += f"\nTool: {call.result}\nAssistant:"
     return [
         AgentTurn(answer=e.answer or "", tool_calls=list(e.calls or []), prompt_tokens=len(e.head_ids),
-                  completion_tokens=e.completion_tokens, text=e.head_text + e.continuation)
+                  completion_tokens=e.completion_tokens, text=e.head_text + e.continuation, steps=tuple(e.steps or []))
         for e in episodes
     ]
 
@@ -158,23 +165,28 @@ def _start(tokenizer: Any, prompt: Prompt, gen: GenerationConfig, chat: bool) ->
             messages = list(prompt)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The same ids forge_models.generation.prompt_ids gives (the template writes its own special tokens).
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return _Episode(head_text=text, head_ids=ids, calls=[])
+        ids = _encode(tokenizer, text)
+        return _Episode(head_text=text, head_ids=ids, calls=[], steps=[])
     if isinstance(prompt, str):
         text = (f"System: {gen.system}\n" if gen.system is not None else "") + prompt
     else:
         text = render_plain(prompt)
-    ids = [start_token(tokenizer)] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _Episode(head_text=text, head_ids=ids, calls=[])
+    ids = [start_token(tokenizer)] + _encode(tokenizer, text)
+    return _Episode(head_text=text, head_ids=ids, calls=[], steps=[])
 
 
 def _context_ids(tokenizer: Any, e: _Episode, chat: bool) -> list[int]:
     if not e.continuation:
         return e.head_ids
     if chat:
-        return e.head_ids + list(tokenizer(e.continuation, add_special_tokens=False)["input_ids"])
+        return e.head_ids + _encode(tokenizer, e.continuation)
     # Plain: prompt and continuation tokenized together, exactly as a training text is.
-    return [e.head_ids[0]] + list(tokenizer(e.head_text + e.continuation, add_special_tokens=False)["input_ids"])
+    return [e.head_ids[0]] + _encode(tokenizer, e.head_text + e.continuation)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # A one-element batch, as forge_models.generation tokenizes (any tokenizer callable on a list works).
+    return [int(t) for t in tokenizer([text], add_special_tokens=False)["input_ids"][0]]
 
 
 def _final_text(text: str, stops: Sequence[str]) -> str:

@@ -110,19 +110,32 @@ class ToolRegistry:
         """One line per tool (for a system prompt): ``name: description Call: usage``."""
         return "\n".join(f"{t.name}: {t.description} Call: {t.usage}" for t in self._tools.values())
 
-    def call(self, name: str, arguments: str) -> ToolCall:
-        """Run tool ``name`` on ``arguments`` under its limits; every failure is an ``error: ...`` result."""
+    def validate(self, name: str, arguments: str) -> str | None:
+        """Why a call of ``name`` on ``arguments`` would be refused before running (unknown tool, oversized
+        or unparseable arguments), or None when the call is well-formed."""
+        return self._parse(name, arguments)[0]
+
+    def _parse(self, name: str, arguments: str) -> tuple[str | None, Any]:
         if name not in self._tools:
             known = ", ".join(self._tools) or "none"
-            return _failed(name, arguments, f"unknown tool {name[:40]!r}; available: {known}")
+            return f"unknown tool {name[:40]!r}; available: {known}", None
+        limits = self._tools[name].limits
+        if len(arguments) > limits.max_argument_chars:
+            return f"arguments too long ({len(arguments)} > {limits.max_argument_chars} chars)", None
+        try:
+            return None, self._tools[name].parse(arguments, limits)
+        except ToolError as exc:
+            return str(exc), None
+        except Exception as exc:  # a parser bug is the tool's failure, not the evaluation's
+            return f"tool failed ({type(exc).__name__})", None
+
+    def call(self, name: str, arguments: str) -> ToolCall:
+        """Run tool ``name`` on ``arguments`` under its limits; every failure is an ``error: ...`` result."""
+        problem, parsed = self._parse(name, arguments)
+        if problem is not None:
+            return _failed(name, arguments, problem)
         tool = self._tools[name]
         limits = tool.limits
-        if len(arguments) > limits.max_argument_chars:
-            return _failed(name, arguments, f"arguments too long ({len(arguments)} > {limits.max_argument_chars} chars)")
-        try:
-            parsed = tool.parse(arguments, limits)
-        except ToolError as exc:
-            return _failed(name, arguments, str(exc))
         status, value = _run_with_timeout(lambda: tool.execute(parsed, limits), limits.timeout_s)
         if status == "timeout":
             return _failed(name, arguments, f"timed out after {limits.timeout_s:g} s")
