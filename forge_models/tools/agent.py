@@ -157,6 +157,8 @@ def run_agent_batch(
 
 
 def _start(tokenizer: Any, prompt: Prompt, gen: GenerationConfig, chat: bool) -> _Episode:
+    if not isinstance(prompt, str) and not all(isinstance(m, dict) for m in prompt):
+        raise ConfigError("run_agent takes a prompt string or a list of {'role', 'content'} messages")
     if chat:
         if isinstance(prompt, str):
             messages = ([{"role": "system", "content": gen.system}] if gen.system is not None else []) + [

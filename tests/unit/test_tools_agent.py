@@ -124,6 +124,8 @@ def test_messages_and_system_prompts(tok):
     assert same.text == turn.text
     with pytest.raises(ConfigError, match="role"):
         render_plain([{"role": "robot", "content": "x"}])
+    with pytest.raises(ConfigError, match="prompt string or a list"):
+        run_agent(ScriptedLM(tok, policy), tok, [1, 2, 3], registry=default_registry(), gen=GEN)
 
 
 def test_chat_template_episodes():
