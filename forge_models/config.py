@@ -14,8 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 HEADLINE_METRICS = ("loss", "ppl", "arith_em", "tool_valid", "tool_correct", "choice_acc")
 """The harness metrics every phase reports and every summary table shows, in this order."""
 
-DATA_KINDS = ("arithmetic", "tool", "persona", "narrative", "text")
-"""Example kinds: the four synthetic families plus "text" for examples read from real corpora."""
+DATA_KINDS = ("arithmetic", "tool", "persona", "narrative", "text", "system")
+"""Example kinds: the synthetic families (system: system-prompt conditioned dialogues) plus "text" for
+examples read from real corpora."""
 
 
 class Frozen(BaseModel):
@@ -67,7 +68,7 @@ class SyntheticConfig(Frozen):
     )
     kinds: dict[str, float] = Field(
         default_factory=lambda: {"arithmetic": 1.0, "tool": 1.0, "persona": 1.0, "narrative": 1.0},
-        description="Relative share of each synthetic kind (arithmetic, tool, persona, narrative).",
+        description="Relative share of each synthetic kind (arithmetic, tool, persona, narrative, system).",
     )
     max_operand: int = Field(
         20, ge=2, le=10_000, description="Largest operand in arithmetic and tool-call problems."
@@ -75,9 +76,9 @@ class SyntheticConfig(Frozen):
 
     @model_validator(mode="after")
     def _kinds_known(self) -> "SyntheticConfig":
-        unknown = sorted(set(self.kinds) - {"arithmetic", "tool", "persona", "narrative"})
+        unknown = sorted(set(self.kinds) - {"arithmetic", "tool", "persona", "narrative", "system"})
         if unknown:
-            raise ValueError(f"unknown synthetic kinds {unknown}; use arithmetic, tool, persona, narrative")
+            raise ValueError(f"unknown synthetic kinds {unknown}; use arithmetic, tool, persona, narrative, system")
         if not any(w > 0 for w in self.kinds.values()) or any(w < 0 for w in self.kinds.values()):
             raise ValueError("synthetic kind weights must be >= 0 with at least one > 0")
         return self

@@ -10,6 +10,9 @@ on those keys, never on the wording:
 - a persona turn -> ``persona:<question>`` with the user's greeting stripped (the reply is a function of the
   question alone, so held-out replies can never appear verbatim in training);
 - a narrative -> ``story:<story>`` (every question about a story shares its split);
+- a system-prompt dialogue -> the calculation it shows, else ``fact:<town> <attribute>`` for a fact
+  question, else ``persona:<question>``: the system prompt is ignored, so a held-out question is held out
+  under every persona and tool set (see :mod:`forge_models.data.system_prompts`);
 - anything else -> its prompt, else its text.
 """
 
@@ -51,8 +54,24 @@ def canonical_keys(ex: "Example") -> frozenset[str]:
             question = match.group(1)
             summed = _PERSONA_SUM_RE.match(question)
             keys.add(calc_key(summed.group(1), "+", summed.group(2)) if summed else f"persona:{question}")
+    elif ex.kind == "system":
+        keys.update(_system_keys(ex))
     elif ex.kind == "narrative" and QUESTION_MARK in ex.prompt:
         keys.add("story:" + ex.prompt.split(QUESTION_MARK, 1)[0])
     if not keys:
         keys.add(f"{ex.kind}:" + (ex.prompt or ex.text))
     return frozenset(keys)
+
+
+def _system_keys(ex: "Example") -> set[str]:
+    from forge_models.data.system_prompts import fact_key, split_prompt
+
+    parts = split_prompt(ex.prompt)
+    if parts is None:
+        return set()
+    answer_part = ex.text[len(ex.prompt):] if ex.text.startswith(ex.prompt) else ex.text
+    calcs = {calc_key(a, op, b) for a, op, b in _CALL_RE.findall(answer_part) + _STEP_RE.findall(answer_part)}
+    if calcs:
+        return calcs
+    fact = fact_key(parts[1])
+    return {fact} if fact else {f"persona:{parts[1]}"}

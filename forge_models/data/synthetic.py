@@ -7,6 +7,8 @@ Four synthetic families exercise what the pipeline claims to improve, each in a 
 - ``tool``: calculator tool-call episodes; checked by whether the call parses and evaluates correctly.
 - ``persona``: dialogues of the assistant "Forge" (helpful, concise, honest); multiple choice.
 - ``narrative``: short templated stories with a comprehension question; multiple choice.
+- ``system``: dialogues whose right reply depends on a system prompt (a persona's rules, the tools it
+  offers; :mod:`forge_models.data.system_prompts`); checked through the tool loop and rule checkers.
 
 Real corpora (txt / jsonl / parquet) become examples of kind ``text``, used for training and perplexity.
 
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from forge_models.config import DATA_KINDS, DataConfig, SourceConfig, SyntheticConfig
+from forge_models.data.facts import fact_table
 from forge_models.data.keys import QUESTION_MARK, canonical_keys
+from forge_models.data.system_prompts import system_dialogue
 from forge_models.runtime import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -42,10 +46,11 @@ class Example:
     """One training / evaluation example.
 
     Attributes:
-        kind: one of DATA_KINDS (arithmetic, tool, persona, narrative, text).
+        kind: one of DATA_KINDS (arithmetic, tool, persona, narrative, text, system).
         text: the full text used for training and perplexity.
         prompt: for answer-checked tasks, the prompt given to the model ("" otherwise).
-        answer: exact expected answer (arithmetic: final number; tool: the numeric result).
+        answer: exact expected answer (arithmetic: final number; tool: the numeric result; system: the
+            final number, "" when the reply is not a number).
         choices: multiple-choice continuations of the prompt (persona, narrative).
         label: index of the correct choice (-1 when there are no choices).
     """
@@ -236,6 +241,22 @@ def _tool(rng: random.Random, max_operand: int, op_chars: str = "+-*") -> Exampl
     return Example(kind="tool", text=text, prompt=prompt, answer=str(result))
 
 
+def _calculation(rng: random.Random, max_operand: int, op_chars: str = "+-*") -> tuple[str, str, int]:
+    """(question in words, "a op b", value) of one calculator-sized calculation."""
+    op = rng.choice(op_chars)
+    a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
+    return rng.choice(_TOOL_TEMPLATES[op]).format(a=a, b=b), f"{a} {op} {b}", _OPS[op](a, b)
+
+
+# ----------------------------------------------------------------------------------------- system
+
+
+def _system(rng: random.Random, max_operand: int, facts: dict[str, str]) -> Example:
+    """A system-prompt conditioned dialogue (persona rules and tool instructions; see system_prompts)."""
+    prompt, completion, answer = system_dialogue(rng, lambda r: _calculation(r, max_operand), facts)
+    return Example(kind="system", text=prompt + completion, prompt=prompt, answer=answer)
+
+
 # ---------------------------------------------------------------------------------------- persona
 
 _USER_NAMES = (
@@ -408,11 +429,13 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> list[Example]:
     counts = _allocate(cfg.n_examples, cfg.kinds)
     order = [kind for kind, n in counts.items() for _ in range(n)]
     rng.shuffle(order)
+    facts = dict(fact_table())  # what the lookup tool returns; the same table the harness' tool reads
     makers: dict[str, Callable[[], Example]] = {
         "arithmetic": lambda: _arithmetic(rng, cfg.max_operand),
         "tool": lambda: _tool(rng, cfg.max_operand),
         "persona": lambda: _persona(rng),
         "narrative": lambda: _narrative(rng),
+        "system": lambda: _system(rng, cfg.max_operand, facts),
     }
     return [makers[kind]() for kind in order]
 

@@ -11,7 +11,19 @@ Metrics (all measured on the given held-out examples, deterministic):
 - ``loss`` / ``ppl`` / ``ppl_tokens``: mean next-token cross-entropy (nats/token) over held-out text.
 - ``arith_em``: exact match of the final number of a greedy worked answer (arithmetic examples).
 - ``tool_valid`` / ``tool_correct``: the greedy reply contains a parseable calculator call / one whose
-  value equals the expected answer (tool examples).
+  value equals the expected answer (tool examples; read from the first step of the tool loop, cut where
+  the reply's line ends).
+- Through the tool loop (:mod:`forge_models.tools`: the call is run, its result fed back, the model goes
+  on to a final answer; at most ``MAX_TOOL_CALLS`` calls), over every episode whose reference reply calls
+  a tool (tool examples and system examples needing an offered tool; ``n_tool_loop``):
+  ``tool_call_valid`` (at least one call, every call names an offered tool with arguments its parser
+  accepts), ``tool_success`` (at least one call, every call ran without error) and
+  ``tool_answer_correct`` (the final answer's "the answer is N" equals the expected number).
+- System-prompt dialogues (kind ``system``, ``n_system``; on a chat template the system prompt goes in
+  its system slot): ``persona_rule_adherence`` (the final reply obeys every rule of the prompt's persona,
+  :func:`forge_models.data.system_prompts.obeys_persona`; ``n_persona`` episodes with a persona),
+  ``system_tool_policy`` (the tools called are exactly the reference reply's: none when the prompt offers
+  no tool the question needs) and ``system_answer_correct`` (the final number, ``n_system_answer``).
 - ``choice_acc`` (and ``persona_acc`` / ``narrative_acc``): multiple choice by summed log-likelihood of
   each choice given the prompt (persona and narrative examples).
 - ``n_arith`` / ``n_tool`` / ``n_choice``: how many examples each task used. A task with no examples
@@ -40,14 +52,20 @@ import torch.nn.functional as F
 from forge_models.config import EvalConfig
 from forge_models.data.stream import unscored_spans
 from forge_models.data.synthetic import Example
+from forge_models.data.system_prompts import final_number, obeys_persona, parse_system_prompt, prompt_messages, split_prompt
 from forge_models.eval.stats import bootstrap_interval
-from forge_models.generation import GenerationConfig, generate
+from forge_models.generation import GenerationConfig, generate, uses_chat
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
+from forge_models.tools import AgentTurn, ToolRegistry, default_registry, find_calls, parse_call, run_agent_batch
 
 # Generation stops: an arithmetic answer is one line; a tool reply ends with its call.
 ARITH_STOPS = ("\n",)
 TOOL_STOPS = ("</tool>", "\n")
+
+# Tool calls one episode may make in the harness: the synthetic episodes need one; a second allows a retry
+# after an error, and bounds the work a model that keeps calling can cause.
+MAX_TOOL_CALLS = 2
 
 # Longest calculator expression the safe evaluator accepts (bounds the work an input can cause).
 MAX_EXPRESSION_CHARS = 200
@@ -350,15 +368,118 @@ def _tool_use(
     model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext,
     vectors: dict[str, list[float]],
 ) -> dict[str, float]:
-    tasks = [ex for ex in examples if ex.kind == "tool" and ex.prompt and ex.answer][: cfg.max_examples]
-    metrics = {"n_tool": float(len(tasks))}
-    if tasks:
-        calls = [parse_tool_call(r) for r in _generate(model, tokenizer, tasks, cfg, ctx, TOOL_STOPS)]
+    """Tool episodes (kind ``tool``) and system-prompt dialogues (kind ``system``), all run through the loop.
+
+    ``tool_valid`` / ``tool_correct`` read the first step, cut where the old single-step generation
+    stopped (``TOOL_STOPS``), so they keep their meaning; the loop metrics read the whole episode.
+    """
+    tool_tasks = [ex for ex in examples if ex.kind == "tool" and ex.prompt and ex.answer][: cfg.max_examples]
+    system_tasks = [ex for ex in examples if ex.kind == "system" and split_prompt(ex.prompt)][: cfg.max_examples]
+    metrics = {"n_tool": float(len(tool_tasks)), "n_system": float(len(system_tasks))}
+    if not tool_tasks and not system_tasks:
+        metrics["n_tool_loop"] = 0.0
+        return metrics
+    registry = default_registry()
+    tool_turns = _episodes(model, tokenizer, tool_tasks, registry, cfg, ctx)
+    system_turns = _episodes(model, tokenizer, system_tasks, registry, cfg, ctx)
+    if tool_tasks:
+        calls = [parse_tool_call(_cut_at_stops(t.steps[0] if t.steps else "", TOOL_STOPS)) for t in tool_turns]
         metrics["tool_valid"] = _record(vectors, "tool_valid", (c is not None for c in calls))
         metrics["tool_correct"] = _record(
-            vectors, "tool_correct", (c is not None and _same_number(c[1], ex.answer) for c, ex in zip(calls, tasks))
+            vectors, "tool_correct", (c is not None and _same_number(c[1], ex.answer) for c, ex in zip(calls, tool_tasks))
         )
+    # The loop's metrics: every episode whose reference reply calls a tool (all tool examples, and the
+    # system dialogues that need an offered tool), scored on the whole episode.
+    loop = [(ex, t, registry) for ex, t in zip(tool_tasks, tool_turns)]
+    loop += [(ex, t, _offered(registry, ex)) for ex, t in zip(system_tasks, system_turns) if _reference_calls(ex)]
+    metrics["n_tool_loop"] = float(len(loop))
+    if loop:
+        metrics["tool_call_valid"] = _record(vectors, "tool_call_valid", (
+            bool(t.tool_calls) and all(reg.validate(c.name, c.arguments) is None for c in t.tool_calls)
+            for _, t, reg in loop))
+        metrics["tool_success"] = _record(vectors, "tool_success", (
+            bool(t.tool_calls) and all(c.ok for c in t.tool_calls) for _, t, _ in loop))
+        metrics["tool_answer_correct"] = _record(vectors, "tool_answer_correct", (
+            _same_number(_as_float(final_number(t.answer)), ex.answer) for ex, t, _ in loop))
+    if system_tasks:
+        metrics.update(_system_metrics(system_tasks, system_turns, vectors))
     return metrics
+
+
+def _system_metrics(tasks: Sequence[Example], turns: Sequence[AgentTurn], vectors: dict[str, list[float]]) -> dict[str, float]:
+    """Persona rules, tool policy and answers of system-prompt dialogues (see forge_models.data.system_prompts)."""
+    specs = [parse_system_prompt(split_prompt(ex.prompt)[0]) for ex in tasks]
+    questions = [split_prompt(ex.prompt)[1] for ex in tasks]
+    metrics: dict[str, float] = {}
+    adherence = [obeys_persona(spec.persona, q, t.answer)
+                 for spec, q, t in zip(specs, questions, turns) if spec is not None and spec.persona is not None]
+    metrics["n_persona"] = float(len(adherence))
+    if adherence:
+        metrics["persona_rule_adherence"] = _record(vectors, "persona_rule_adherence", adherence)
+    # Policy: the tools called are exactly the reference's (none when the system prompt offers no tool the
+    # question needs), so a call of a tool the prompt does not offer, or a missing call, is a violation.
+    metrics["system_tool_policy"] = _record(vectors, "system_tool_policy", (
+        [c.name for c in t.tool_calls] == _reference_calls(ex) for ex, t in zip(tasks, turns)))
+    numeric = [(ex, t) for ex, t in zip(tasks, turns) if ex.answer]
+    metrics["n_system_answer"] = float(len(numeric))
+    if numeric:
+        metrics["system_answer_correct"] = _record(vectors, "system_answer_correct", (
+            _same_number(_as_float(final_number(t.answer)), ex.answer) for ex, t in numeric))
+    return metrics
+
+
+def _reference_calls(ex: Example) -> list[str]:
+    """The names of the tools the reference reply calls (the completion only: the system prompt's own
+    "<tool>name(input)</tool>" instruction is not a call)."""
+    completion = ex.text[len(ex.prompt):] if ex.text.startswith(ex.prompt) else ex.text
+    return [(parse_call(c) or ("",))[0] for c in find_calls(completion)]
+
+
+def _offered(registry: ToolRegistry, ex: Example) -> ToolRegistry:
+    """The tools a system example's prompt offers (all of the registry for an example without one)."""
+    parts = split_prompt(ex.prompt)
+    spec = parse_system_prompt(parts[0]) if parts else None
+    return registry if spec is None else registry.subset(spec.tools)
+
+
+def _episodes(
+    model: Any, tokenizer: Any, tasks: Sequence[Example], registry: ToolRegistry, cfg: EvalConfig, ctx: PhaseContext
+) -> list[AgentTurn]:
+    """Every task through the tool loop, offered the tools its system prompt names; same order as ``tasks``.
+
+    On a chat template a system example's prompt becomes system + user messages (the template's system
+    slot); any other prompt is passed as it is, as the single-step harness always did.
+    """
+    if not tasks:
+        return []
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    chat = uses_chat(tokenizer, gen)
+    groups: dict[tuple[str, ...] | None, list[int]] = {}
+    for i, ex in enumerate(tasks):
+        parts = split_prompt(ex.prompt)
+        spec = parse_system_prompt(parts[0]) if parts else None
+        groups.setdefault(None if spec is None else spec.tools, []).append(i)
+    turns: list[AgentTurn | None] = [None] * len(tasks)
+    for tools, indices in groups.items():
+        prompts = [(prompt_messages(tasks[i].prompt) if chat and tools is not None else None) or tasks[i].prompt
+                   for i in indices]
+        offered = registry if tools is None else registry.subset(tools)
+        for i, turn in zip(indices, run_agent_batch(
+            model, tokenizer, prompts, registry=offered, gen=gen, max_tool_calls=MAX_TOOL_CALLS, ctx=ctx,
+            max_positions=_max_positions(model, cfg.seq_len),
+        )):
+            turns[i] = turn
+    return turns  # type: ignore[return-value]
+
+
+def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to and including the first of ``stops`` (as generation with those stops would end)."""
+    ends = [text.find(s) + len(s) for s in stops if s and s in text]
+    return text[: min(ends)] if ends else text
+
+
+def _as_float(value: str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _record(vectors: dict[str, list[float]], name: str, flags: Iterable[bool]) -> float:

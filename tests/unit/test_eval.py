@@ -302,8 +302,8 @@ def test_choice_ties_go_to_the_lowest_index(tok):
 
 def test_missing_tasks_are_omitted_not_zero(tok):
     metrics = evaluate(UniformLM(len(tok)), tok, [Example(kind="text", text="just text")], CFG, CTX)
-    assert set(metrics) == {"loss", "ppl", "ppl_tokens", "n_arith", "n_tool", "n_choice"}
-    assert metrics["n_arith"] == metrics["n_tool"] == metrics["n_choice"] == 0
+    assert set(metrics) == {"loss", "ppl", "ppl_tokens", "n_arith", "n_tool", "n_choice", "n_tool_loop", "n_system"}
+    assert metrics["n_arith"] == metrics["n_tool"] == metrics["n_choice"] == metrics["n_tool_loop"] == 0
 
 
 def test_max_examples_caps_each_task(tok):
