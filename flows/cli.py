@@ -12,6 +12,8 @@
     forge ui [--s3]                                           # local Prefect + MLflow (+ S3) servers
     forge deploy [--pool P] [--presets tiny,small] [--cron C] # deployments on a work pool
     forge serve [--presets tiny] [--cron C]                   # serve the deployments from this process
+    forge agent serve|chat|stats|register ...                 # the served agent (docs/serving.md)
+    forge promote RUN_OR_VERSION --alias champion [--force]   # move a registry alias, refusing a worse version
 
 Exit codes: 0 success, 1 a phase failed, 2 invalid configuration or arguments (every problem listed).
 """
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ui", help="Start the local stack (Prefect + MLflow servers, optional S3); see forge ui --help.")
     sub.add_parser("deploy", help="Register deployments per preset on a work pool; see forge deploy --help.")
     sub.add_parser("serve", help="Serve the deployments from this process; see forge serve --help.")
+    sub.add_parser("agent", help="The served agent: forge agent serve|chat|stats|register; see forge agent --help.")
+    sub.add_parser("promote", help="Move a registry alias to a version; see forge promote --help.")
     cfg = sub.add_parser("config", help="Print the resolved configuration.")
     _common(cfg)
     return parser
@@ -339,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
         return cmd_merge(argv[1:])
+    if argv and argv[0] in ("agent", "promote"):
+        from flows.serving import main as serving_main
+
+        return serving_main(argv[0], argv[1:])
     if argv and argv[0] in ("ui", "deploy", "serve"):
         try:
             if argv[0] == "ui":

@@ -173,3 +173,36 @@ def racing_runs(store_url: str, n: int = 2):
     for t in threads:
         t.join(60)
     return calls, results, errors
+
+
+# ------------------------------------------------------------------------------ served agent
+
+
+def agent_artifact(store_url: str, seed: int = 0, name: str = "final") -> str:
+    """A tiny final artifact in the store as the pipeline leaves it (``model/`` + phase.json, manifest last).
+
+    The model is a 2-layer Llama; its word-level tokenizer has BOS/EOS but no chat template, like our own
+    models, so the served agent renders messages in the corpus's dialogue format.
+    """
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.store import Store
+
+    store = Store(store_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model = tiny_llama(seed=seed, vocab=64, hidden=32, inter=64, max_position_embeddings=128,
+                           bos_token_id=1, eos_token_id=2)
+        model.save_pretrained(folder)
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
+                                pad_token="t2").save_pretrained(folder)
+        (Path(tmp) / "phase.json").write_text(json.dumps({"phase": "training", "metrics": {}}))
+        uri = store.uri(f"{name}/{seed:04d}")
+        store.write_prefix(Path(tmp), uri, kind="model")
+    return uri
