@@ -135,7 +135,10 @@ class ForgeAgentModel(PythonModel):
         try:
             messages = _messages(model_input)
             try:
-                chat = ChatParams(**{k: v for k, v in (params or {}).items() if v is not None})
+                # MLflow fills absent params with the signature's defaults; 0 there means "the server's".
+                given = {k: v for k, v in (params or {}).items()
+                         if v is not None and not (k in UNSET_IS_ZERO and v == 0)}
+                chat = ChatParams(**given)
             except ValidationError as exc:
                 raise BadRequest("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
             return self.agent.reply(messages, chat)
@@ -160,20 +163,22 @@ def _messages(model_input: Any) -> Any:
     return model_input
 
 
+UNSET_IS_ZERO = ("max_tokens", "timeout_s")
+"""Params whose signature default is 0, meaning "not given": the server's default / its whole budget."""
+
+
 def signature():
     """Input: the messages; params: the request's knobs (MLflow checks their types, we check their ranges)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
     from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
-
-    limits = ServingLimits()
     return ModelSignature(
         inputs=Schema([ColSpec(Array(Object([Property("role", "string"), Property("content", "string")])), "messages")]),
         params=ParamSchema([
-            ParamSpec("max_tokens", "long", limits.default_max_tokens),
+            ParamSpec("max_tokens", "long", 0),
             ParamSpec("temperature", "double", 0.0),
             ParamSpec("tools", "boolean", True),
-            ParamSpec("timeout_s", "double", limits.timeout_s),
+            ParamSpec("timeout_s", "double", 0.0),
             ParamSpec("seed", "long", 0),
         ]),
     )
@@ -424,8 +429,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(args), FORGE_METRICS_PORT=str(args.metrics_port))
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(args), FORGE_METRICS_PORT=str(args.metrics_port),
+               PATH=f"{Path(mlflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # MLflow execs `uvicorn`
     cmd = [mlflow_bin, "models", "serve", "-m", args.model, "--env-manager", "local", "-h", args.host,
            "-p", str(args.port)]
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations; metrics on "
