@@ -5,7 +5,7 @@
 
 - **Chat.** When the tokenizer has a chat template (and ``chat`` is not False), a prompt string becomes
   ``[system?, user]`` messages rendered with ``add_generation_prompt=True``; a prompt may also be a list
-  of ``{"role", "content"}`` messages. The ids are exactly those of ``tokenizer.apply_chat_template``.
+  of ``{"role", "content"}`` messages, or token ids used as given. The ids are exactly those of ``tokenizer.apply_chat_template``.
   Without a template a prompt is conditioned on BOS (else EOS), as our training streams put EOS before
   every document.
 - **KV cache** where the model has one (``config.use_cache`` true, e.g. Llama); otherwise (Cognate's
@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from forge_models.runtime import ConfigError, PhaseContext
 
 Message = dict[str, str]
-Prompt = Union[str, Sequence[Message]]
+# A prompt may also be token ids, used exactly as given (the tool loop continues a transcript it tokenized).
+Prompt = Union[str, Sequence[Message], Sequence[int]]
 
 
 class GenerationConfig(BaseModel):
@@ -75,7 +76,9 @@ def uses_chat(tokenizer: Any, cfg: GenerationConfig) -> bool:
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt, cfg: GenerationConfig) -> list[int]:
-    """The token ids a prompt is conditioned on (chat-formatted or BOS + text)."""
+    """The token ids a prompt is conditioned on (chat-formatted or BOS + text; token ids as given)."""
+    if not isinstance(prompt, str) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt):
+        return [int(t) for t in prompt]
     if uses_chat(tokenizer, cfg):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if cfg.system is not None and isinstance(prompt, str):

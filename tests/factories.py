@@ -175,6 +175,69 @@ def racing_runs(store_url: str, n: int = 2):
     return calls, results, errors
 
 
+# ------------------------------------------------------------------ scripted models (the tool loop)
+
+
+def byte_tokenizer(chat: bool = False):
+    """A byte-level tokenizer without merges (one token per ASCII character), so a scripted model can
+    write any text one character at a time; ``chat`` adds <|im_start|>/<|im_end|> and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256 + len(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(["a"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                  eos_token="<|im_end|>" if chat else "<|endoftext|>", pad_token="<|pad|>",
+                                  clean_up_tokenization_spaces=False)
+    if chat:
+        tok.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+    return tok
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal-LM stand-in whose next token is dictated by ``policy``.
+
+    ``policy(transcript)`` gets the text up to the last ``Assistant:`` (or a chat template's ``assistant``
+    line) and returns the reply to write there; the model writes it one character per step, then EOS.
+    So it can read a ``Tool: RESULT`` line and answer with it: its answer is right only if the runtime
+    really fed the result back. Needs :func:`byte_tokenizer`. Records every context it was called on.
+    """
+
+    def __init__(self, tokenizer, policy) -> None:
+        super().__init__()
+        self.tokenizer, self.policy = tokenizer, policy
+        self.calls: list[str] = []
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        from types import SimpleNamespace
+
+        vocab = len(self.tokenizer)
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], vocab), -1e4)
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
+            text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+            self.calls.append(text)
+            at = max(text.rfind("Assistant:") + len("Assistant:") if "Assistant:" in text else -1,
+                     text.rfind("assistant\n") + len("assistant\n") if "assistant\n" in text else -1)
+            head, written = text[:at], text[at:]
+            reply = self.policy(head)
+            if written == reply[: len(written)] and len(written) < len(reply):
+                token = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(reply[len(written)])[0])
+            else:
+                token = self.tokenizer.eos_token_id
+            logits[row, -1, token] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
 # ------------------------------------------------------------------------------ served agent
 
 
