@@ -31,19 +31,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from forge_models.tools import default_registry
+
 log = logging.getLogger("agent_forge.serving")
 
 ROLES = ("system", "user", "assistant", "tool")
 
-DIALOGUE_TEMPLATE = (
-    "{{ bos_token if bos_token else eos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}System: {% elif m['role'] == 'user' %}User: "
-    "{% elif m['role'] == 'assistant' %}Assistant: {% else %}Tool: {% endif %}{{ m['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-"""The synthetic corpus's dialogue lines (``User: ...\\nAssistant:``, ``Tool: ...``) as a chat template, after
-the start token our training streams put before every document: used when a model has no template."""
 
 
 class BadRequest(ValueError):
@@ -148,7 +141,11 @@ class Agent:
         self.model, self.tokenizer, self.folder, self.digest = model, tokenizer, folder, digest
         self.device, self.limits, self.precision, self.name = device, limits, precision, name
         self.attachments = attachments or {}
-        self.stop: tuple[str, ...] = ()  # stop strings of the chat format (the dialogue format stops at its line end)
+        # Our own models (Cognate and its descendants) have no chat template: they were trained on the corpus's
+        # transcript lines ("User: ...\nAssistant:"), so messages are rendered that way (the tool runtime's plain
+        # format) and an answer ends at its line.
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.registry = default_registry()
         self.metrics = None  # a ServingMetrics when the server exposes them (flows.serving)
         self._lock = threading.Lock()
 
@@ -177,16 +174,8 @@ class Agent:
         model = load_model(models[0], dev)
         model.eval()
         tokenizer = load_tokenizer(models[0])
-        stop: tuple[str, ...] = ()
-        if not getattr(tokenizer, "chat_template", None):
-            # Our own models (Cognate and its descendants) have no template: they were trained on the
-            # corpus's dialogue lines, so messages are rendered exactly that way and an answer ends at its line.
-            tokenizer.chat_template = DIALOGUE_TEMPLATE
-            stop = ("\n",)
-        agent = cls(model, tokenizer, folder, manifest["digest"], dev, limits or ServingLimits(), precision,
-                    _attachments(folder), name)
-        agent.stop = stop
-        return agent
+        return cls(model, tokenizer, folder, manifest["digest"], dev, limits or ServingLimits(), precision,
+                   _attachments(folder), name)
 
     # ------------------------------------------------------------------ answering
 
@@ -227,31 +216,38 @@ class Agent:
     def _generate(self, msgs: list[dict[str, str]], params: ChatParams, model: Any) -> dict[str, Any]:
         from forge_models.generation import GenerationConfig, generate
         from forge_models.runtime import PhaseContext
+        from forge_models.tools import render_plain, run_agent
 
         max_tokens = params.max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens)
-        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=params.temperature, batch_size=1, chat=True,
-                               stop=self.stop)
+        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=params.temperature, batch_size=1,
+                               chat=self.chat, stop=() if self.chat else ("\n",))
         ctx = PhaseContext(device=self.device, seed=params.seed, precision=self.precision)
         tool_calls: list[dict[str, Any]] = []
         if params.tools:
-            # TOOLS-ADAPTER: the tool runtime (forge_models.tools.run_agent) lands on branch `tools`; until it
-            # is merged here, a request with tools=true is answered by plain generation and reports
-            # tools_used=False, so no response claims a tool loop that did not run.
-            pass
-        generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
-        g = generate(model, self.tokenizer, [msgs], gen, ctx, generator=generator)[0]
-        answer = g.text.strip() if self.stop else g.text
-        prompt_tokens, completion_tokens, finish = g.prompt_tokens, len(g.token_ids), g.finish
+            # The tool loop: max_tokens bounds each generation step; the time budget bounds the whole turn.
+            turn = run_agent(model, self.tokenizer, msgs, registry=self.registry, gen=gen,
+                             max_tool_calls=self.limits.max_tool_calls, device=self.device, seed=params.seed, ctx=ctx)
+            answer, prompt_tokens, completion_tokens = turn.answer, turn.prompt_tokens, turn.completion_tokens
+            tool_calls = [{"name": c.name, "arguments": c.arguments, "result": c.result, "ok": c.ok, "error": c.error}
+                          for c in turn.tool_calls]
+            finish = None  # the loop does not report why its last step ended
+        else:
+            generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
+            prompt = msgs if self.chat else render_plain(msgs)
+            g = generate(model, self.tokenizer, [prompt], gen, ctx, generator=generator)[0]
+            answer = g.text if self.chat else g.text.strip()
+            prompt_tokens, completion_tokens = g.prompt_tokens, len(g.token_ids)
+            finish = "length" if g.finish == "length" else "stop"
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": "length" if finish == "length" else "stop"}],
+                         "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-            "custom_outputs": {"tool_calls": tool_calls, "tools_used": False, "artifact_digest": self.digest,
+            "custom_outputs": {"tool_calls": tool_calls, "tools": params.tools, "artifact_digest": self.digest,
                                "attachments": sorted(self.attachments)},
         }
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import agent_artifact, free_port
+from tests.factories import CALCULATOR_CALL, agent_artifact, free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "agent-forge-test"
-LIMITS = {"max_tokens": 48, "max_input_chars": 2000, "max_messages": 8, "timeout_s": 30.0}
+LIMITS = {"max_tokens": 48, "max_input_chars": 2000, "max_messages": 8, "timeout_s": 30.0, "max_tool_calls": 2}
 
 
 def post(url: str, body: str | bytes, timeout: float = 60) -> tuple[int, dict | str]:
@@ -111,10 +111,11 @@ def test_a_chat_request_returns_a_schema_valid_answer_with_token_counts(server):
     assert status == 200, body
     assert body["object"] == "chat.completion"
     choice = body["choices"][0]
-    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-    assert choice["finish_reason"] in ("stop", "length")
+    # tools off: the scripted model's greedy answer is its call, as text (one token, then EOS)
+    assert choice["message"] == {"role": "assistant", "content": CALCULATOR_CALL}
+    assert choice["finish_reason"] == "stop"
     usage = body["usage"]
-    assert usage["prompt_tokens"] > 0 and 1 <= usage["completion_tokens"] <= 6
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 1
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert body["custom_outputs"]["tool_calls"] == []
     # The served weights are the registered artifact's: same manifest digest.
@@ -122,6 +123,18 @@ def test_a_chat_request_returns_a_schema_valid_answer_with_token_counts(server):
     assert body["custom_outputs"]["artifact_digest"] == store.read_manifest(store.url)[1]
     # Greedy decoding is deterministic: the same request gives the same answer.
     assert post(server["invocations"], chat(max_tokens=6, tools=False))[1]["choices"] == body["choices"]
+
+
+def test_with_tools_the_response_carries_the_executed_calls_and_their_results(server):
+    status, body = post(server["invocations"], chat(max_tokens=8, tools=True))
+    assert status == 200, body
+    calls = body["custom_outputs"]["tool_calls"]
+    # The model calls the calculator at every step: the runtime runs max_tool_calls (2) calls, each result
+    # computed by the calculator, then refuses the next call and ends the turn.
+    assert calls[:2] == [{"name": "calculator", "arguments": "3 + 4", "result": "7", "ok": True, "error": None}] * 2
+    assert len(calls) == 3 and calls[2]["ok"] is False and "more than 2 tool calls" in calls[2]["error"]
+    assert body["choices"][0]["message"]["content"] == ""
+    assert body["usage"]["completion_tokens"] == 3  # one token per step
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -180,4 +193,11 @@ def test_the_metrics_endpoint_counts_the_requests_just_made(server):
     assert delta("forge_agent_errors_total", route="chat") == 2
     assert delta("forge_agent_request_seconds_count", route="chat") == 5
     assert delta("forge_agent_generated_tokens_total", route="chat") == sum(b["usage"]["completion_tokens"] for _, b in made)
-    assert "chat" in stats_table(after)
+    tools_before = metric(after, "forge_agent_tool_calls_total", route="chat_tools", tool="calculator", ok="true")
+    assert post(server["invocations"], chat(max_tokens=4, tools=True))[0] == 200
+    with urllib.request.urlopen(server["metrics"], timeout=10) as r:
+        last = r.read().decode()
+    assert metric(last, "forge_agent_tool_calls_total", route="chat_tools", tool="calculator", ok="true") - tools_before == 2
+    assert metric(last, "forge_agent_requests_total", route="chat_tools", status="ok") >= 1
+    table = stats_table(last)
+    assert "chat_tools" in table and "calculator(ok) " in table
