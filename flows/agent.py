@@ -108,7 +108,7 @@ def validate(messages: Any, params: ChatParams, limits: ServingLimits) -> list[d
     return out
 
 
-class _Deadline:
+class Deadline:
     """The model seen through a deadline: every forward pass first checks the clock.
 
     Generation calls the model once per token, so a request over its budget stops within one step,
@@ -191,7 +191,7 @@ class Agent:
                 raise OverBudget(f"request exceeded its time budget of {budget:g} s waiting for the model "
                                  "(other requests are generating)")
             try:
-                out = self._generate(msgs, params, _Deadline(self.model, deadline, budget))
+                out = self._generate(msgs, params, Deadline(self.model, deadline, budget))
             finally:
                 self._lock.release()
         except BadRequest:

@@ -298,7 +298,7 @@ def promote(tracking_uri: str, name: str, ref: str, alias: str = "champion", for
     except Exception:  # noqa: BLE001 - MLflow raises when the alias is not set
         current = None
     problems: list[str] = []
-    if current is not None and current.version != version.version:
+    if current is not None and str(current.version) != str(version.version):
         if not candidate:
             problems.append(f"version {version.version} has no test metrics to compare")
         problems += compare(candidate, _test_metrics(current))
