@@ -209,11 +209,20 @@ def _print_summary(result, seconds: float) -> None:
             tt.add_row(m, *("-" if ms.get(c) is None else f"{ms[c]:.4g}" for c in cols))
         console.print(tt)
     console.print(f"store: {result.store}")
+    if result.registered:
+        r = result.registered
+        console.print(f"registered: {r['model_uri']} (version {r['version']}); promote with `forge promote "
+                      f"{r['version']} --alias champion`, serve with `forge agent serve -m {r['model_uri']}`")
     if result.mlflow_ui:
         console.print(f"MLflow UI:  {result.mlflow_ui}   (parent run {result.mlflow_run_id})")
-    console.print(
-        "Prefect UI: " + (result.prefect_ui or "prefect server start --host 127.0.0.1  (then set PREFECT_API_URL)")
-    )
+    if result.prefect_ui:
+        console.print(f"Prefect UI: {result.prefect_ui}")
+    else:
+        # The run lives in this project's Prefect home and the store's MLflow database: open both UIs on them.
+        import os
+
+        console.print(f"Both UIs on this run: forge ui --runs --prefect-home {os.environ.get('PREFECT_HOME', '.prefect')} "
+                      f"--store {result.store}")
 
 
 def cmd_run(args, config: ForgeConfig) -> int:
