@@ -61,6 +61,9 @@ class PipelineResult(BaseModel):
     test_metrics: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Per model of the last phase: the harness on the test split."
     )
+    registered: dict[str, Any] | None = Field(
+        None, description="The final agent in the MLflow registry: name, version, model_uri, seconds (None: not registered)."
+    )
 
     def phase(self, name: str) -> PhaseSummary:
         for p in self.phases:
@@ -158,12 +161,16 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
 
             for ev in run_evaluation(config, data.ref, previous.ref, "test", result_storage=storage):
                 test_metrics[ev.model] = ev.metrics
+        registered = None
         if tracking and parent:
             tracking.log_metrics(parent, {f"test/{m}/{k}": v for m, ms in test_metrics.items() for k, v in ms.items()})
             final = summaries[-1]
             tracking.log_metrics(parent, {f"{final.name}/{k}": v for k, v in final.metrics.items()})
             tracking.log_metrics(parent, {f"seconds/{s.name}": s.seconds for s in summaries})
             tracking.set_tags(parent, {"forge.final_uri": final.artifact.uri if final.artifact else None})
+            if config.tracking.register_final and final.artifact is not None:
+                registered = _register(config, tracking, parent, final.artifact, test_metrics, str(flow_run.id))
+                tracking.log_metrics(parent, {"seconds/register": registered["seconds"]} if registered else {})
             tracking.end(parent, "FINISHED")
     except BaseException:
         if tracking and parent:
@@ -177,7 +184,36 @@ def agent_forge(config: ForgeConfig) -> PipelineResult:
         prefect_ui=prefect_ui_url(flow_run.ui_url),
         phases=summaries,
         test_metrics=test_metrics,
+        registered=registered if tracking and parent else None,
     )
+
+
+def _register(config: ForgeConfig, tracking: Tracking, parent: str, final: ArtifactRef,
+              test_metrics: dict[str, dict[str, float]], flow_run_id: str) -> dict[str, Any] | None:
+    """The final agent into the MLflow registry as ``<name>@candidate`` (see flows/serving.py).
+
+    Only a final artifact with exactly one model is an agent; anything else is logged and left unregistered.
+    """
+    import json as _json
+
+    from flows.serving import register_agent
+
+    if len(test_metrics) > 1 or not any(k.endswith("/config.json") and k.count("/") == 1
+                                        for k in Store(final.uri).read_manifest(final.uri)[0]["files"]):
+        get_run_logger().warning("final artifact %s holds %d models: not registered as an agent", final.uri,
+                                 max(1, len(test_metrics)))
+        return None
+    metrics = next(iter(test_metrics.values()), {})
+    config_sha = hashlib.sha256(_json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    out = register_agent(
+        final.uri, tracking_uri=tracking.uri, name=config.name, run_id=parent, test_metrics=metrics,
+        tags={"prefect.flow_run_id": flow_run_id, "forge.config_sha256": config_sha,
+              "forge.report": Store.uri_join(final.uri, "report.md")},
+        run_url=tracking.run_url(parent),
+    )
+    get_run_logger().info("registered %s version %s as %s (%.1f s)", out["name"], out["version"], out["model_uri"],
+                          out["seconds"])
+    return out
 
 
 def _run_phase(spec: phases.PhaseSpec, config: ForgeConfig, data: PhaseResult, previous: PhaseResult,
@@ -219,4 +255,5 @@ def result_json(result: PipelineResult) -> dict[str, Any]:
             for p in result.phases
         ],
         "test_metrics": result.test_metrics,
+        "registered": result.registered,
     }

@@ -12,6 +12,8 @@
     forge ui [--s3]                                           # local Prefect + MLflow (+ S3) servers
     forge deploy [--pool P] [--presets tiny,small] [--cron C] # deployments on a work pool
     forge serve [--presets tiny] [--cron C]                   # serve the deployments from this process
+    forge agent serve|chat|stats|register ...                 # the served agent (docs/serving.md)
+    forge promote RUN_OR_VERSION --alias champion [--force]   # move a registry alias, refusing a worse version
 
 Exit codes: 0 success, 1 a phase failed, 2 invalid configuration or arguments (every problem listed).
 """
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ui", help="Start the local stack (Prefect + MLflow servers, optional S3); see forge ui --help.")
     sub.add_parser("deploy", help="Register deployments per preset on a work pool; see forge deploy --help.")
     sub.add_parser("serve", help="Serve the deployments from this process; see forge serve --help.")
+    sub.add_parser("agent", help="The served agent: forge agent serve|chat|stats|register; see forge agent --help.")
+    sub.add_parser("promote", help="Move a registry alias to a version; see forge promote --help.")
     cfg = sub.add_parser("config", help="Print the resolved configuration.")
     _common(cfg)
     return parser
@@ -205,11 +209,20 @@ def _print_summary(result, seconds: float) -> None:
             tt.add_row(m, *("-" if ms.get(c) is None else f"{ms[c]:.4g}" for c in cols))
         console.print(tt)
     console.print(f"store: {result.store}")
+    if result.registered:
+        r = result.registered
+        console.print(f"registered: {r['model_uri']} (version {r['version']}); promote with `forge promote "
+                      f"{r['version']} --alias champion`, serve with `forge agent serve -m {r['model_uri']}`")
     if result.mlflow_ui:
         console.print(f"MLflow UI:  {result.mlflow_ui}   (parent run {result.mlflow_run_id})")
-    console.print(
-        "Prefect UI: " + (result.prefect_ui or "prefect server start --host 127.0.0.1  (then set PREFECT_API_URL)")
-    )
+    if result.prefect_ui:
+        console.print(f"Prefect UI: {result.prefect_ui}")
+    else:
+        # The run lives in this project's Prefect home and the store's MLflow database: open both UIs on them.
+        import os
+
+        console.print(f"Both UIs on this run: forge ui --runs --prefect-home {os.environ.get('PREFECT_HOME', '.prefect')} "
+                      f"--store {result.store}")
 
 
 def cmd_run(args, config: ForgeConfig) -> int:
@@ -339,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
         return cmd_merge(argv[1:])
+    if argv and argv[0] in ("agent", "promote"):
+        from flows.serving import main as serving_main
+
+        return serving_main(argv[0], argv[1:])
     if argv and argv[0] in ("ui", "deploy", "serve"):
         try:
             if argv[0] == "ui":

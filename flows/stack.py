@@ -52,7 +52,10 @@ class Stack:
         self.procs.append((name, proc))
         return proc
 
-    def start(self, store: str, prefect_port: int, mlflow_port: int, s3_port: int | None, timeout_s: float = 240) -> dict[str, str]:
+    def start(self, store: str, prefect_port: int, mlflow_port: int, s3_port: int | None, timeout_s: float = 240,
+              runs_home: Path | None = None) -> dict[str, str]:
+        """Start the servers; ``runs_home`` (``forge ui --runs``): open the databases `forge run` wrote without
+        a server instead of the stack's own: that Prefect home, and the store's ``mlflow.db``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         base = dict(os.environ)
         exports: dict[str, str] = {}
@@ -76,14 +79,14 @@ class Stack:
         store_obj = Store(store)
         exports["FORGE_STORE"] = store_obj.url
 
-        prefect_env = {**base, "PREFECT_HOME": str(self.home / "prefect-server"),
+        prefect_env = {**base, "PREFECT_HOME": str(runs_home or self.home / "prefect-server"),
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
         prefect = self._start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                           "--port", str(prefect_port)], prefect_env)
         if store_obj.protocol == "file":
             Path(store_obj.root).mkdir(parents=True, exist_ok=True)
             artifacts = f"{store_obj.root}/mlflow-artifacts"
-            backend = f"sqlite:///{store_obj.root}/mlflow-server.db"
+            backend = f"sqlite:///{store_obj.root}/{'mlflow.db' if runs_home else 'mlflow-server.db'}"
         else:
             artifacts = store_obj.uri("mlflow-artifacts")
             (self.home / "mlflow").mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,8 @@ class Stack:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.store import Store
+
     ap = argparse.ArgumentParser(prog="forge ui", description=__doc__.split("\n\n")[0])
     ap.add_argument("--s3", action="store_true", help="Also start a local S3 endpoint (moto) and use s3://forge/store.")
     ap.add_argument("--prefect-port", type=int, default=4200)
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3-port", type=int, default=9000)
     ap.add_argument("--store", default=os.environ.get("FORGE_STORE", "file://./forge-store"))
     ap.add_argument("--home", default=".forge-stack", help="State of the stack's servers (databases, logs).")
+    ap.add_argument("--runs", action="store_true", help="Show the runs `forge run` / `make demo` made without a "
+                    "server: Prefect on --prefect-home's database, MLflow on the store's mlflow.db (local store).")
+    ap.add_argument("--prefect-home", default=os.environ.get("PREFECT_HOME", ".prefect"),
+                    help="With --runs: the Prefect home those runs used (forge's default: ./.prefect).")
     args = ap.parse_args(argv)
     home = Path(args.home).absolute()
     stack = Stack(home, home / "logs")
@@ -147,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        exports = stack.start(args.store, args.prefect_port, args.mlflow_port, args.s3_port if args.s3 else None)
+        if args.runs and (args.s3 or not Store(args.store).protocol == "file"):
+            raise ValueError("--runs opens a local store's databases; it does not combine with --s3 or an s3:// store")
+        exports = stack.start(args.store, args.prefect_port, args.mlflow_port, args.s3_port if args.s3 else None,
+                              runs_home=Path(args.prefect_home).absolute() if args.runs else None)
         print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}")
         print(f"MLflow UI:  {exports['MLFLOW_TRACKING_URI']}")
         print(f"store:      {exports['FORGE_STORE']}")

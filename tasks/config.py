@@ -49,6 +49,10 @@ class TrackingConfig(Frozen):
         "store (or ./forge-mlflow/mlflow.db when the store is remote).",
     )
     experiment: str | None = Field(None, description="Experiment name; None: the pipeline name.")
+    register_final: bool = Field(
+        True, description="At the end of a successful run, log the final artifact as an MLflow model, register it "
+        "under the pipeline name and point the alias 'candidate' at it (needs a final artifact with one model).",
+    )
 
 
 class DeviceConfig(Frozen):

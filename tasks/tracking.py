@@ -19,6 +19,8 @@ from tasks.store import Store
 log = logging.getLogger(__name__)
 
 MAX_PARAM = 6000
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+"""The experiment tag MLflow 3's UI reads to open an experiment in its model-training view."""
 
 
 def resolve_tracking_uri(uri: str | None, store: Store) -> str:
@@ -70,6 +72,9 @@ class Tracking:
                 self.experiment_id = exp.experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        # MLflow 3's UI files an experiment without this tag under GenAI ("Evaluation runs"); ours trains models.
+        if (exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND):
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     @classmethod
     def from_config(cls, tracking_cfg, store: Store, pipeline_name: str) -> "Tracking | None":

@@ -236,3 +236,58 @@ class ScriptedLM(torch.nn.Module):
                 token = self.tokenizer.eos_token_id
             logits[row, -1, token] = 0.0
         return SimpleNamespace(logits=logits)
+
+
+# ------------------------------------------------------------------------------ served agent
+
+
+CALCULATOR_CALL = "<tool>calculator(3 + 4)</tool>"
+
+
+def agent_artifact(store_url: str, name: str = "final") -> str:
+    """A tiny final artifact in the store as the pipeline leaves it (``model/`` + phase.json, manifest last),
+    whose model always calls the calculator: a real 1-layer Llama that loads with ``from_pretrained``.
+
+    Its weights are set by hand: one-hot embeddings (hidden size = vocabulary), attention and MLP outputs
+    zero, and an LM head that maps the current token to a fixed next token. After ``:`` (every transcript
+    ends with ``Assistant:``) it writes the one token ``<tool>calculator(3 + 4)</tool>``, then EOS. So on
+    the tool loop it calls the calculator at every step until the runtime's call limit stops it; with tools
+    off it answers with the call text. Like our own models its tokenizer has no chat template.
+    """
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.store import Store
+
+    words = ["<unk>", "<s>", "</s>", ":", CALCULATOR_CALL, "User", "Assistant", "Tool", "System", "7"]
+    vocab = 16
+    words += [f"w{i}" for i in range(len(words), vocab)]
+    colon, call, eos = words.index(":"), words.index(CALCULATOR_CALL), words.index("</s>")
+    store = Store(store_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model = tiny_llama(vocab=vocab, hidden=vocab, inter=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=eos,
+                           tie_word_embeddings=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+            model.model.embed_tokens.weight.copy_(torch.eye(vocab))
+            model.model.norm.weight.fill_(1.0)
+            for i in range(vocab):  # next token: the call after ':', EOS after anything else
+                model.lm_head.weight[call if i == colon else eos, i] = 5.0
+        model.save_pretrained(folder)
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                       pad_token="</s>")
+        fast.add_tokens([CALCULATOR_CALL])  # matched whole, before the whitespace split
+        assert fast.convert_tokens_to_ids(CALCULATOR_CALL) == call
+        fast.save_pretrained(folder)
+        (Path(tmp) / "phase.json").write_text(json.dumps({"phase": "training", "metrics": {}}))
+        uri = store.uri(name)
+        store.write_prefix(Path(tmp), uri, kind="model")
+    return uri

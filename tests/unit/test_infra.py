@@ -633,3 +633,27 @@ def test_mlflow_reads_the_auth_config_as_intended(compose, monkeypatch, tmp_path
     assert {"PGHOST", "PGUSER", "PGPASSWORD"} <= set(env)
     initdb = "".join(p.read_text() for p in (INFRA / "mlflow" / "initdb").glob("*.sql"))
     assert "CREATE DATABASE mlflow_auth" in initdb
+
+
+def test_serving_image_and_deployment():
+    """infra/serving.Dockerfile copies what exists and is not dockerignored, runs `mlflow models serve` of the
+    champion unprivileged; infra/k8s/agent-serving.yaml takes its MLflow user from a Secret, stays in-cluster."""
+    dockerfile = INFRA / "serving.Dockerfile"
+    text = dockerfile.read_text()
+    patterns = dockerignore_patterns(dockerfile)
+    assert patterns is not None
+    for src in dockerfile_copy_sources(dockerfile):
+        assert (ROOT / src).exists() and not dockerignored(src.strip("./"), patterns), src
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert "mlflow models serve" in text and "--env-manager local" in text
+    docs = [d for d in yaml.safe_load_all((INFRA / "k8s" / "agent-serving.yaml").read_text()) if d]
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "NetworkPolicy"}
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert not [n for n, e in env.items() if SECRET_KEY.search(n) and "valueFrom" not in e]
+    assert env["FORGE_MODEL_URI"]["value"].startswith("models:/") and "@champion" in env["FORGE_MODEL_URI"]["value"]
+    assert next(d for d in docs if d["kind"] == "Service")["spec"]["type"] == "ClusterIP"

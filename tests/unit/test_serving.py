@@ -1,0 +1,179 @@
+"""The served agent without a server: artifact verification on load, request checks, the time budget,
+`forge promote`'s refusal of a worse version, the metrics summary and the experiment's UI kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.agent import Agent, BadRequest, ChatParams, OverBudget, ServingLimits, validate
+from forge_models.runtime import ArtifactIntegrityError
+from tests.factories import CALCULATOR_CALL, agent_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    uri = agent_artifact(f"file://{tmp_path_factory.mktemp('agent')}/store")
+    return Path(uri.removeprefix("file://"))
+
+
+def copy(artifact: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dest = tmp_path / "agent"
+    shutil.copytree(artifact, dest)
+    return dest
+
+
+def test_loading_verifies_the_manifest_and_answers(artifact):
+    agent = Agent.load(artifact)
+    out = agent.reply([{"role": "user", "content": "What is 3 plus 4?"}], ChatParams(max_tokens=4, tools=False))
+    assert out["choices"][0]["message"]["content"] == CALCULATOR_CALL
+    assert out["custom_outputs"]["artifact_digest"] == agent.digest
+
+
+@pytest.mark.parametrize("tamper, named", [
+    (lambda d: (d / "model" / "config.json").write_text((d / "model" / "config.json").read_text() + " "), "model/config.json"),
+    (lambda d: (d / "model" / "model.safetensors").unlink(), "model/model.safetensors"),
+    (lambda d: (d / "model" / "extra.py").write_text("import os"), "model/extra.py"),
+])
+def test_a_tampered_artifact_fails_to_load_naming_the_file(artifact, tmp_path, tamper, named):
+    folder = copy(artifact, tmp_path)
+    tamper(folder)
+    with pytest.raises(ArtifactIntegrityError, match=named.replace(".", r"\.")):
+        Agent.load(folder)
+
+
+def test_same_size_tampering_is_caught_by_the_hash(artifact, tmp_path):
+    folder = copy(artifact, tmp_path)
+    weights = folder / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match=r"model\.safetensors does not match its sha256"):
+        Agent.load(folder)
+
+
+LIMITS = ServingLimits(max_messages=3, max_input_chars=20, max_tokens=16)
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("messages, params, expected", [
+    ([], {}, "non-empty list"),
+    ("hi", {}, "non-empty list"),
+    ([{"role": "wizard", "content": "hi"}], {}, "'wizard' is not one of"),
+    ([{"role": "user"}], {}, "exactly the keys"),
+    ([{"role": "user", "content": "hi", "name": "x"}], {}, "exactly the keys"),
+    ([{"role": "user", "content": 3}], {}, "must be a string"),
+    ([USER, {"role": "assistant", "content": "x"}], {}, "last message must be the user's"),
+    ([USER, {"role": "system", "content": "x"}, USER], {}, "system message may only come first"),
+    ([USER] * 4, {}, "4 messages, the limit is 3"),
+    ([{"role": "user", "content": "x" * 21}], {}, "21 characters"),
+    ([USER], {"max_tokens": 17}, "max_tokens: 17 is outside [1, 16]"),
+    ([USER], {"max_tokens": -1}, "max_tokens"),
+    ([USER], {"temperature": 2.5}, "temperature"),
+    ([USER], {"timeout_s": 0.0}, "timeout_s"),
+])
+def test_bad_requests_are_refused_naming_the_field(messages, params, expected):
+    with pytest.raises(BadRequest) as info:
+        validate(messages, ChatParams(**params), LIMITS)
+    assert expected in str(info.value)
+
+
+def test_a_good_request_passes_unchanged():
+    msgs = [{"role": "system", "content": "be brief"}, USER]
+    assert validate(msgs, ChatParams(max_tokens=16), LIMITS) == msgs
+
+
+def test_a_request_over_its_time_budget_is_cut_off_and_counted(artifact):
+    from flows.serving import ServingMetrics
+
+    agent = Agent.load(artifact)
+    agent.metrics = ServingMetrics()
+    with pytest.raises(OverBudget, match="time budget of 1e-06 s"):
+        agent.reply([USER], ChatParams(max_tokens=8, tools=True, timeout_s=1e-6))
+    with pytest.raises(BadRequest):
+        agent.reply([USER], ChatParams(max_tokens=100000))
+    agent.reply([USER], ChatParams(max_tokens=4, tools=True))
+    text = agent.metrics.text()
+    assert 'forge_agent_requests_total{route="chat_tools",status="timeout"} 1.0' in text
+    assert 'forge_agent_requests_total{route="chat_tools",status="bad_request"} 1.0' in text
+    assert 'forge_agent_requests_total{route="chat_tools",status="ok"} 1.0' in text
+    assert 'forge_agent_tool_calls_total{ok="true",route="chat_tools",tool="calculator"} 4.0' in text
+
+
+def test_the_deadline_stops_generation_between_forward_passes(artifact):
+    import time
+
+    from flows.agent import Deadline
+
+    agent = Agent.load(artifact)
+    model = Deadline(agent.model, time.monotonic() + 3600, 3600)
+    import torch
+
+    model(input_ids=torch.tensor([[1, 3]]))
+    assert model.forwards == 1 and model.config is agent.model.config  # everything else is the model's
+    late = Deadline(agent.model, time.monotonic() - 1, 0.5)
+    with pytest.raises(OverBudget, match="after 0 forward passes"):
+        late(input_ids=torch.tensor([[1, 3]]))
+
+
+def test_compare_knows_which_direction_is_better():
+    from flows.serving import compare
+
+    assert compare({"tool_correct": 0.6, "ppl": 30.0}, {"tool_correct": 0.5, "ppl": 31.0}) == []
+    worse = compare({"tool_correct": 0.4, "ppl": 32.0, "other": 1.0}, {"tool_correct": 0.5, "ppl": 31.0, "other": 9.0})
+    assert [w.split(":")[0] for w in worse] == ["ppl", "tool_correct"] or [w.split(":")[0] for w in worse] == ["tool_correct", "ppl"]
+    assert len(worse) == 2
+
+
+def test_promote_refuses_a_worse_version_unless_forced(artifact, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.serving import PromotionRefused, promote, register_agent
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"file://{artifact}"
+    good = register_agent(uri, tracking_uri=db, name="a", test_metrics={"tool_correct": 0.7, "ppl": 20.0})
+    bad = register_agent(uri, tracking_uri=db, name="a", test_metrics={"tool_correct": 0.5, "ppl": 19.0})
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    assert str(client.get_model_version_by_alias("a", "candidate").version) == str(bad["version"])
+    assert "-> version 1" in promote(db, "a", str(good["version"]), "champion")
+    with pytest.raises(PromotionRefused, match=r"tool_correct: 0\.5 vs champion 0\.7"):
+        promote(db, "a", str(bad["version"]), "champion")
+    assert str(client.get_model_version_by_alias("a", "champion").version) == "1"
+    # by run id, forced
+    run_id = client.get_model_version("a", "2").run_id
+    assert "forced past" in promote(db, "a", run_id, "champion", force=True)
+    assert str(client.get_model_version_by_alias("a", "champion").version) == "2"
+    version = client.get_model_version("a", "2")
+    assert version.tags["test.tool_correct"] == "0.5" and version.tags["forge.artifact_digest"]
+
+
+def test_stats_table_summarises_the_metrics_page(artifact):
+    from flows.serving import ServingMetrics, stats_table
+
+    m = ServingMetrics()
+    m.observe("chat", "ok", 0.3, {"prompt_tokens": 10, "completion_tokens": 5}, [])
+    m.observe("chat", "ok", 0.7, {"prompt_tokens": 10, "completion_tokens": 7}, [])
+    m.observe("chat", "bad_request", 0.01, None, [])
+    m.observe("chat_tools", "ok", 1.5, {"prompt_tokens": 3, "completion_tokens": 2},
+              [{"name": "calculator", "ok": True}, {"name": "", "ok": False}])
+    table = stats_table(m.text())
+    chat = next(line for line in table.splitlines() if line.startswith("chat "))
+    assert "bad_request 1, ok 2" in chat and " 12 " in chat and " 20 " in chat
+    tools = next(line for line in table.splitlines() if line.startswith("chat_tools"))
+    assert "calculator(ok) 1" in tools and "(failed) 1" in tools
+
+
+def test_the_experiment_opens_in_the_model_training_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracking
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracking(db, "forge-exp", None)
+    exp = MlflowClient(tracking_uri=db).get_experiment_by_name("forge-exp")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
