@@ -14,10 +14,10 @@ from flows.cli import main
 from flows.config import load_config
 from tests.factories import corpus_and_tokenizer, make_llama
 
-SETS = ["final_test_eval=false", "tracking.enabled=false", "data.synthetic.n_examples=300", "eval.max_examples=8",
+SETS = ["final_test_eval=false", "tracking.enabled=false", "data.synthetic.n_examples=300", "eval.max_examples=4",
         "eval.max_new_tokens=4", "eval.ppl_max_tokens=512", "eval.seq_len=32", "baking.steps=6",
         "baking.trajectory_tokens=8", "baking.inputs_per_step=2", "baking.samples_per_input=4",
-        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=6", "baking.half_bake_steps=[3]"]
+        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=4", "baking.half_bake_steps=[3]"]
 
 
 @pytest.mark.slow
@@ -70,7 +70,9 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     with tempfile.TemporaryDirectory() as tmp:
         Store(store_url).download(doc["phases"][0]["artifact"]["uri"], Path(tmp) / "data", only="corpus")
         corpus = Corpus.load(Path(tmp) / "data" / "corpus")
-    held = task_inputs(corpus.split(config.eval.split))[: config.baking.max_heldout_inputs]
+    # As the task and the phase choose them: the first max_heldout_inputs, minus any input also trained on.
+    train = set(task_inputs(corpus.split("train")))
+    held = [x for x in task_inputs(corpus.split(config.eval.split))[: config.baking.max_heldout_inputs] if x not in train]
     combined = "Use the calculator tool for every sum.\nYou are Ada. Sign every answer with Ada."
     ctxs = [context_ids(tokenizer, combined, x) for x in held]
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
