@@ -15,9 +15,9 @@ from flows.config import load_config
 from tests.factories import corpus_and_tokenizer, make_llama
 
 SETS = ["final_test_eval=false", "tracking.enabled=false", "data.synthetic.n_examples=300", "eval.max_examples=4",
-        "eval.max_new_tokens=4", "eval.ppl_max_tokens=512", "eval.seq_len=32", "baking.steps=6",
+        "eval.max_new_tokens=4", "eval.ppl_max_tokens=512", "eval.seq_len=32", "baking.steps=4",
         "baking.trajectory_tokens=8", "baking.inputs_per_step=2", "baking.samples_per_input=4",
-        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=4", "baking.half_bake_steps=[3]"]
+        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=4", "baking.half_bake_steps=[2]"]
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     assert "baked/ppl" in m and "input/ppl" in m
     uri = doc["phases"][-1]["artifact"]["uri"]
     files = Store(uri).verify(uri)["files"]
-    assert any(f.startswith("halfbake/tools/step-000003") for f in files)
+    assert any(f.startswith("halfbake/tools/step-000002") for f in files)
 
     # Recompute the tools KL from the exported folder: same inputs, seed and teacher as the phase.
     config = load_config("tiny", overrides=["phases=[cognate]", *SETS])
@@ -74,7 +74,9 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     train = set(task_inputs(corpus.split("train")))
     held = [x for x in task_inputs(corpus.split(config.eval.split))[: config.baking.max_heldout_inputs] if x not in train]
     combined = "Use the calculator tool for every sum.\nYou are Ada. Sign every answer with Ada."
-    ctxs = [context_ids(tokenizer, combined, x) for x in held]
+    ctxs = [c for c in (context_ids(tokenizer, combined, x) for x in held)  # those that fit 128 positions
+            if len(c.prompted) + config.baking.trajectory_tokens <= 128]
+    assert len(ctxs) == m["baking/tools/n_heldout"]
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     baked = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     r = measure(model_logits(base), {"baked": (model_logits(baked), False), "input": (model_logits(base), False)},
