@@ -4,6 +4,7 @@
               [--summary-json PATH]
     forge phase NAME [--input X]... [--out DIR] [--preset P] [--config F] [--set k=v]... [--store URL]
     forge phase evomerge --input A --input B [--input C]... [--base BASE] [--out DIR] ...
+    forge phase baking --input HF_DIR --prompt FILE [--prompt FILE]... [--out DIR] ...
     forge phase --help                                        # every phase of the table with its state
     forge inspect URI
     forge import SOURCE --out DIR                             # GGUF / HF folder / smollm2-135m -> verified folder
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Artifact URI or Hugging Face model folder (repeatable).")
     phase.add_argument("--base", help="evomerge: the common base model folder or artifact URI that task vectors are "
                        "taken against (every searchable method but linear needs one); without it only linear merges are searched.")
+    phase.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="FILE",
+                       help="baking: a text file holding a prompt to bake (repeatable; baked in the order given, "
+                       "named after the file).")
     phase.add_argument("--out", help="Also write the result as Hugging Face model folder(s) here.")
     phase.add_argument("--summary-json", help="Write the run summary here.")
     _common(phase)
@@ -142,6 +146,29 @@ def _phase_overrides(name: str, inputs: list[str], store_url: str | None, base: 
     elif spec.input_kind == "model" and len(folders) != 1:
         raise ConfigProblems([f"forge phase {name}: give exactly one --input model (got {len(folders)})"])
     return spec.standalone(folders, base_folders)
+
+
+def _prompt_overrides(name: str, files: list[str]) -> list[str]:
+    """``--prompt FILE`` (repeatable) as ``baking.prompts``, each named after its file, checked before any compute."""
+    import re
+
+    if not files:
+        return []
+    if name != "baking":
+        raise ConfigProblems([f"--prompt is only used by forge phase baking, not {name!r}"])
+    prompts, problems = [], []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            problems.append(f"--prompt {f!r}: no such file")
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)[:36] or "prompt"
+        taken = {p["name"] for p in prompts}
+        label = stem if stem not in taken else f"{stem}-{len(prompts)}"
+        prompts.append({"name": label, "file": str(path.resolve())})
+    if problems:
+        raise ConfigProblems(problems)
+    return ["baking.prompts=" + json.dumps(prompts)]
 
 
 def _artifact_models(uri: str) -> list[str]:
@@ -376,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_import(args)
         if args.command == "phase":
             args.overrides = args.overrides + _phase_overrides(args.name, args.inputs, args.store, args.base)
+            args.overrides += _prompt_overrides(args.name, args.prompts)
         config = _load(args)
         if args.command == "config":
             import yaml

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel
 
+from forge_models.baking.config import BakingConfig
 from forge_models.bitnet.config import BitNetConfig
 from forge_models.compression.phase import CompressionConfig
 from forge_models.config import CognateConfig
@@ -129,6 +130,13 @@ def _evomerge_check(cfg, inputs: list[str] | None) -> list[str]:
     return problems
 
 
+def _baking_check(cfg, _inputs: list[str] | None) -> list[str]:
+    if "baking" in cfg.phases and not cfg.baking.prompts:
+        return ["baking.prompts: name at least one prompt to bake (forge phase baking --prompt FILE, or "
+                "baking.prompts=[{name: ..., text: ...}])"]
+    return []
+
+
 def _pretrained_route(folders: list[str]) -> list[str]:
     return [
         "cognate.source=pretrained",
@@ -201,7 +209,9 @@ PHASES: dict[str, PhaseSpec] = {
         ),
         PhaseSpec(
             name="baking", order=6, title="Prompt baking: tools and persona into the weights", verb="bake",
-            input_kind="model", output_kind="model",
+            input_kind="model", output_kind="model", section="baking", config=BakingConfig,
+            task="tasks.baking:baking_task", takes="input_model", check=_baking_check,
+            standalone=one_model_standalone("baking", "baking.input_model"),
         ),
         PhaseSpec(
             name="experts", order=7, title="SVF expert vectors (Transformer^2) and ADAS", verb="specialise",

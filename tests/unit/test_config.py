@@ -58,7 +58,7 @@ def test_contradictions_across_sections():
     with pytest.raises(ConfigProblems, match="needs data.tokenizer.kind 'pretrained'"):
         load_config("tiny", overrides=["cognate.source=pretrained", "cognate.base_models=[/x]", "cognate.variants=[]"])
     with pytest.raises(ConfigProblems, match="not implemented in this version"):
-        load_config("tiny", overrides=["phases=[cognate, evomerge, baking]"])
+        load_config("tiny", overrides=["phases=[cognate, evomerge, experts]"])
     with pytest.raises(ConfigProblems, match="warmup_steps"):
         load_config("tiny", overrides=["cognate.trunk.steps=10", "cognate.trunk.warmup_steps=10"])
     with pytest.raises(ConfigProblems, match="unique"):
@@ -129,18 +129,18 @@ def test_the_phase_table_gives_the_order_the_config_sections_and_the_cli_states(
 
     assert [s.name for s in ordered()] == ["cognate", "evomerge", "quietstar", "bitnet", "training", "baking",
                                            "experts", "compression"]
-    assert implemented() == ["cognate", "evomerge", "quietstar", "bitnet", "training", "compression"]
+    assert implemented() == ["cognate", "evomerge", "quietstar", "bitnet", "training", "baking", "compression"]
     sections = [s.section for s in ordered() if s.section]
     assert [f for f in ForgeConfig.model_fields if f in sections] == sections  # one field per section, in order
     for s in ordered():
         if s.section:
             assert ForgeConfig.model_fields[s.section].annotation is s.config
-    assert main(["phase", "baking", "--input", "/nonexistent"]) == 2
+    assert main(["phase", "experts", "--input", "/nonexistent"]) == 2
     assert "not implemented in this version" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["phase", "--help"])
     out = capsys.readouterr().out
-    assert "3. quietstar" in out and "6. baking" in out and "not implemented yet" in out and "4. bitnet" in out
+    assert "3. quietstar" in out and "7. experts" in out and "not implemented yet" in out and "4. bitnet" in out
     with pytest.raises(ConfigProblems, match="must be in pipeline order"):
         load_config("tiny", overrides=["phases=[bitnet, evomerge]", "input=/x"])
 

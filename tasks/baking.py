@@ -1,0 +1,118 @@
+"""Prefect task for phase 6, prompt baking: the previous phase's model behaves without its prompts as it did with them.
+
+Input: the one model of the previous phase's artifact (a BitNet artifact is rebuilt from its latent weights and
+stored again as packed + ``latent/``). Output prefix: ``model/`` (the baked model, the input's format),
+``halfbake/<prompt>/step-*.safetensors`` (the half-baked LoRA adapters, early-stop checkpoints),
+``baking_curve.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last). Every KL in the report is
+measured on ``model/`` after reloading it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from forge_models.eval import difference_lines
+from forge_models.runtime import PhaseContext
+from tasks.cache import phase_key
+from tasks.config import ForgeConfig
+from tasks.inputs import input_model_folder, load_input_model
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
+from tasks.store import ArtifactRef
+
+BAKING_VERSION = "1"
+MAX_TRAIN_INPUTS = 4096
+
+
+def baking_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
+    # A prompt given as a file enters the key by its text, so editing the file re-bakes.
+    texts = {p.name: p.prompt_text() for p in config.baking.prompts}
+    section = json.dumps({"baking": config.baking.model_dump(mode="json"), "texts": texts,
+                          "eval": config.eval.model_dump(mode="json"), "seed": config.seed}, sort_keys=True)
+    return phase_key("baking", BAKING_VERSION, section, [previous.digest], dataset.digest)
+
+
+def task_inputs(examples) -> list[str]:
+    """The user prompts of answer-checked examples, deduplicated in order (the inputs x baking conditions on)."""
+    return list(dict.fromkeys(e.prompt for e in examples if e.prompt))
+
+
+def _body(config: ForgeConfig, previous: ArtifactRef):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        import forge_models  # noqa: F401  (registers Cognate)
+
+        from forge_models import baking
+        from forge_models.data import Corpus
+        from forge_models.eval import evaluate, paired_metrics
+        from forge_models.tokenizer import load_tokenizer
+
+        dataset_dir, model_root = inputs
+        name, folder = input_model_folder(model_root, config.baking.input_model, previous.uri, "baking.input_model")
+        model, latent_meta = load_input_model(folder)
+        bitnet_meta = None
+        if latent_meta is not None:
+            packed = json.loads((folder / "bitnet.json").read_text())
+            bitnet_meta = {"packing": packed["packing"], "kept_dtype": packed["kept_dtype"],
+                           "keep_patterns": latent_meta["keep_patterns"], "act_norm": latent_meta["act_norm"]}
+        tokenizer = load_tokenizer(folder)
+        corpus = Corpus.load(dataset_dir / "corpus")
+        held_out = corpus.split(config.eval.split)
+        # The harness on the input first: the phase bakes the input model in place.
+        before_o: dict[str, list[float]] = {}
+        after_o: dict[str, list[float]] = {}
+        before = evaluate(model.to(ctx.device), tokenizer, held_out, config.eval, ctx, before_o)
+        out = baking.run(baking.BakingInputs(
+            model=model, tokenizer=tokenizer, train_inputs=task_inputs(corpus.split("train"))[:MAX_TRAIN_INPUTS],
+            heldout_inputs=task_inputs(held_out), out_dir=out_dir / "model", bitnet_meta=bitnet_meta,
+            halfbake_dir=out_dir / "halfbake"), config.baking, ctx)
+        after = evaluate(out.models["model"], tokenizer, held_out, config.eval, ctx, after_o)  # the reloaded model
+        after.update(paired_metrics(after_o, before_o, config.eval.bootstrap_samples, config.eval.bootstrap_seed))
+        metrics = dict(out.metrics)
+        metrics.update({f"input/{k}": float(v) for k, v in before.items()})
+        metrics.update({f"baked/{k}": float(v) for k, v in after.items()})
+        curves = {k: v for k, v in out.curves.items() if k.endswith("/train_kl")}
+        if curves:
+            loss_curve_png(curves, out_dir / "baking_curve.png", f"Prompt baking of {name}: train KL per token")
+
+        m, c = metrics, config.baking
+        rows = []
+        for p in c.prompts:
+            k = f"baking/{p.name}"
+            d = out.details["prompts"][p.name]
+            half = ", ".join(f"{s}: {v:.4f}" for s, v in d["half_baked"])
+            rows.append(
+                f"| {p.name} | {d['prompt_tokens']} | {m[f'{k}/kl_input']:.4f} [{m[f'{k}/kl_input_lo']:.4f}, "
+                f"{m[f'{k}/kl_input_hi']:.4f}] | {m[f'{k}/kl_baked']:.4f} [{m[f'{k}/kl_baked_lo']:.4f}, "
+                f"{m[f'{k}/kl_baked_hi']:.4f}] | {m[f'{k}/kl_ratio']:.3f} | "
+                f"{'met' if m[f'{k}/goal_met'] else 'not met'} ({m[f'{k}/goal_margin']:+.4f} "
+                f"[{m[f'{k}/goal_margin_lo']:+.4f}, {m[f'{k}/goal_margin_hi']:+.4f}]) | "
+                f"{m[f'{k}/kl_reprompted']:.4f} | {half} |")
+        lines = [
+            "# Phase 6: prompt baking", "",
+            f"Input: `{previous.uri}/{name}`" + (" (BitNet: trained through the quantised forward pass, merged into "
+                                                   "the latent weights and re-ternarised)" if bitnet_meta else "")
+            + f". Prompts baked in order: {[p.name for p in c.prompts]}; {c.steps} steps each, LoRA r {c.lora.rank} "
+            f"alpha {c.lora.alpha}, lr {c.lr}, {c.inputs_per_step} x {c.samples_per_input} fresh {c.trajectory_tokens}-"
+            f"token trajectories per step at T {c.temperature}.", "",
+            "Held-out KL per generated token (nats), teacher = the input model with all baked prompts, measured on "
+            "the stored model after reloading; 95% bootstrap intervals over held-out inputs. Goal: baked <= "
+            f"{baking.GOAL_RATIO} x input (paired margin baked - {baking.GOAL_RATIO} x input < 0).", "",
+            "| prompt | prompt tokens | input, unprompted | baked, unprompted | ratio | goal | baked, re-prompted | "
+            "half-baked held-out KL by step (vs its own teacher) |",
+            "|---|---|---|---|---|---|---|---|", *rows, "",
+            "Harness, input vs the reloaded baked model (persona adherence and tool-loop correctness without the "
+            "prompt are not measured here yet: they need the system-prompt data and tool runtime of issue 15):", "",
+            metrics_table({"before": {"input": before}, "after": {"baked": after}}, list(HEADLINE_METRICS)), "",
+            *difference_lines(after, "baked - input"), "",
+        ]
+        return PhaseWritten(metrics=metrics, report_md="\n".join(lines) + "\n", params=int(out.details["params"]),
+                            steps_run=c.steps * len(c.prompts), curves=out.curves,
+                            details={k: v for k, v in out.details.items() if k != "params"})
+
+    return body
+
+
+baking_task = phase_task(
+    "baking", kind="model", key=baking_key, body=_body, section="baking",
+    doc="Bake (or reuse) the configured prompts into the previous phase's model.",
+)
