@@ -194,7 +194,7 @@ def train_expert(
                 loss.backward()
                 stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(z.values()), s.max_grad_norm))
                 opt.step()
-                stats["loss"] = float(loss)
+                stats["loss"] = float(loss.detach())
                 log.append(stats)
                 if on_step is not None:
                     on_step(step, stats)
