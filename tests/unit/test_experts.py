@@ -303,3 +303,29 @@ def test_skill_rewards_are_the_harness_checks():
     ex = Example(kind="arithmetic", text="", prompt="p", answer="18")
     assert SKILLS["arithmetic"].reward(" 13 + 5 = 18. The answer is 18.", ex) == 1.0
     assert SKILLS["arithmetic"].reward(" The answer is 17.", ex) == -1.0
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one_thread, ternary):
+    from forge_models import bitnet
+    from forge_models.experts import ExpertsInputs, run
+    from tests.factories import corpus_and_tokenizer
+
+    corpus, tok = corpus_and_tokenizer(n_examples=300, vocab_size=300)
+    model = tiny_llama(vocab=len(tok), max_position_embeddings=256)
+    if ternary:
+        bitnet.convert_to_bitnet(model, keep_patterns=["lm_head"])
+        model.eval()
+    saved = _state(model)
+    cfg = ExpertsConfig(steps=2, batch_size=2, samples=2, max_new_tokens=4, eval_examples=4, ternary_rank=4)
+    eval_cfg = EvalConfig(max_examples=4, max_new_tokens=4, ppl_max_tokens=64, seq_len=32, bootstrap_samples=200)
+    out = run(ExpertsInputs(model, tok, corpus, eval_cfg, tmp_path / "lib"), cfg, CTX)
+    assert _same_state(model, saved)
+    lib = load_experts(tmp_path / "lib")
+    assert lib.skills == sorted(cfg.skills)
+    assert out.details["ternary_targets"] == (6 if ternary else 0)
+    assert out.metrics["z_per_expert"] == (6 * 4 if ternary else 2 * 3 * 64)
+    for k in cfg.skills:
+        assert out.metrics[f"{k}/d_lo"] <= out.metrics[f"{k}/d"] <= out.metrics[f"{k}/d_hi"]
+    assert 0.0 <= out.metrics["dispatch/accuracy"] <= 1.0
+    assert json.loads((tmp_path / "lib" / "experts.json").read_text())["dispatch"]["method"] == "exemplar"
