@@ -145,7 +145,8 @@ def test_toy_reward_rises_by_at_least_0_10(tmp_path, one_thread):
     model, tok, skill, examples = _toy_setup(tmp_path)
     saved = _state(model)
     bases = decompose(model, find_targets(model, ["mlp"]))
-    settings = TrainSettings(steps=60, batch_size=16, samples=4, temperature=1.0, max_new_tokens=16, lr=0.1,
+    # Budget: 100 steps (reference: 150). Measured: +0.25 to +0.39 over seeds 0-2 (60 steps gave only +0.10).
+    settings = TrainSettings(steps=100, batch_size=16, samples=4, temperature=1.0, max_new_tokens=16, lr=0.1,
                              kl_coeff=0.0, max_grad_norm=1.0, init_value=0.1, init_std=0.01, max_mult=1.0)
     before = _mean_reward(model, tok, skill, examples, bases, None)
     z, log = train_expert(model, tok, bases, skill, examples, settings, CTX, seed=0)
