@@ -26,7 +26,9 @@ import forge_models  # noqa: F401  (registers Cognate)
 from forge_models.config import EvalConfig
 from forge_models.data import Corpus
 from forge_models.experts import SKILLS, ExpertsConfig, decompose, find_targets, load_experts, save_experts, train_expert
-from forge_models.experts.phase import evaluate_library, exemplars_for
+from forge_models.experts.phase import evaluate_library, exemplars_for, fewshot_alpha, skill_outcomes
+from forge_models.eval import paired_difference
+from forge_models.experts.train import skill_examples
 from forge_models.experts.svf import z_count
 from forge_models.runtime import PhaseContext
 from forge_models.tokenizer import load_tokenizer
@@ -43,6 +45,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON file for the figures.")
+    ap.add_argument("--cem-shots", type=int, default=0,
+                    help="Few-shot mixing: validation examples per skill for CEM (0: skip the CEM measurement).")
+    ap.add_argument("--cem-population", type=int, default=32)
+    ap.add_argument("--cem-iterations", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -73,6 +79,25 @@ def main() -> None:
             m, details = evaluate_library(model, tok, lib, corpus.test, eval_cfg, ctx, per_skill=cfg.eval_examples,
                                           dispatch=dispatch, exemplars=exemplars, margin=cfg.dispatch_margin)
             results[dispatch] = {"metrics": m, "details": details}
+        if args.cem_shots:
+            # Few-shot mixing: alpha by CEM on validation shots, then the test examples of that skill.
+            cem_out = {}
+            for k in cfg.skills:
+                t1 = time.perf_counter()
+                shots = skill_examples(SKILLS[k], corpus.validation)[: args.cem_shots]
+                alpha, shot_score, calls = fewshot_alpha(model, tok, lib, k, shots, eval_cfg, ctx,
+                                                         population=args.cem_population,
+                                                         iterations=args.cem_iterations, seed=args.seed)
+                test = skill_examples(SKILLS[k], corpus.test)[: cfg.eval_examples]
+                base = skill_outcomes(model, tok, SKILLS[k], test, eval_cfg, ctx)
+                with lib.apply(model, alpha=alpha):
+                    mixed = skill_outcomes(model, tok, SKILLS[k], test, eval_cfg, ctx)
+                d, lo, hi = paired_difference(mixed, base, eval_cfg.bootstrap_samples, eval_cfg.bootstrap_seed)
+                cem_out[k] = {"alpha": alpha, "shot_score": shot_score, "evaluations": calls, "base": sum(base) / len(base),
+                              "mixture": sum(mixed) / len(mixed), "d": d, "d_lo": lo, "d_hi": hi,
+                              "seconds": time.perf_counter() - t1}
+                print("cem", k, cem_out[k], flush=True)
+            results["cem"] = cem_out
     params = sum(p.numel() for p in model.parameters())
     out = {"model": args.model, "params": params, "z_per_expert": z_count(bases),
            "overhead_per_expert": z_count(bases) / params, "train": logs, "config": cfg.model_dump(mode="json"),

@@ -245,3 +245,27 @@ def run(inputs: ExpertsInputs, cfg: ExpertsConfig, ctx: PhaseContext) -> PhaseOu
     details.update({"base_params": base_params, "targets": len(bases),
                     "ternary_targets": sum(b.ternary for b in bases.values())})
     return PhaseOutput(models={"model": model}, tokenizer=tok, metrics=metrics, details=details, curves=curves)
+
+
+def fewshot_alpha(model: Any, tokenizer: Any, lib: ExpertLibrary, skill: str, shots: Sequence[Example],
+                  eval_cfg: EvalConfig, ctx: PhaseContext, *, population: int = 32, elite: float = 0.2,
+                  iterations: int = 50, seed: int = 0) -> tuple[dict[str, float], float, int]:
+    """Few-shot mixing (Transformer^2's third strategy): alpha over the library's experts by CEM, scored by the
+    harness metric of ``skill`` on ``shots`` (a few examples of the target task, never the ones reported).
+
+    Returns (alpha, best few-shot score, number of evaluations). Deviation: ties are not broken by the mean
+    log-likelihood of correct answers as in the released code (the first best candidate is kept).
+    """
+    from forge_models.experts.dispatch import cem
+
+    names = lib.skills
+    calls = 0
+
+    def score(a: np.ndarray) -> float:
+        nonlocal calls
+        calls += 1
+        with lib.apply(model, alpha={k: float(v) for k, v in zip(names, a)}):
+            return float(np.mean(skill_outcomes(model, tokenizer, SKILLS[skill], shots, eval_cfg, ctx)))
+
+    res = cem(score, len(names), population=population, elite=elite, iterations=iterations, seed=seed)
+    return {k: float(v) for k, v in zip(names, res.best)}, res.best_score, calls
