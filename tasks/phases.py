@@ -24,7 +24,7 @@ from forge_models.bitnet.config import BitNetConfig
 from forge_models.compression.phase import CompressionConfig
 from forge_models.config import CognateConfig
 from forge_models.evomerge.config import EvoMergeConfig
-from forge_models.experts.phase import ExpertsConfig
+from forge_models.experts.config import ExpertsConfig
 from forge_models.quietstar.config import QuietStarConfig
 from forge_models.training.config import TrainingConfig
 

@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from forge_models.data.synthetic import Example
 from forge_models.eval.harness import ARITH_STOPS, TOOL_STOPS, extract_answer, parse_tool_call
+from forge_models.experts.config import TrainSettings
 from forge_models.experts.svf import MaskState, TargetBasis, attached, init_z, mask_from_z
 from forge_models.generation import GenerationConfig, generate, prompt_ids
 from forge_models.runtime import ConfigError, PhaseContext, check_finite
@@ -86,23 +87,6 @@ def skill_examples(skill: Skill, examples: Sequence[Example]) -> list[Example]:
     if skill.objective == "choice":
         return [e for e in examples if e.kind == skill.kind and e.choices and 0 <= e.label < len(e.choices)]
     return [e for e in examples if e.kind == skill.kind and e.prompt and e.answer]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Hyper-parameters of one expert's training (the phase config fills them)."""
-
-    steps: int
-    batch_size: int
-    samples: int
-    temperature: float
-    max_new_tokens: int
-    lr: float
-    kl_coeff: float
-    max_grad_norm: float
-    init_value: float
-    init_std: float
-    max_mult: float
 
 
 def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,7 +294,9 @@ def test_dispatch_groups_restore_base_and_unknown_means_base():
 def test_config_refuses_unknown_skill_and_names_the_choices():
     with pytest.raises(ValueError, match="arithmetic"):
         ExpertsConfig(skills=["juggling"])
-    assert set(ExpertsConfig().skills) == set(SKILLS)
+    from forge_models.experts.config import SKILL_NAMES
+
+    assert set(ExpertsConfig().skills) == set(SKILLS) == set(SKILL_NAMES)
 
 
 def test_skill_rewards_are_the_harness_checks():
