@@ -6,6 +6,8 @@
         --store file:///tmp/exb/store --out /tmp/exb/cognate
     OMP_NUM_THREADS=1 python bench/experts_bench.py --model /tmp/exb/cognate/trunk \
         --corpus /tmp/exb/store/data/<key>/corpus --out bench/results/experts_tiny.json
+    # plus few-shot mixing (alpha by CEM, population 32, elite 0.2, 50 iterations, on 8 validation shots):
+    ... --cem-shots 8 --out bench/results/experts_tiny_cem.json
 
 Everything is measured on the **test** split (never trained on; experts train on the train split); the
 "best single expert" comparator is picked on that same test set, which can only favour it. Intervals: 95%
@@ -71,7 +73,7 @@ def main() -> None:
                    "reward_last_quarter": sum(e["reward"] for e in last) / len(last)}
         print(k, logs[k], flush=True)
     exemplars = exemplars_for(cfg.skills, corpus.train, cfg.n_exemplars, args.seed)
-    results = {}
+    results, cem_results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         save_experts(Path(tmp) / "lib", bases, z, cfg.max_mult, {})
         lib = load_experts(Path(tmp) / "lib")  # measured as stored
@@ -97,11 +99,13 @@ def main() -> None:
                               "mixture": sum(mixed) / len(mixed), "d": d, "d_lo": lo, "d_hi": hi,
                               "seconds": time.perf_counter() - t1}
                 print("cem", k, cem_out[k], flush=True)
-            results["cem"] = cem_out
+            cem_results = cem_out
     params = sum(p.numel() for p in model.parameters())
     out = {"model": args.model, "params": params, "z_per_expert": z_count(bases),
            "overhead_per_expert": z_count(bases) / params, "train": logs, "config": cfg.model_dump(mode="json"),
-           "results": results, "wall_s": time.perf_counter() - t0, "threads": args.threads}
+           "results": results, "cem": cem_results,
+           "cem_settings": {"shots": args.cem_shots, "population": args.cem_population,
+                            "iterations": args.cem_iterations, "elite": 0.2}, "wall_s": time.perf_counter() - t0, "threads": args.threads}
     m = results["exemplar"]["metrics"]
     print(f"\nparams {params:,}; z per expert {z_count(bases):,} ({z_count(bases) / params:.3%})")
     print("| skill | n | base | expert | d [95%] |")
