@@ -285,6 +285,10 @@ def _export(uri: str, out: Path) -> None:
         if recipe.is_file():
             shutil.copy2(recipe, out / "recipe.yaml")
             print(f"wrote {out / 'recipe.yaml'}")
+        experts = Path(tmp) / "experts"  # Experts: the SVF library travels with its model
+        if (experts / "manifest.json").is_file():
+            shutil.copytree(experts, out / "experts", dirs_exist_ok=True)
+            print(f"wrote {out / 'experts'}")
 
 
 def cmd_inspect(args) -> int:

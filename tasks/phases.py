@@ -25,6 +25,7 @@ from forge_models.bitnet.config import BitNetConfig
 from forge_models.compression.phase import CompressionConfig
 from forge_models.config import CognateConfig
 from forge_models.evomerge.config import EvoMergeConfig
+from forge_models.experts.config import ExpertsConfig
 from forge_models.quietstar.config import QuietStarConfig
 from forge_models.training.config import TrainingConfig
 
@@ -215,7 +216,9 @@ PHASES: dict[str, PhaseSpec] = {
         ),
         PhaseSpec(
             name="experts", order=7, title="SVF expert vectors (Transformer^2) and ADAS", verb="specialise",
-            input_kind="model", output_kind="model",
+            input_kind="model", output_kind="model", section="experts", config=ExpertsConfig,
+            task="tasks.experts:experts_task", takes="input_model",
+            standalone=one_model_standalone("experts", "experts.input_model"),
         ),
         PhaseSpec(
             name="compression", order=8,

@@ -1,0 +1,124 @@
+"""Prefect task for phase 7, experts: SVF expert vectors per skill on the previous phase's model.
+
+Input: the one model of the previous phase's artifact (a BitNet folder is rebuilt from its latent weights,
+so its BitLinear targets get the ternary side-term form; see forge_models/experts/svf.py).
+
+Output prefix: ``model/`` — the input model folder, copied byte for byte (SVF never changes base weights);
+``experts/`` — the expert library (``basis.safetensors``, ``experts.safetensors``, ``experts.json``, its own
+``manifest.json`` last; load with ``forge_models.experts.load_experts``); ``phase.json``, ``report.md`` and
+``manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from forge_models.runtime import PhaseContext
+from tasks.cache import phase_key
+from tasks.config import ForgeConfig
+from tasks.inputs import input_model_folder, load_input_model
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
+from tasks.store import ArtifactRef
+
+EXPERTS_VERSION = "1"
+
+
+def experts_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
+    section = json.dumps({"experts": config.experts.model_dump(mode="json"),
+                          "eval": config.eval.model_dump(mode="json"), "seed": config.seed,
+                          "precision": config.device.precision}, sort_keys=True)
+    return phase_key("experts", EXPERTS_VERSION, section, [previous.digest], dataset.digest)
+
+
+def _cell(m: dict, key: str) -> str:
+    if f"{key}_lo" in m:
+        return f"{m[key]:.3f} [{m[key + '_lo']:.3f}, {m[key + '_hi']:.3f}]"
+    return f"{m[key]:.3f}"
+
+
+def _verdict(m: dict, key: str) -> str:
+    lo, hi = m[f"{key}_lo"], m[f"{key}_hi"]
+    return "within noise" if lo <= 0 <= hi else ("better" if m[key] > 0 else "worse")
+
+
+def _body(config: ForgeConfig, previous: ArtifactRef):
+    def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
+        import forge_models  # noqa: F401  (registers Cognate)
+
+        from forge_models.data import Corpus
+        from forge_models.eval import evaluate
+        from forge_models.experts import ExpertsInputs, run
+        from forge_models.tokenizer import load_tokenizer
+
+        dataset_dir, model_root = inputs
+        name, folder = input_model_folder(model_root, config.experts.input_model, previous.uri,
+                                          "experts.input_model")
+        model, latent_meta = load_input_model(folder)
+        model.to(ctx.device)
+        tokenizer = load_tokenizer(folder)
+        corpus = Corpus.load(dataset_dir / "corpus")
+        shutil.copytree(folder, out_dir / "model")  # the base weights are the input's, byte for byte
+        out = run(ExpertsInputs(model, tokenizer, corpus, config.eval, out_dir / "experts"), config.experts, ctx)
+
+        # ---- ADAS HOOK ------------------------------------------------------------------------------
+        # The agent-configuration search (forge_models/adas/, built on another branch) is called here by the
+        # lead's integration: it gets `model`, `tokenizer`, the stored library (load_experts(out_dir /
+        # "experts")), the corpus' validation split for search and the test split once afterwards, and
+        # writes its chosen configuration to `out_dir / "agent.json"`. Not run in this version.
+        # ------------------------------------------------------------------------------------------------
+
+        held_out = corpus.split(config.eval.split)
+        base_eval = evaluate(model, tokenizer, held_out, config.eval, ctx)
+        m, c = out.metrics, config.experts
+        skills = c.skills
+        lines = [
+            "# Phase 7: SVF experts", "",
+            f"Input: `{previous.uri}/{name}`" + (" (BitNet: BitLinear targets use the ternary side-term form)"
+                                                  if latent_meta else "")
+            + f". Trained on the train split only; measured on **{config.eval.split}** with the stored, reloaded "
+            f"library. Targets: layers matching {c.targets} ({out.details['targets']} matrices, "
+            f"{out.details['ternary_targets']} ternary); {int(m['z_per_expert']):,} z entries per expert = "
+            f"{m['overhead_per_expert']:.3%} of {out.details['base_params']:,} base parameters "
+            f"({m['overhead_all_experts']:.3%} for all {len(skills)}). {c.steps} steps per expert.", "",
+            "The model's weights are unchanged (its folder is the input's, copied):", "",
+            metrics_table({"after": {"model (unchanged)": base_eval}}, list(HEADLINE_METRICS)), "",
+            "Each expert on its own skill vs the base, same examples (95% bootstrap; d = paired difference):", "",
+            "| skill | metric | n | base | expert | d = expert - base | verdict |", "|---|---|---|---|---|---|---|",
+        ]
+        from forge_models.experts import SKILLS
+
+        for k in skills:
+            lines.append(f"| {k} | {SKILLS[k].metric} | {int(m[f'{k}/n'])} | {_cell(m, f'{k}/base')} | "
+                         f"{_cell(m, f'{k}/expert')} | {_cell(m, f'{k}/d')} | {_verdict(m, f'{k}/d')} |")
+        lines += [
+            "", f"Mixed set ({int(m['mixed/n'])} examples, every skill; each scored by its own metric). Dispatch "
+            f"'{c.dispatch}': the model classifies each prompt (first pass), then answers with that expert (second "
+            f"pass; unknown -> base). Classification accuracy {m['dispatch/accuracy']:.3f}, unknown "
+            f"{m['dispatch/unknown_share']:.3f}; best single expert: {out.details['best_single']} (chosen on "
+            "this same set, which favours it).", "",
+            "| model | mixed accuracy |", "|---|---|",
+            f"| base | {_cell(m, 'mixed/base')} |", f"| best single expert | {_cell(m, 'mixed/best_single')} |",
+            f"| two-pass dispatch | {_cell(m, 'mixed/dispatch')} |", "",
+            f"- dispatch - base: {_cell(m, 'mixed/dispatch_minus_base')} ({_verdict(m, 'mixed/dispatch_minus_base')})",
+            f"- dispatch - best single: {_cell(m, 'mixed/dispatch_minus_best_single')} "
+            f"({_verdict(m, 'mixed/dispatch_minus_best_single')})", "",
+            "Expert x skill accuracy (rows: expert applied; columns: skill): ", "",
+            "| expert | " + " | ".join(skills) + " |", "|---|" + "---|" * len(skills),
+            *[f"| {e} | " + " | ".join(f"{out.details['cross'][e][k]:.3f}" for k in skills) + " |"
+              for e in ["base", *skills]],
+            "", "Agent configuration search (ADAS): not run in this version.",
+        ]
+        metrics = {f"experts/{k}": float(v) for k, v in m.items()}
+        metrics.update({f"model/{k}": float(v) for k, v in base_eval.items()})
+        return PhaseWritten(metrics=metrics, report_md="\n".join(lines) + "\n", params=out.details["base_params"],
+                            steps_run=c.steps * len(skills), curves=out.curves, details=out.details)
+
+    return body
+
+
+experts_task = phase_task(
+    "experts", kind="model", key=experts_key, body=_body, section="experts",
+    doc="Train (or reuse) SVF experts per skill on the previous phase's model.",
+)

@@ -1,0 +1,69 @@
+"""Phase 7 (experts) in the real flow: `forge phase experts --input DIR --out OUT` on a tiny Llama folder stores
+the model unchanged plus an expert library that `load_experts` reads, and the reported figures are those of
+the stored library."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main
+from flows.config import load_config
+from tests.factories import corpus_and_tokenizer, make_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+SETS = ["tracking.enabled=false", "data.synthetic.n_examples=400", "eval.max_examples=8", "eval.max_new_tokens=8",
+        "eval.ppl_max_tokens=512", "eval.seq_len=32", "experts.steps=2", "experts.batch_size=4", "experts.samples=2",
+        "experts.max_new_tokens=8", "experts.eval_examples=6", "device.threads=1"]
+
+
+def test_experts_phase_stores_model_unchanged_and_a_loadable_library(tmp_path, capsys):
+    from forge_models.data import Corpus
+    from forge_models.experts import SKILLS, load_experts, skill_outcomes
+    from forge_models.experts.train import skill_examples
+    from forge_models.runtime import PhaseContext
+    from forge_models.tokenizer import load_tokenizer
+    from tasks.store import Store
+    from transformers import AutoModelForCausalLM
+
+    _corpus, tokenizer = corpus_and_tokenizer(n_examples=300, vocab_size=300)
+    folder = make_llama(tmp_path / "in", seed=0, tokenizer=False, vocab_size=len(tokenizer), hidden_size=64,
+                        intermediate_size=128, max_position_embeddings=256)
+    tokenizer.save_pretrained(folder)
+    summary, out = tmp_path / "summary.json", tmp_path / "final"
+    code = main(["phase", "experts", "--input", str(folder), "--store", f"file://{tmp_path}/store",
+                 "--summary-json", str(summary), "--out", str(out), *[a for s in SETS for a in ("--set", s)]])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(summary.read_text())
+    assert [p["name"] for p in doc["phases"]] == ["data", "import", "experts"]
+    metrics = doc["phases"][-1]["metrics"]
+
+    # The model is the input's, byte for byte; the library travels with it and loads with the plain function.
+    assert (out / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    lib = load_experts(out / "experts")
+    assert lib.skills == sorted(SKILLS)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    z = sum(b.rank for b in lib.bases.values())
+    assert z == 2 * 3 * 64 and metrics["experts/overhead_per_expert"] == pytest.approx(z / n_params)
+
+    # What is reported is what the stored library does: recompute one expert's outcomes on the same examples.
+    config = load_config("tiny", overrides=["phases=[cognate]", *SETS])
+    with tempfile.TemporaryDirectory() as tmp:
+        Store(f"file://{tmp_path}/store").download(doc["phases"][0]["artifact"]["uri"], Path(tmp) / "d", only="corpus")
+        corpus = Corpus.load(Path(tmp) / "d" / "corpus")
+    tok = load_tokenizer(out)
+    ctx = PhaseContext(seed=config.seed, precision="fp32")
+    examples = skill_examples(SKILLS["persona"], corpus.split(config.eval.split))[:6]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with lib.apply(model, "persona"):
+        got = skill_outcomes(model, tok, SKILLS["persona"], examples, config.eval, ctx)
+    assert sum(got) / len(got) == pytest.approx(metrics["experts/persona/expert"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for key in ("experts/mixed/dispatch", "experts/mixed/dispatch_minus_best_single_lo", "experts/tool/d_hi"):
+        assert key in metrics
