@@ -93,6 +93,8 @@ def questions_from_examples(split: str, examples: Iterable[Example], kinds: Sequ
 class TestSplitAlreadyRead(ForgeError):
     """The test split was asked for a second time (it is for one final comparison only)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 class HeldOutSplits:
     """Validation and test questions behind an API that hands the test split out once and records every index.
