@@ -89,8 +89,11 @@ class AgentConfig(Frozen):
         return self
 
     def key(self) -> str:
-        """The design's identity: its JSON without the name (two names for one design are one design)."""
-        return json.dumps(self.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+        """The design's identity: its JSON without the name and without fields that cannot change what it
+        does (``max_tool_calls`` without tools), so the search never spends an evaluation on a behavioural
+        duplicate. Two names for one design are one design."""
+        exclude = {"name"} | (set() if self.tools else {"max_tool_calls"})
+        return json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -288,7 +288,7 @@ def final_comparison(
 
     Reads the test split (once: a second call raises). Per agent: accuracy with its bootstrap interval and
     median, the paired difference winner - agent over the same questions with its interval (``within
-    noise`` when it covers 0), and cost per query (model calls, tokens, seconds).
+    noise`` when it covers 0), accuracy per question kind, and cost per query (model calls, tokens, seconds).
     """
     cfg = result.config or SearchConfig()
     n_resamples = n_resamples or cfg.bootstrap_samples
@@ -315,12 +315,14 @@ def final_comparison(
         values = outcomes(test, answers)
         vectors[entry.index] = values
         fit, cost = fitness_of(values, n_resamples, seed), mean_cost(answers)
+        kinds = sorted({q.kind for q in test})
+        by_kind = {k: sum(v for q, v in zip(test, values) if q.kind == k) / sum(q.kind == k for q in test) for k in kinds}
         rows.append({"role": role, "name": entry.name, "archive_index": entry.index,
                      "validation_median": entry.fitness.median, "test_accuracy": fit.accuracy,
                      "test_low": fit.low, "test_high": fit.high, "test_median": fit.median, "n": fit.n,
                      "calls_per_query": cost.model_calls, "prompt_tokens_per_query": cost.prompt_tokens,
                      "completion_tokens_per_query": cost.completion_tokens, "seconds_per_query": cost.seconds,
-                     "config_json": entry.config.to_json() if entry.config else None})
+                     "accuracy_by_kind": by_kind, "config_json": entry.config.to_json() if entry.config else None})
     win = vectors[result.winner.index]
     for row in rows:
         d, lo, hi = paired_difference(win, vectors[row["archive_index"]], n_resamples, seed)

@@ -231,3 +231,8 @@ def test_model_client_runs_configs_on_a_real_model_with_seeded_sampling():
         assert ans.cost.model_calls == 3 and ans.cost.prompt_tokens > 0 and 0 < ans.cost.completion_tokens <= 18
     with pytest.raises(ConfigError, match="cannot run"):
         run_agent_config(AgentConfig(thought_budget=2), client, qs)
+
+
+def test_designs_differing_only_in_inert_fields_are_one_design():
+    assert AgentConfig(max_tool_calls=3).key() == AgentConfig(max_tool_calls=1).key()
+    assert AgentConfig(tools=("calculator",), max_tool_calls=3).key() != AgentConfig(tools=("calculator",), max_tool_calls=1).key()
