@@ -248,6 +248,7 @@ def _serve(proc, job, client, questions, cfg, seed) -> list[Answer]:
     answers: list[Answer] = []
     calls, cost, texts = 0, Cost(), []
     n_calls_total = 0
+    q_start = time.perf_counter()  # a question's seconds: the agent's own time plus its model calls
     while True:
         msg = lines.next()
         if msg is None:
@@ -267,8 +268,10 @@ def _serve(proc, job, client, questions, cfg, seed) -> list[Answer]:
             if msg.get("index") != i:
                 raise AgentCodeError(f"answer for question {msg.get('index')} arrived when {i} was expected")
             pred = msg.get("answer")
+            now = time.perf_counter()
+            cost = Cost(cost.model_calls, cost.prompt_tokens, cost.completion_tokens, now - q_start)
             answers.append(Answer(questions[i].uid, None if pred is None else str(pred).strip(), (pred,), tuple(texts), cost))
-            calls, cost, texts = 0, Cost(), []
+            calls, cost, texts, q_start = 0, Cost(), [], now
             continue
         calls += 1
         if calls > cfg.max_llm_calls_per_question:
@@ -279,10 +282,9 @@ def _serve(proc, job, client, questions, cfg, seed) -> list[Answer]:
         if not 0.0 <= temperature <= 2.0:
             raise AgentCodeError(f"temperature {temperature} is outside [0, 2]")
         stop = tuple(msg["stop"]) if msg.get("stop") is not None else q.stops
-        start = time.perf_counter()
         out = client.generate([str(msg.get("prompt", ""))], temperature=temperature, max_new_tokens=max_new,
                               seed=vote_seed(seed, n_calls_total), thought_budget=0, expert=None, stop=stop)[0]
         n_calls_total += 1
-        cost = cost + Cost(1, out.prompt_tokens, out.completion_tokens, time.perf_counter() - start)
+        cost = cost + Cost(1, out.prompt_tokens, out.completion_tokens, 0.0)
         texts.append(out.text)
         _write(proc, lines, {"text": out.text})

@@ -282,7 +282,7 @@ def _meta_generation(meta, archive, rejected, g, client, questions, cfg, add) ->
 
 def final_comparison(
     splits: HeldOutSplits, client: GenerationClient, result: SearchResult, *, n_resamples: int | None = None,
-    seed: int | None = None, sandbox_code: bool = True,
+    seed: int | None = None,
 ) -> list[dict]:
     """The winner, every seed agent (the plain one is the plain model) and the best typed config on the test split.
 
@@ -308,10 +308,8 @@ def final_comparison(
     for role, entry in contenders:
         if entry.config is not None:
             answers = run_agent_config(entry.config, client, test, seed=seed)
-        elif sandbox_code:
-            answers = run_code_agent(entry.code or "", client, test, cfg.sandbox, seed=seed)
         else:
-            continue
+            answers = run_code_agent(entry.code or "", client, test, cfg.sandbox, seed=seed)
         values = outcomes(test, answers)
         vectors[entry.index] = values
         fit, cost = fitness_of(values, n_resamples, seed), mean_cost(answers)

@@ -236,3 +236,12 @@ def test_model_client_runs_configs_on_a_real_model_with_seeded_sampling():
 def test_designs_differing_only_in_inert_fields_are_one_design():
     assert AgentConfig(max_tool_calls=3).key() == AgentConfig(max_tool_calls=1).key()
     assert AgentConfig(tools=("calculator",), max_tool_calls=3).key() != AgentConfig(tools=("calculator",), max_tool_calls=1).key()
+
+
+def test_bootstrap_median_interval_shares_the_harness_interval():
+    from forge_models.eval.stats import bootstrap_interval, bootstrap_median_interval
+
+    values = [1.0] * 37 + [0.0] * 63
+    median, low, high = bootstrap_median_interval(values, 3000, 4)
+    assert (low, high) == bootstrap_interval(values, 3000, 4)
+    assert low < median < high and abs(median - 0.37) <= 0.02

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from forge_models.adas import (
-    AgentCodeError, AgentConfig, CodeProposal, HeldOutSplits, MetaAgentError, OpenAIMetaAgent, SandboxConfig,
+    AgentCodeError, AgentConfig, CodeProposal, HeldOutSplits, final_comparison, MetaAgentError, OpenAIMetaAgent, SandboxConfig,
     SandboxTimeout, SearchConfig, check_agent_code, run_code_agent, search,
 )
 from forge_models.adas.config import MetaAgentConfig
@@ -171,3 +171,17 @@ def test_openai_meta_agent_builds_the_request_and_parses_replies_without_network
         bad.propose([])
     with pytest.raises(ConfigError, match="url"):
         OpenAIMetaAgent(MetaAgentConfig())
+
+
+def test_a_code_winner_is_compared_on_test_in_the_sandbox_next_to_the_best_config():
+    val, test = binary_questions("validation", 300), binary_questions("test", 100)
+    stub = CoinStub(val + test)
+    splits = HeldOutSplits(val, test)
+    cfg = SearchConfig(generations=1, population=1, bootstrap_samples=500)
+    result = search(splits, stub, cfg, seeds=[AgentConfig(name="single-call")],
+                    meta_agent=ScriptedMeta([("majority-code", MAJORITY_CODE)]))
+    assert result.winner.code == MAJORITY_CODE and result.best_config().name in ("single-call", "g1-0")
+    rows = {r["role"]: r for r in final_comparison(splits, stub, result)}
+    assert rows["winner"]["name"] == "majority-code" and rows["winner"]["calls_per_query"] == 5
+    assert rows["best config"]["config_json"] is not None
+    assert stub.seen >= {q.uid for q in test}
