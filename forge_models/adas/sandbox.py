@@ -80,7 +80,8 @@ def check_agent_code(code: str) -> None:
 
 # The child's program. Limits first, then privileges, then the network and process guards, then the code.
 _CHILD = r'''
-import sys, json, traceback, resource, os
+import sys, json, traceback, resource, os, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE then raises OSError (EFBIG), reported
 _MEM, _CPU = int(sys.argv[1]), int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_AS, (_MEM, _MEM))
 resource.setrlimit(resource.RLIMIT_CPU, (_CPU, _CPU))
