@@ -100,3 +100,15 @@ def difference_lines(evaluation: dict[str, float], label: str) -> list[str]:
         d, lo, hi = evaluation[f"d_{name}"], evaluation[f"d_{name}_lo"], evaluation[f"d_{name}_hi"]
         lines.append("- " + describe_difference(name, d, lo, hi))
     return lines
+
+
+def bootstrap_median_interval(
+    values: Sequence[float], n_resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """(median, low, high) of the bootstrap means: ADAS' "95% Bootstrap Confidence Interval: (lo, hi), Median: m".
+
+    The same resamples as :func:`bootstrap_interval` with the same seed, so (low, high) equal its interval.
+    """
+    low, high = bootstrap_interval(values, n_resamples, seed, confidence)
+    means = _resample_means(np.asarray(values, dtype=np.float64), n_resamples, seed)
+    return float(np.median(means)), low, high
