@@ -57,8 +57,12 @@ def test_every_problem_reported_at_once():
 def test_contradictions_across_sections():
     with pytest.raises(ConfigProblems, match="needs data.tokenizer.kind 'pretrained'"):
         load_config("tiny", overrides=["cognate.source=pretrained", "cognate.base_models=[/x]", "cognate.variants=[]"])
-    with pytest.raises(ConfigProblems, match="not implemented in this version"):
-        load_config("tiny", overrides=["phases=[cognate, evomerge, experts]"])
+    from tasks.phases import PhaseSpec, registered
+
+    declared = PhaseSpec(name="declared", order=99, title="declared only", verb="x", input_kind="model",
+                         output_kind="model")  # every real phase is implemented now: a declared-only one
+    with registered(declared), pytest.raises(ConfigProblems, match="not implemented in this version"):
+        load_config("tiny", overrides=["phases=[cognate, evomerge, declared]"])
     with pytest.raises(ConfigProblems, match="warmup_steps"):
         load_config("tiny", overrides=["cognate.trunk.steps=10", "cognate.trunk.warmup_steps=10"])
     with pytest.raises(ConfigProblems, match="unique"):
@@ -137,11 +141,16 @@ def test_the_phase_table_gives_the_order_the_config_sections_and_the_cli_states(
         if s.section:
             assert ForgeConfig.model_fields[s.section].annotation is s.config
     assert main(["phase", "experts", "--input", "/nonexistent"]) == 2
-    assert "not implemented in this version" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    from tasks.phases import PhaseSpec, registered
+
+    declared = PhaseSpec(name="declared", order=99, title="declared only", verb="x", input_kind="model",
+                         output_kind="model")
+    with registered(declared), pytest.raises(SystemExit):
         main(["phase", "--help"])
     out = capsys.readouterr().out
-    assert "3. quietstar" in out and "7. experts" in out and "not implemented yet" in out and "4. bitnet" in out
+    assert "3. quietstar" in out and "7. experts" in out and "4. bitnet" in out
+    assert "99. declared" in out and "not implemented yet" in out
     with pytest.raises(ConfigProblems, match="must be in pipeline order"):
         load_config("tiny", overrides=["phases=[bitnet, evomerge]", "input=/x"])
 
