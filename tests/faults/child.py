@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def train_body(steps: int, every: int, step_s: float):
                 save_checkpoint(stage_dir, stage="train", step=step, total=steps, config_digest="toy", model=model,
                                 optimizer=opt, ctx=ctx, extra={})
         safetensors.torch.save_model(model, str(out_dir / "model.safetensors"))
-        return PhaseWritten(metrics={"loss": float(loss)}, report_md="# toy", steps_run=steps - start)
+        return PhaseWritten(metrics={"loss": float(loss.detach())}, report_md="# toy", steps_run=steps - start)
 
     return body
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--step-s", type=float, default=0.0)
     p.add_argument("--upload-s", type=float, default=0.0)
+    p.add_argument("--barrier", nargs=2, metavar=("DIR", "N"), help="start the phases only when N children are ready")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", stream=sys.stdout)
     if a.upload_s:
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             put(self, local, uri)
 
         Store.put_file = slow_put
+    if a.barrier:  # racers start their phases together, whatever their import times were
+        folder, n = Path(a.barrier[0]), int(a.barrier[1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"ready-{os.getpid()}").touch()
+        while len(list(folder.glob("ready-*"))) < n:
+            time.sleep(0.02)
     out = {}
     for phase, body in (("prep", prep_body), ("train", train_body(a.steps, a.every, a.step_s))):
         r = run_phase(phase=phase, kind="model", key=phase[0] * 64, store_url=a.store, config_section={},

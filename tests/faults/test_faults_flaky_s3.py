@@ -68,6 +68,7 @@ def test_store_round_trips_through_a_flaky_s3(flaky, tmp_path, fault_row):
     )
 
 
+@pytest.mark.slow
 def test_a_run_completes_through_a_flaky_s3_bit_identical(flaky, s3_server, tmp_path, monkeypatch, fault_row):
     proxy, bucket = flaky
     url = f"s3://{bucket}/store"
