@@ -131,6 +131,10 @@ class DataConfig(Frozen):
 # --------------------------------------------------------------------------------------- evaluation
 
 
+EvalTask = Literal["perplexity", "arithmetic", "tool", "tool_loop", "system", "choice"]
+EVAL_TASKS: tuple[EvalTask, ...] = ("perplexity", "arithmetic", "tool", "tool_loop", "system", "choice")
+
+
 class EvalConfig(Frozen):
     """The one evaluation harness used before and after every phase."""
 
@@ -162,6 +166,16 @@ class EvalConfig(Frozen):
         2000, ge=100, le=100_000, description="Bootstrap resamples behind every 95% interval the harness reports."
     )
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling (intervals are reproducible).")
+    tasks: tuple[EvalTask, ...] = Field(
+        EVAL_TASKS,
+        min_length=1,
+        description=(
+            "Harness task families to run: 'perplexity', 'arithmetic', 'tool' (the first step of tool episodes: "
+            "tool_valid / tool_correct), 'tool_loop' (the whole episode through the tool runtime: "
+            "tool_call_valid / tool_success / tool_answer_correct), 'system' (system-prompt dialogues) and "
+            "'choice'. Default: all. EvoMerge's fitness narrows it to the families its weights read."
+        ),
+    )
 
     @model_validator(mode="after")
     def _not_test(self) -> "EvalConfig":

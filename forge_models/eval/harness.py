@@ -92,10 +92,14 @@ def evaluate(
     metrics: dict[str, float] = {}
     vectors: dict[str, list[float]] = {}
     with _eval_mode(model), torch.no_grad():
-        metrics.update(_perplexity(model, tokenizer, examples, cfg, ctx))
-        metrics.update(_arithmetic(model, tokenizer, examples, cfg, ctx, vectors))
-        metrics.update(_tool_use(model, tokenizer, examples, cfg, ctx, vectors))
-        metrics.update(_multiple_choice(model, tokenizer, examples, cfg, ctx, vectors))
+        if "perplexity" in cfg.tasks:
+            metrics.update(_perplexity(model, tokenizer, examples, cfg, ctx))
+        if "arithmetic" in cfg.tasks:
+            metrics.update(_arithmetic(model, tokenizer, examples, cfg, ctx, vectors))
+        if {"tool", "tool_loop", "system"} & set(cfg.tasks):
+            metrics.update(_tool_use(model, tokenizer, examples, cfg, ctx, vectors))
+        if "choice" in cfg.tasks:
+            metrics.update(_multiple_choice(model, tokenizer, examples, cfg, ctx, vectors))
     for name, values in vectors.items():
         low, high = bootstrap_interval(values, cfg.bootstrap_samples, cfg.bootstrap_seed)
         metrics[f"{name}_lo"], metrics[f"{name}_hi"] = low, high
@@ -375,14 +379,22 @@ def _tool_use(
     """
     tool_tasks = [ex for ex in examples if ex.kind == "tool" and ex.prompt and ex.answer][: cfg.max_examples]
     system_tasks = [ex for ex in examples if ex.kind == "system" and split_prompt(ex.prompt)][: cfg.max_examples]
+    looping = "tool_loop" in cfg.tasks
+    if not ({"tool", "tool_loop"} & set(cfg.tasks)):
+        tool_tasks = []
+    if "system" not in cfg.tasks:
+        system_tasks = []
     metrics = {"n_tool": float(len(tool_tasks)), "n_system": float(len(system_tasks))}
     if not tool_tasks and not system_tasks:
         metrics["n_tool_loop"] = 0.0
         return metrics
     registry = default_registry()
-    tool_turns = _episodes(model, tokenizer, tool_tasks, registry, cfg, ctx)
-    system_turns = _episodes(model, tokenizer, system_tasks, registry, cfg, ctx)
-    if tool_tasks:
+    # Without 'tool_loop' an episode ends at its first call (recorded, not run): the first step is all
+    # tool_valid / tool_correct read, so the second generation would be spent for nothing.
+    calls = MAX_TOOL_CALLS if looping else 0
+    tool_turns = _episodes(model, tokenizer, tool_tasks, registry, cfg, ctx, calls)
+    system_turns = _episodes(model, tokenizer, system_tasks, registry, cfg, ctx)  # a dialogue is its whole loop
+    if tool_tasks and "tool" in cfg.tasks:
         calls = [parse_tool_call(_cut_at_stops(t.steps[0] if t.steps else "", TOOL_STOPS)) for t in tool_turns]
         metrics["tool_valid"] = _record(vectors, "tool_valid", (c is not None for c in calls))
         metrics["tool_correct"] = _record(
@@ -390,8 +402,9 @@ def _tool_use(
         )
     # The loop's metrics: every episode whose reference reply calls a tool (all tool examples, and the
     # system dialogues that need an offered tool), scored on the whole episode.
-    loop = [(ex, t, registry) for ex, t in zip(tool_tasks, tool_turns)]
-    loop += [(ex, t, _offered(registry, ex)) for ex, t in zip(system_tasks, system_turns) if _reference_calls(ex)]
+    loop = [(ex, t, registry) for ex, t in zip(tool_tasks, tool_turns)] if looping else []
+    loop += [(ex, t, _offered(registry, ex)) for ex, t in zip(system_tasks, system_turns)
+             if looping and _reference_calls(ex)]
     metrics["n_tool_loop"] = float(len(loop))
     if loop:
         metrics["tool_call_valid"] = _record(vectors, "tool_call_valid", (
@@ -443,7 +456,8 @@ def _offered(registry: ToolRegistry, ex: Example) -> ToolRegistry:
 
 
 def _episodes(
-    model: Any, tokenizer: Any, tasks: Sequence[Example], registry: ToolRegistry, cfg: EvalConfig, ctx: PhaseContext
+    model: Any, tokenizer: Any, tasks: Sequence[Example], registry: ToolRegistry, cfg: EvalConfig, ctx: PhaseContext,
+    max_tool_calls: int = MAX_TOOL_CALLS,
 ) -> list[AgentTurn]:
     """Every task through the tool loop, offered the tools its system prompt names; same order as ``tasks``.
 
@@ -465,7 +479,7 @@ def _episodes(
                    for i in indices]
         offered = registry if tools is None else registry.subset(tools)
         for i, turn in zip(indices, run_agent_batch(
-            model, tokenizer, prompts, registry=offered, gen=gen, max_tool_calls=MAX_TOOL_CALLS, ctx=ctx,
+            model, tokenizer, prompts, registry=offered, gen=gen, max_tool_calls=max_tool_calls, ctx=ctx,
             max_positions=_max_positions(model, cfg.seq_len),
         )):
             turns[i] = turn

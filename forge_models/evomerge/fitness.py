@@ -18,7 +18,7 @@ from forge_models.evomerge.genome import Genome, MergeSpace
 from forge_models.merge import MergeRecipe, MergeResult, merge_models
 from forge_models.runtime import ConfigError, PhaseContext
 
-__all__ = ["fitness_of", "score", "merge_candidate"]
+__all__ = ["fitness_of", "score", "merge_candidate", "tasks_for"]
 
 
 def fitness_of(metrics: Mapping[str, float], weights: Mapping[str, float]) -> float:
@@ -32,11 +32,38 @@ def fitness_of(metrics: Mapping[str, float], weights: Mapping[str, float]) -> fl
     return float(sum(w * float(metrics[k]) for k, w in weights.items() if w != 0))
 
 
+# Which harness task family measures a metric (by name prefix); a metric not listed keeps every family.
+_FAMILY = (
+    (("loss", "ppl"), ("perplexity",)),
+    (("arith_",), ("arithmetic",)),
+    (("tool_valid", "tool_correct"), ("tool",)),
+    (("tool_call_valid", "tool_success", "tool_answer_correct"), ("tool_loop",)),
+    (("persona_rule", "system_"), ("system",)),
+    (("choice_", "persona_acc", "narrative_acc"), ("choice",)),
+)
+
+
+def tasks_for(weights: Mapping[str, float], available: Sequence[str]) -> tuple[str, ...]:
+    """The harness task families the weighted metrics need (each candidate is scored thousands of times, so
+    the families no weight reads, e.g. the tool loop's second generation, are not run); all of
+    ``available`` when a weighted metric's family is unknown."""
+    needed: set[str] = set()
+    for name, w in weights.items():
+        if w == 0:
+            continue
+        family = next((f for prefixes, f in _FAMILY if name.startswith(prefixes)), None)
+        if family is None:
+            return tuple(available)
+        needed.update(family)
+    return tuple(t for t in available if t in needed) or tuple(available)
+
+
 def score(model: Any, tokenizer: Any, examples: Sequence[Example], eval_cfg: EvalConfig, fitness: FitnessConfig,
           ctx: PhaseContext) -> tuple[float, dict[str, float]]:
     """Run the harness on ``examples`` and return (fitness, metrics)."""
     if fitness.max_examples is not None:
         eval_cfg = eval_cfg.model_copy(update={"max_examples": fitness.max_examples})
+    eval_cfg = eval_cfg.model_copy(update={"tasks": tasks_for(fitness.weights, eval_cfg.tasks)})
     metrics = evaluate(model, tokenizer, examples, eval_cfg, ctx)
     return fitness_of(metrics, fitness.weights), metrics
 

@@ -130,3 +130,30 @@ def test_chat_templates_put_the_system_prompt_in_the_system_slot(system_examples
     assert not any("System: " in c for c in model.calls if "assistant\n" in c)
     assert m["n_persona"] == 1 and m["persona_rule_adherence"] == 1.0
     assert set(PERSONAS) == {"Nova", "Atlas", "Pip", "Sage"}
+
+
+def test_task_families_gate_what_runs(tok):
+    """Without 'tool_loop' an episode stops at its first call: the result is never fed back (a model that
+    needs it would only answer after it), yet tool_correct reads the same first step as the full run."""
+    steps: list[str] = []
+
+    def counting(head: str) -> str:
+        steps.append(head)
+        return caller(True)(head)
+
+    first_only = evaluate(ScriptedLM(tok, counting), tok, TOOL_EXAMPLES, CFG.model_copy(update={"tasks": ("tool",)}), CTX)
+    assert not any("Tool:" in h for h in steps)  # no second generation
+    assert first_only["tool_correct"] == 1.0 and "tool_answer_correct" not in first_only
+    assert "loss" not in first_only and "n_arith" not in first_only and "n_choice" not in first_only
+    full = evaluate(ScriptedLM(tok, counting), tok, TOOL_EXAMPLES, CFG, CTX)
+    assert any("Tool:" in h for h in steps) and full["tool_correct"] == first_only["tool_correct"]
+
+
+def test_fitness_runs_only_the_families_its_weights_read():
+    from forge_models.config import EVAL_TASKS
+    from forge_models.evomerge.fitness import tasks_for
+
+    assert tasks_for({"arith_em": 1.0, "tool_correct": 1.0, "choice_acc": 1.0, "loss": -0.1}, EVAL_TASKS) == (
+        "perplexity", "arithmetic", "tool", "choice")
+    assert tasks_for({"tool_answer_correct": 1.0, "persona_rule_adherence": 0.5}, EVAL_TASKS) == ("tool_loop", "system")
+    assert tasks_for({"something_new": 1.0}, EVAL_TASKS) == EVAL_TASKS  # unknown: run everything
