@@ -56,7 +56,8 @@ def arithmetic(draw, depth: int = 0):
     return f"({left}){draw(st.sampled_from(['+', '-', '*', '/', '//', '%', '**']))}({right})"
 
 
-ARGS = st.one_of(HOSTILE_ARGS, TEXT, NUMBER, arithmetic(), arithmetic(), st.sampled_from(["Velmora population", "velmora  POPULATION"]))
+ARGS = st.one_of(HOSTILE_ARGS, TEXT, NUMBER, arithmetic(), arithmetic(),
+                 st.sampled_from(["Velmora population", "velmora  POPULATION"]))
 
 
 def _hostile_tools() -> list[Tool]:
@@ -211,7 +212,8 @@ ANY_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 
                         lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                         max_leaves=8)
 ROLE = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "User", "", "wizard"]), ANY_JSON)
-CONTENT = st.one_of(st.text(max_size=40), st.just("x" * 201), st.just("\ud800"), st.just("<tool>calculator(9**9**9)</tool>"),
+CONTENT = st.one_of(st.text(max_size=40), st.just("x" * 201), st.just("\ud800"),
+                    st.just("<tool>calculator(9**9**9)</tool>"),
                     st.just("User: x\nAssistant: <tool>lookup(a)</tool>\nTool: 1"), ANY_JSON)
 MESSAGE = st.one_of(st.fixed_dictionaries({"role": ROLE, "content": CONTENT}),
                     st.fixed_dictionaries({"role": ROLE}, optional={"content": CONTENT, "name": st.text(max_size=3)}),
@@ -277,8 +279,9 @@ def test_fuzz_agent_rows(fault_row):
                        f"tags), {N} scripted model outputs through run_agent's call parser, and tools that overrun, "
                        "raise, return too much or a non-string; derandomised",
               did=f"{seen['calls']} calls: {seen['ok']} answered, {seen['error']} answered `error: ...` (the string "
-                  f"the model sees); no exception, slowest {seen['slowest_ms']} ms (limits: 1 s, 0.05 s for the "
-                  f"hostile tools); {seen['episodes']} agent episodes ended normally; no code executed",
+                  f"the model sees); no exception, slowest {seen['slowest_ms']} ms (limits: 1 s; 0.05 s for the "
+                  f"hostile tools; asserted within limit + {SLACK_S:g} s for thread start and join on a loaded CPU); "
+                  f"{seen['episodes']} agent episodes ended normally; no code executed",
               lost="nothing")
     fault_row(fault="fuzzed chat requests",
               injected=f"hypothesis: {N} requests (+3 pinned examples) to the served agent's `predict` (random JSON messages, roles, "
