@@ -89,6 +89,10 @@ def validate(messages: Any, params: ChatParams, limits: ServingLimits) -> list[d
             raise BadRequest(f"messages[{i}].role: {role!r} is not one of {list(ROLES)}")
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content: must be a string")
+        try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer can encode
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequest(f"messages[{i}].content: not valid Unicode ({exc.reason} at position {exc.start})") from None
         if role == "system" and i != 0:
             raise BadRequest(f"messages[{i}].role: a system message may only come first")
         chars += len(content)
@@ -101,8 +105,10 @@ def validate(messages: Any, params: ChatParams, limits: ServingLimits) -> list[d
         raise BadRequest(f"max_tokens: {params.max_tokens} is outside [1, {limits.max_tokens}]")
     if not 0.0 <= params.temperature <= limits.max_temperature:
         raise BadRequest(f"temperature: {params.temperature} is outside [0, {limits.max_temperature}]")
-    if params.timeout_s is not None and params.timeout_s <= 0:
+    if params.timeout_s is not None and not params.timeout_s > 0:  # `not >` also refuses NaN (no deadline at all)
         raise BadRequest(f"timeout_s: {params.timeout_s} must be positive")
+    if not -(2**63) <= params.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise BadRequest(f"seed: {params.seed} is outside [-2**63, 2**64)")
     if params.tools and limits.max_tool_calls == 0:
         raise BadRequest("tools: this server allows no tool calls (max_tool_calls = 0); send tools=false")
     return out

@@ -8,6 +8,7 @@ tests that ran recorded (with what they measured); a unit test checks that every
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,16 +43,32 @@ def render_table(rows: list[dict[str, str]]) -> str:
     ) + "\n"
 
 
+def _test_cell(item) -> str:
+    path, _, name = item.nodeid.partition("::")
+    return f"`{Path(path).name}::{name}`"
+
+
 def pytest_sessionfinish(session, exitstatus):
+    """Rewrite the table: rows of the tests collected in this session are replaced by what they recorded now
+    (a collected test that recorded nothing loses its row); rows of tests not collected are kept as they were,
+    so rerunning one file updates its rows only."""
     target = os.environ.get("FORGE_FAULTS_TABLE")
     if not target or not ROWS:
         return
     path = Path(target)
     text = path.read_text()
     before, _, rest = text.partition(BEGIN)
-    _, _, after = rest.partition(END)
-    rows = sorted(ROWS, key=lambda r: r["test"])
-    path.write_text(f"{before}{BEGIN}\n{render_table(rows)}{END}{after}")
+    old_table, _, after = rest.partition(END)
+    collected = {_test_cell(item) for item in getattr(session, "items", [])}
+    kept = []
+    for line in old_table.splitlines()[2:]:  # after the header and its rule
+        m = re.search(r"\| (`[^`]+`) \|$", line)
+        if m and m.group(1) not in collected:
+            kept.append((m.group(1), line))
+    new_table = render_table(ROWS).splitlines()
+    fresh = [(r["test"], line) for r, line in zip(ROWS, new_table[2:])]
+    lines = [line for _, line in sorted(kept + fresh, key=lambda t: t[0])]
+    path.write_text(f"{before}{BEGIN}\n" + "\n".join(new_table[:2] + lines) + f"\n{END}{after}")
 
 
 class Child:

@@ -144,6 +144,22 @@ def test_each_phase_task_refuses_a_corrupted_previous_output_before_compute(tmp_
     with pytest.raises(ArtifactIntegrityError, match=f"{SHARD} does not match its sha256"):
         task.fn(cfg, dataset=dataset, previous=previous)
     assert [p for p in store.list_files(store.uri(spec.name)) if p.endswith("manifest.json")] == []
+    PHASES_REFUSED.append(spec.name)
+
+
+PHASES_REFUSED: list[str] = []
+
+
+def test_phase_task_rows(fault_row):
+    # Runs after the table-driven test above (file order), so it reports the phases that test walked.
+    expected = [s.name for s in ordered() if s.implemented and s.task.startswith("tasks.") and s.input_kind != "dataset"]
+    if PHASES_REFUSED != expected:
+        pytest.skip("run with test_each_phase_task_refuses_a_corrupted_previous_output_before_compute to record its row")
+    fault_row(fault="corruption: a phase's input (every phase task of the table)",
+              injected="a flipped bit in the committed previous output each phase task takes",
+              did=f"{len(PHASES_REFUSED)} phase tasks ({', '.join(PHASES_REFUSED)}) raised ArtifactIntegrityError "
+                  f"naming '{SHARD}' ('does not match its sha256') before compute; no manifest written",
+              lost="nothing (the damaged input is refused, never used)")
 
 
 # ------------------------------------------------------------------------------ pickle bomb

@@ -75,6 +75,9 @@ USER = {"role": "user", "content": "hi"}
     ([USER], {"max_tokens": -1}, "max_tokens"),
     ([USER], {"temperature": 2.5}, "temperature"),
     ([USER], {"timeout_s": 0.0}, "timeout_s"),
+    ([USER], {"timeout_s": float("nan")}, "timeout_s: nan must be positive"),  # found by tests/faults fuzzing
+    ([USER], {"seed": 2**64}, "seed: 18446744073709551616 is outside"),
+    ([{"role": "user", "content": "a\ud800"}], {}, "messages[0].content: not valid Unicode"),
 ])
 def test_bad_requests_are_refused_naming_the_field(messages, params, expected):
     with pytest.raises(BadRequest) as info:
