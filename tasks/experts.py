@@ -90,6 +90,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
 
         # ---- ADAS HOOK: the agent-configuration search over the stored library (forge_models/experts/agent.py).
         adas_lines, adas_metrics, tables = ["", "Agent configuration search (ADAS): off (`experts.adas.enabled=false`)."], {}, {}
+        adas_details: dict = {}
         if config.experts.adas.enabled:
             from forge_models.experts import load_experts
             from forge_models.experts.agent import search_agent
@@ -104,6 +105,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             prefect_artifact("create_table_artifact", key="experts-adas-final", table=_flat(found.comparison),
                              description="ADAS final comparison on the test split (read once)")
             adas_lines = _adas_report(found)
+            adas_details = {"agent": found.chosen.model_dump(mode="json"), "touched_by_search": found.touched_by_search,
+                            "test_touched": sorted(found.splits.touched["test"]), "rejected": found.result.rejected}
         # ------------------------------------------------------------------------------------------------
 
         held_out = corpus.split(config.eval.split)
@@ -151,7 +154,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         metrics.update({f"model/{k}": float(v) for k, v in base_eval.items()})
         metrics.update({f"experts/{k}": float(v) for k, v in adas_metrics.items()})
         return PhaseWritten(metrics=metrics, report_md="\n".join(lines) + "\n", params=out.details["base_params"],
-                            steps_run=c.steps * len(skills), curves=out.curves, details=out.details, tables=tables)
+                            steps_run=c.steps * len(skills), curves=out.curves, details={**out.details, "adas": adas_details},
+                            tables=tables)
 
     return body
 

@@ -114,6 +114,7 @@ class AgentSearchOutcome:
     dropped_overlap: int
     search_s: float
     final_s: float
+    touched_by_search: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # split -> indices read
 
     def metrics(self) -> dict[str, float]:
         m = {"adas/archive_size": float(len(self.result.archive)), "adas/rejected": float(len(self.result.rejected)),
@@ -158,7 +159,8 @@ def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Cor
         t0 = time.perf_counter()
         result = search(splits, client, search_cfg, seeds=seeds, tracker=ctx.tracker)
         t1 = time.perf_counter()
+        touched = {k: sorted(v) for k, v in splits.touched.items()}  # before the test split is read
         comparison = final_comparison(splits, client, result)
         t2 = time.perf_counter()
     return AgentSearchOutcome(result.best_config(), result, comparison, splits, validation, test,
-                              len(test_raw) - len(test_clean), t1 - t0, t2 - t1)
+                              len(test_raw) - len(test_clean), t1 - t0, t2 - t1, touched)

@@ -86,6 +86,7 @@ def test_search_touches_only_validation_then_reads_test_once(setup, one_thread):
                             bootstrap_samples=200, max_new_tokens=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = search_agent(model, tok, lib, corpus, cfg, CTX)
+    assert out.touched_by_search == {"validation": list(range(8)), "test": []}
     assert out.splits.touched["validation"] == set(range(8))
     assert out.splits.touched["test"] == set(range(8))  # exactly once, by the final comparison
     with pytest.raises(TestSplitAlreadyRead):
