@@ -5,7 +5,7 @@ so its BitLinear targets get the ternary side-term form; see forge_models/expert
 
 Output prefix: ``model/`` — the input model folder, copied byte for byte (SVF never changes base weights);
 ``experts/`` — the expert library (``basis.safetensors``, ``experts.safetensors``, ``experts.json``, its own
-``manifest.json`` last; load with ``forge_models.experts.load_experts``); with ``experts.adas.enabled``,
+``manifest.json`` last; load with ``forge_models.experts.load_experts``); with ``experts.adas.enabled`` (default),
 ``agent.json`` — the chosen ADAS ``AgentConfig`` (what the served agent runs); ``phase.json``, ``report.md`` and
 ``manifest.json`` (last).
 """

@@ -40,8 +40,8 @@ def setup(tmp_path_factory):
     return model, tok, corpus, load_experts(folder)
 
 
-def test_adas_is_off_by_default_and_documented():
-    assert ExpertsConfig().adas.enabled is False
+def test_adas_config_is_documented_and_strict():
+    assert ExpertsConfig(adas={"enabled": False}).adas.enabled is False
     assert all(f.description for f in AgentSearchConfig.model_fields.values())
     with pytest.raises(ValueError):
         AgentSearchConfig(bogus=1)
