@@ -52,7 +52,7 @@ def _flat(rows: list[dict]) -> list[dict]:
 
 def _adas_report(found) -> list[str]:
     r = found.result
-    lines = ["", f"## Agent configuration search (ADAS)", "",
+    lines = ["", "## Agent configuration search (ADAS)", "",
              f"{len(r.archive)} designs (seeds + {r.config.generations} x {r.config.population} proposals; "
              f"{len(r.rejected)} rejected) scored on {len(found.validation)} **validation** questions "
              f"({found.search_s:.1f} s); the test split ({len(found.test)} questions, {found.dropped_overlap} dropped "

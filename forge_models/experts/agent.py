@@ -15,6 +15,7 @@ to the ADAS client protocols, and the search itself on the corpus' held-out spli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -25,7 +26,7 @@ import torch
 
 from forge_models.adas import (
     AgentConfig, HeldOutSplits, ModelClient, Question, SearchConfig, SearchResult, ToolRun, final_comparison,
-    questions_from_examples, search,
+    questions_from_examples, search, seed_agents,
 )
 from forge_models.data.synthetic import Corpus
 from forge_models.experts.config import AgentSearchConfig
@@ -70,7 +71,6 @@ class ExpertsClient(ModelClient):
                 raise ConfigError(f"expert weights {dict(expert)} asked of a client without an expert library")
             scope = self.experts.applied(self.model, expert)
         else:
-            import contextlib
             scope = contextlib.nullcontext()
         with scope:
             turns = run_agent_batch(self.model, self.tokenizer, list(prompts), registry=registry, gen=gen,
@@ -148,12 +148,10 @@ def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Cor
                           "with checkable answers; the search needs both")
     splits = HeldOutSplits(validation, test)
     client = ExpertsClient(model, tokenizer, ctx, batch_size=batch_size, experts=LibraryApplier(library))
-    space_tokens = (cfg.max_new_tokens,)
     search_cfg = SearchConfig(generations=cfg.generations, population=cfg.population, max_questions=None,
                               bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
-                              space={"max_new_tokens": space_tokens})
-    from forge_models.adas import seed_agents
-
+                              space={"max_new_tokens": (cfg.max_new_tokens,)})
+    # Every design (seeds included) gets the configured token limit: the served agent uses it as its default.
     seeds = [s.model_copy(update={"max_new_tokens": cfg.max_new_tokens}) for s in seed_agents(client.capabilities())]
     with torch.no_grad():
         t0 = time.perf_counter()

@@ -103,3 +103,22 @@ def test_search_touches_only_validation_then_reads_test_once(setup, one_thread):
         assert m[f"{p}/accuracy_lo"] <= m[f"{p}/accuracy"] <= m[f"{p}/accuracy_hi"]
         assert m[f"{p}/calls_per_query"] >= 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_served_agent_applies_the_configured_expert_and_restores_the_base(setup, tmp_path):
+    from flows.agent import Agent, ChatParams, ServingLimits
+
+    model, tok, corpus, lib = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    question = [{"role": "user", "content": "What is 2 plus 3?"}]
+
+    def answer(cfg):
+        agent = Agent(model, tok, tmp_path, "digest", torch.device("cpu"), ServingLimits(), agent_config=cfg,
+                      experts=lib)
+        out = agent.reply(question, ChatParams(max_tokens=12))
+        return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
+
+    base = answer(AgentConfig(name="base"))
+    assert answer(AgentConfig(name="tool", experts={"tool": 1.0})) != base  # the expert changes the reply
+    assert answer(AgentConfig(name="base")) == base  # and the base weights came back
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
