@@ -98,6 +98,19 @@ def _check_adas(doc: dict, out: Path) -> None:
     assert metrics["experts/adas/archive_size"] == 4 + 2
     assert metrics["experts/adas/test/plain/accuracy_lo"] <= metrics["experts/adas/test/plain/accuracy"]
 
+    # The archive and the final comparison are Prefect table artifacts of this run (one row per design / agent).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["experts-adas-archive", "experts-adas-final"])))}
+    assert set(found) == {"experts-adas-archive", "experts-adas-final"}
+    assert found["experts-adas-archive"].type == "table"
+    archive = found["experts-adas-archive"].data
+    archive = json.loads(archive) if isinstance(archive, str) else archive
+    assert len(archive) == 6 and {r["origin"] for r in archive} >= {"seed"}
+
     # The served agent loads the artifact (model, experts/, agent.json) and runs the chosen configuration.
     agent = Agent.load(artifact)
     assert agent.agent_config == chosen and agent.experts is not None
