@@ -1,7 +1,8 @@
 """Phase 7 (experts) in the real flow: `forge phase experts --input DIR --out OUT` on a tiny Llama folder stores
 the model unchanged plus an expert library that `load_experts` reads, and the reported figures are those of
 the stored library. With experts.adas on, the chosen agent configuration is stored as agent.json (the
-search read only validation questions) and the served agent loads and runs it."""
+search read only validation questions), the archive and comparison are MLflow and Prefect tables, and the
+served agent loads and runs it."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_experts_phase_stores_model_unchanged_a_loadable_library_and_the_chosen_
     summary, out = tmp_path / "summary.json", tmp_path / "final"
     code = main(["phase", "experts", "--input", str(folder), "--store", f"file://{tmp_path}/store",
                  "--summary-json", str(summary), "--out", str(out),
-                 *[a for s in [*SETS, *ADAS_SETS] for a in ("--set", s)]])
+                 *[a for s in [*SETS, *ADAS_SETS] for a in ("--set", s)],
+                 "--set", "tracking.enabled=true", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert code == 0, capsys.readouterr().err[-3000:]
     doc = json.loads(summary.read_text())
     assert [p["name"] for p in doc["phases"]] == ["data", "import", "experts"]
@@ -74,10 +76,10 @@ def test_experts_phase_stores_model_unchanged_a_loadable_library_and_the_chosen_
     for key in ("experts/mixed/dispatch", "experts/mixed/dispatch_minus_best_single_lo", "experts/tool/d_hi"):
         assert key in metrics
 
-    _check_adas(doc, out)
+    _check_adas(doc, out, f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def _check_adas(doc: dict, out: Path) -> None:
+def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     """The same run had ``experts.adas`` on (one phase run per session: a second CLI run in this module trips over
     Prefect's console handler bound to the first test's closed capture stream)."""
     from flows.agent import Agent, ChatParams
@@ -98,7 +100,15 @@ def _check_adas(doc: dict, out: Path) -> None:
     assert metrics["experts/adas/archive_size"] == 4 + 2
     assert metrics["experts/adas/test/plain/accuracy_lo"] <= metrics["experts/adas/test/plain/accuracy"]
 
-    # The archive and the final comparison are Prefect table artifacts of this run (one row per design / agent).
+    # ... MLflow tables of the phase's run ...
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((artifact / "phase.json").read_text())["mlflow_run_id"]
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    assert {"adas_archive.json", "adas_final.json"} <= {f.path for f in mlflow.list_artifacts(run_id)}
+    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 6
+
+    # ... and Prefect table artifacts of this run (one row per design / agent).
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
