@@ -13,9 +13,12 @@ model first checks it, so a request over its budget stops within one decoding st
 CPU's cores are shared by all of them; a request that cannot get the model within its budget is
 refused with OverBudget too).
 
-Hooks for what later phases attach to the artifact (read if present, see `Agent.load`): ``agent.json``
-(the chosen agent configuration of ADAS) and ``experts/`` (SVF expert vectors). Neither is applied yet:
-their presence is reported in ``custom_outputs.attachments`` and the server log, never silently used.
+What phase 7 attaches to the artifact is applied when present (see `Agent.load`): ``agent.json`` (the
+agent configuration the ADAS search chose: experts or mixture, tools on/off, decoding and votes, answer
+extraction, prompt style) and ``experts/`` (the SVF expert library it names). Both are covered by the
+artifact's manifest, so a changed ``agent.json`` is refused naming the file. A request's own ``tools`` /
+``temperature`` / ``max_tokens`` override the configuration's; without ``agent.json`` the agent is the plain
+model with tools on, as before.
 """
 
 from __future__ import annotations
@@ -67,8 +70,12 @@ class ChatParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_tokens: int | None = Field(None, description="Most tokens generated for the answer; None: the server default.")
-    temperature: float = Field(0.0, description="0 = greedy; above 0 samples with the request's seed.")
-    tools: bool = Field(True, description="Let the model call its tools (calculator, ...) while answering.")
+    temperature: float | None = Field(
+        None, description="0 = greedy; above 0 samples with the request's seed. None: the agent configuration's "
+        "(agent.json), else 0.")
+    tools: bool | None = Field(
+        None, description="Let the model call its tools (calculator, ...) while answering. None: the agent "
+        "configuration's choice (agent.json), else on.")
     timeout_s: float | None = Field(None, description="Time budget in seconds; None or more than the server's: the server's.")
     seed: int = Field(0, description="Seed of the sampler when temperature > 0.")
 
@@ -103,7 +110,7 @@ def validate(messages: Any, params: ChatParams, limits: ServingLimits) -> list[d
         raise BadRequest(f"messages: {chars} characters of content, the limit is {limits.max_input_chars}")
     if params.max_tokens is not None and not 1 <= params.max_tokens <= limits.max_tokens:
         raise BadRequest(f"max_tokens: {params.max_tokens} is outside [1, {limits.max_tokens}]")
-    if not 0.0 <= params.temperature <= limits.max_temperature:
+    if params.temperature is not None and not 0.0 <= params.temperature <= limits.max_temperature:
         raise BadRequest(f"temperature: {params.temperature} is outside [0, {limits.max_temperature}]")
     if params.timeout_s is not None and not params.timeout_s > 0:  # `not >` also refuses NaN (no deadline at all)
         raise BadRequest(f"timeout_s: {params.timeout_s} must be positive")
@@ -143,10 +150,11 @@ class Agent:
 
     def __init__(self, model: Any, tokenizer: Any, folder: Path, digest: str, device: torch.device,
                  limits: ServingLimits, precision: str = "fp32", attachments: dict[str, Any] | None = None,
-                 name: str = "agent-forge"):
+                 name: str = "agent-forge", agent_config: Any = None, experts: Any = None):
         self.model, self.tokenizer, self.folder, self.digest = model, tokenizer, folder, digest
         self.device, self.limits, self.precision, self.name = device, limits, precision, name
         self.attachments = attachments or {}
+        self.agent_config, self.experts = agent_config, experts  # AgentConfig / ExpertLibrary, or None
         # Our own models (Cognate and its descendants) have no chat template: they were trained on the corpus's
         # transcript lines ("User: ...\nAssistant:"), so messages are rendered that way (the tool runtime's plain
         # format) and an answer ends at its line.
@@ -180,14 +188,25 @@ class Agent:
         model = load_model(models[0], dev)
         model.eval()
         tokenizer = load_tokenizer(models[0])
+        agent_config, experts = _attachments(folder)
+        found = (["agent.json"] if agent_config is not None else []) + (["experts"] if experts is not None else [])
         return cls(model, tokenizer, folder, manifest["digest"], dev, limits or ServingLimits(), precision,
-                   _attachments(folder), name)
+                   {k: True for k in found}, name, agent_config, experts)
+
+    def effective(self, params: ChatParams) -> ChatParams:
+        """The request's parameters with what it left open filled from agent.json (else: tools on, greedy)."""
+        cfg = self.agent_config
+        return params.model_copy(update={
+            "tools": params.tools if params.tools is not None else (bool(cfg.tools) if cfg else True),
+            "temperature": params.temperature if params.temperature is not None else (cfg.temperature if cfg else 0.0),
+        })
 
     # ------------------------------------------------------------------ answering
 
     def reply(self, messages: Any, params: ChatParams) -> dict[str, Any]:
         """Validate, generate under the time budget, and return an OpenAI-style chat completion."""
         t0 = time.monotonic()
+        params = self.effective(params)
         route = "chat_tools" if params.tools else "chat"
         try:
             msgs = validate(messages, params, self.limits)
@@ -220,58 +239,103 @@ class Agent:
             self.metrics.observe(route, status, time.monotonic() - t0, None, [])
 
     def _generate(self, msgs: list[dict[str, str]], params: ChatParams, model: Any) -> dict[str, Any]:
-        from forge_models.generation import GenerationConfig, generate
-        from forge_models.runtime import PhaseContext
-        from forge_models.tools import render_plain, run_agent
+        import contextlib
 
-        max_tokens = params.max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens)
-        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=params.temperature, batch_size=1,
-                               chat=self.chat, stop=() if self.chat else ("\n",))
-        ctx = PhaseContext(device=self.device, seed=params.seed, precision=self.precision)
-        tool_calls: list[dict[str, Any]] = []
-        if params.tools:
-            # The tool loop: max_tokens bounds each generation step; the time budget bounds the whole turn.
-            turn = run_agent(model, self.tokenizer, msgs, registry=self.registry, gen=gen,
-                             max_tool_calls=self.limits.max_tool_calls, device=self.device, seed=params.seed, ctx=ctx)
-            answer, prompt_tokens, completion_tokens = turn.answer, turn.prompt_tokens, turn.completion_tokens
-            tool_calls = [{"name": c.name, "arguments": c.arguments, "result": c.result, "ok": c.ok, "error": c.error}
-                          for c in turn.tool_calls]
-            finish = None  # the loop does not report why its last step ended
-        else:
-            generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
-            prompt = msgs if self.chat else render_plain(msgs)
-            g = generate(model, self.tokenizer, [prompt], gen, ctx, generator=generator)[0]
-            answer = g.text if self.chat else g.text.strip()
-            prompt_tokens, completion_tokens = g.prompt_tokens, len(g.token_ids)
-            finish = "length" if g.finish == "length" else "stop"
+        from forge_models.adas import EXTRACTORS, majority
+        from forge_models.adas.config import COT_INSTRUCTION
+        from forge_models.adas.executor import vote_seed
+
+        cfg = self.agent_config
+        max_tokens = params.max_tokens or min(cfg.max_new_tokens if cfg else self.limits.default_max_tokens,
+                                              self.limits.max_tokens)
+        if cfg is not None and cfg.prompt_style == "cot":  # zero-shot chain of thought, as the search ran it
+            msgs = msgs[:-1] + [{"role": "user", "content": msgs[-1]["content"] + COT_INSTRUCTION}]
+        registry, max_calls = self.registry, self.limits.max_tool_calls
+        if cfg is not None and cfg.tools:
+            registry, max_calls = self.registry.subset(cfg.tools), min(cfg.max_tool_calls, max_calls)
+        # Self-consistency only when sampling (a request asking for greedy gets one call).
+        votes = cfg.votes if cfg is not None and params.temperature > 0 else 1
+        scope = contextlib.nullcontext()
+        if cfg is not None and cfg.experts:
+            weights = cfg.experts
+            one = len(weights) == 1 and next(iter(weights.values())) == 1.0
+            scope = (self.experts.apply(self.model, next(iter(weights))) if one
+                     else self.experts.apply(self.model, alpha=dict(weights)))
+        runs = []
+        with scope:  # the expert's weights for this request; the base comes back bit for bit afterwards
+            for v in range(votes):
+                seed = vote_seed(params.seed, v) if votes > 1 else params.seed
+                runs.append(self._one(msgs, params, model, max_tokens, seed, registry, max_calls))
+        extract = EXTRACTORS[cfg.extraction if cfg is not None else "auto"]
+        preds = [extract(r["answer"], [c["result"] for c in r["tool_calls"] if c["ok"]], ()) for r in runs]
+        top = majority(preds)
+        chosen = next((r for r, p in zip(runs, preds) if p == top), runs[0]) if top is not None else runs[0]
+        prompt_tokens = sum(r["prompt_tokens"] for r in runs)
+        completion_tokens = sum(r["completion_tokens"] for r in runs)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": finish}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": chosen["answer"]},
+                         "finish_reason": chosen["finish"]}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-            "custom_outputs": {"tool_calls": tool_calls, "tools": params.tools, "artifact_digest": self.digest,
-                               "attachments": sorted(self.attachments)},
+            "custom_outputs": {"tool_calls": chosen["tool_calls"], "tools": params.tools, "artifact_digest": self.digest,
+                               "attachments": sorted(self.attachments),
+                               "agent": cfg.name if cfg is not None else None, "votes": preds if votes > 1 else []},
         }
 
+    def _one(self, msgs: list[dict[str, str]], params: ChatParams, model: Any, max_tokens: int, seed: int,
+             registry: Any, max_tool_calls: int) -> dict[str, Any]:
+        """One model answer (with the tool loop when tools are on)."""
+        from forge_models.generation import GenerationConfig, generate
+        from forge_models.runtime import PhaseContext
+        from forge_models.tools import render_plain, run_agent
 
-def _attachments(folder: Path) -> dict[str, Any]:
-    """HOOK: what later phases attach to the final artifact, read if present, reported, not yet applied.
+        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=params.temperature, batch_size=1,
+                               chat=self.chat, stop=() if self.chat else ("\n",))
+        ctx = PhaseContext(device=self.device, seed=seed, precision=self.precision)
+        if params.tools:
+            # The tool loop: max_tokens bounds each generation step; the time budget bounds the whole turn.
+            turn = run_agent(model, self.tokenizer, msgs, registry=registry, gen=gen,
+                             max_tool_calls=max_tool_calls, device=self.device, seed=seed, ctx=ctx)
+            calls = [{"name": c.name, "arguments": c.arguments, "result": c.result, "ok": c.ok, "error": c.error}
+                     for c in turn.tool_calls]
+            return {"answer": turn.answer, "prompt_tokens": turn.prompt_tokens,
+                    "completion_tokens": turn.completion_tokens, "tool_calls": calls,
+                    "finish": None}  # the loop does not report why its last step ended
+        generator = torch.Generator().manual_seed(seed) if params.temperature > 0 else None
+        prompt = msgs if self.chat else render_plain(msgs)
+        g = generate(model, self.tokenizer, [prompt], gen, ctx, generator=generator)[0]
+        return {"answer": g.text if self.chat else g.text.strip(), "prompt_tokens": g.prompt_tokens,
+                "completion_tokens": len(g.token_ids), "tool_calls": [],
+                "finish": "length" if g.finish == "length" else "stop"}
 
-    ``agent.json`` (phase 7, ADAS: the chosen agent configuration) and ``experts/`` (phase 7, SVF expert
-    vectors). When those phases land, `Agent._generate` is where the configuration (system prompt,
-    decoding, tool policy) and the expert dispatch apply.
+
+def _attachments(folder: Path) -> tuple[Any, Any]:
+    """(AgentConfig, ExpertLibrary) from what phase 7 stored in the artifact, each None when absent.
+
+    Called after the artifact's manifest was verified (so agent.json is the stored one). A configuration
+    this server cannot run is refused naming agent.json, never run without what it asks for.
     """
-    found: dict[str, Any] = {}
-    if (folder / "agent.json").is_file():
-        found["agent.json"] = json.loads((folder / "agent.json").read_text())
-    experts = sorted(p.name for p in (folder / "experts").glob("*")) if (folder / "experts").is_dir() else []
-    if experts:
-        found["experts"] = experts
-    if found:
-        log.warning("artifact %s carries %s: not applied by this server version (hook in flows/agent.py)",
-                    folder, sorted(found))
-    return found
+    from forge_models.adas import AgentConfig
+    from forge_models.experts import load_experts
+    from forge_models.runtime import ArtifactIntegrityError, ConfigError
+
+    experts = load_experts(folder / "experts") if (folder / "experts" / "experts.json").is_file() else None
+    path = folder / "agent.json"
+    if not path.is_file():
+        return None, experts
+    try:
+        cfg = AgentConfig.from_json(path.read_text())
+    except ConfigError as exc:
+        raise ArtifactIntegrityError(f"{path}: {exc}") from None
+    missing = sorted(set(cfg.experts) - set(experts.skills if experts is not None else []))
+    if missing:
+        raise ArtifactIntegrityError(f"{path}: names experts {missing} that the artifact's experts/ library lacks")
+    if cfg.thought_budget:
+        raise ArtifactIntegrityError(f"{path}: thought_budget {cfg.thought_budget} needs a Quiet-STaR thinker, "
+                                     "which the served agent does not have")
+    log.info("artifact %s: serving agent configuration %s", folder, cfg.to_json())
+    return cfg, experts

@@ -289,6 +289,10 @@ def _export(uri: str, out: Path) -> None:
         if (experts / "manifest.json").is_file():
             shutil.copytree(experts, out / "experts", dirs_exist_ok=True)
             print(f"wrote {out / 'experts'}")
+        agent = Path(tmp) / "agent.json"  # Experts + ADAS: the chosen agent configuration
+        if agent.is_file():
+            shutil.copy2(agent, out / "agent.json")
+            print(f"wrote {out / 'agent.json'}")
 
 
 def cmd_inspect(args) -> int:

@@ -176,8 +176,8 @@ def signature():
         inputs=Schema([ColSpec(Array(Object([Property("role", "string"), Property("content", "string")])), "messages")]),
         params=ParamSchema([
             ParamSpec("max_tokens", "long", 0),
-            ParamSpec("temperature", "double", 0.0),
-            ParamSpec("tools", "boolean", True),
+            ParamSpec("temperature", "double", None),
+            ParamSpec("tools", "boolean", None),
             ParamSpec("timeout_s", "double", 0.0),
             ParamSpec("seed", "long", 0),
         ]),
@@ -394,7 +394,7 @@ def _model_dir(ref: str, tracking_uri: str, tmp: str) -> Path:
 def cmd_chat(args) -> int:
     with tempfile.TemporaryDirectory(prefix="forge-chat-") as tmp:
         agent = Agent.load(_model_dir(args.model, _tracking_uri(args), tmp))
-        tools = not args.no_tools
+        tools = False if args.no_tools else None  # None: the artifact's agent.json decides (else on)
         history: list[dict[str, str]] = []
         print(f"chatting with {args.model} (artifact {agent.digest[:12]}); /reset, /tools on|off, /quit")
         while True:
@@ -492,7 +492,7 @@ def main(command: str, argv: list[str]) -> int:
     c.add_argument("model", nargs="?", default="models:/agent-forge@champion",
                    help="models:/NAME@ALIAS, runs:/ID/agent, an artifact URI or a local artifact folder.")
     c.add_argument("--max-tokens", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--temperature", type=float, default=None)
     c.add_argument("--no-tools", action="store_true")
     _where(c)
     st = sub.add_parser("stats", help="Summarise a running server's Prometheus metrics.")

@@ -5,7 +5,8 @@ so its BitLinear targets get the ternary side-term form; see forge_models/expert
 
 Output prefix: ``model/`` — the input model folder, copied byte for byte (SVF never changes base weights);
 ``experts/`` — the expert library (``basis.safetensors``, ``experts.safetensors``, ``experts.json``, its own
-``manifest.json`` last; load with ``forge_models.experts.load_experts``); ``phase.json``, ``report.md`` and
+``manifest.json`` last; load with ``forge_models.experts.load_experts``); with ``experts.adas.enabled`` (default),
+``agent.json`` — the chosen ADAS ``AgentConfig`` (what the served agent runs); ``phase.json``, ``report.md`` and
 ``manifest.json`` (last).
 """
 
@@ -19,10 +20,10 @@ from forge_models.runtime import PhaseContext
 from tasks.cache import phase_key
 from tasks.config import ForgeConfig
 from tasks.inputs import input_model_folder, load_input_model
-from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
+from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task, prefect_artifact
 from tasks.store import ArtifactRef
 
-EXPERTS_VERSION = "1"
+EXPERTS_VERSION = "2"  # 2: optional ADAS search, agent.json
 
 
 def experts_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
@@ -41,6 +42,31 @@ def _cell(m: dict, key: str) -> str:
 def _verdict(m: dict, key: str) -> str:
     lo, hi = m[f"{key}_lo"], m[f"{key}_hi"]
     return "within noise" if lo <= 0 <= hi else ("better" if m[key] > 0 else "worse")
+
+
+def _flat(rows: list[dict]) -> list[dict]:
+    """Rows with nested values as JSON text (tables take scalars)."""
+    return [{k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v) for k, v in r.items()}
+            for r in rows]
+
+
+def _adas_report(found) -> list[str]:
+    r = found.result
+    lines = ["", "## Agent configuration search (ADAS)", "",
+             f"{len(r.archive)} designs (seeds + {r.config.generations} x {r.config.population} proposals; "
+             f"{len(r.rejected)} rejected) scored on {len(found.validation)} **validation** questions "
+             f"({found.search_s:.1f} s); the test split ({len(found.test)} questions, {found.dropped_overlap} dropped "
+             f"for sharing a prompt with validation) read once afterwards ({found.final_s:.1f} s). Chosen and stored "
+             f"as `agent.json`: `{found.chosen.to_json()}`.", "",
+             "| role | agent | test acc [95%] | winner - agent [95%] | verdict | calls/q | tokens/q | s/q |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in found.comparison:
+        lines.append(
+            f"| {row['role']} | {row['name']} | {row['test_accuracy']:.3f} [{row['test_low']:.3f}, {row['test_high']:.3f}] "
+            f"| {row['winner_minus_this']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] | {row['verdict']} "
+            f"| {row['calls_per_query']:.2f} | {row['prompt_tokens_per_query'] + row['completion_tokens_per_query']:.0f} "
+            f"| {row['seconds_per_query']:.4f} |")
+    return lines
 
 
 def _body(config: ForgeConfig, previous: ArtifactRef):
@@ -62,11 +88,25 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         shutil.copytree(folder, out_dir / "model")  # the base weights are the input's, byte for byte
         out = run(ExpertsInputs(model, tokenizer, corpus, config.eval, out_dir / "experts"), config.experts, ctx)
 
-        # ---- ADAS HOOK ------------------------------------------------------------------------------
-        # The agent-configuration search (forge_models/adas/, built on another branch) is called here by the
-        # lead's integration: it gets `model`, `tokenizer`, the stored library (load_experts(out_dir /
-        # "experts")), the corpus' validation split for search and the test split once afterwards, and
-        # writes its chosen configuration to `out_dir / "agent.json"`. Not run in this version.
+        # ---- ADAS HOOK: the agent-configuration search over the stored library (forge_models/experts/agent.py).
+        adas_lines, adas_metrics, tables = ["", "Agent configuration search (ADAS): off (`experts.adas.enabled=false`)."], {}, {}
+        adas_details: dict = {}
+        if config.experts.adas.enabled:
+            from forge_models.experts import load_experts
+            from forge_models.experts.agent import search_agent
+
+            found = search_agent(model, tokenizer, load_experts(out_dir / "experts"), corpus, config.experts.adas, ctx)
+            # Written before the manifest (phase_task writes it last), so agent.json is covered by it.
+            (out_dir / "agent.json").write_text(found.chosen.to_json() + "\n")
+            adas_metrics = found.metrics()
+            tables = {"adas_archive.json": found.result.rows(), "adas_final.json": _flat(found.comparison)}
+            prefect_artifact("create_table_artifact", key="experts-adas-archive", table=_flat(found.result.rows()),
+                             description="ADAS archive: every design evaluated on the validation split")
+            prefect_artifact("create_table_artifact", key="experts-adas-final", table=_flat(found.comparison),
+                             description="ADAS final comparison on the test split (read once)")
+            adas_lines = _adas_report(found)
+            adas_details = {"agent": found.chosen.model_dump(mode="json"), "touched_by_search": found.touched_by_search,
+                            "test_touched": sorted(found.splits.touched["test"]), "rejected": found.result.rejected}
         # ------------------------------------------------------------------------------------------------
 
         held_out = corpus.split(config.eval.split)
@@ -108,12 +148,14 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "| expert | " + " | ".join(skills) + " |", "|---|" + "---|" * len(skills),
             *[f"| {e} | " + " | ".join(f"{out.details['cross'][e][k]:.3f}" for k in skills) + " |"
               for e in ["base", *skills]],
-            "", "Agent configuration search (ADAS): not run in this version.",
+            *adas_lines,
         ]
         metrics = {f"experts/{k}": float(v) for k, v in m.items()}
         metrics.update({f"model/{k}": float(v) for k, v in base_eval.items()})
+        metrics.update({f"experts/{k}": float(v) for k, v in adas_metrics.items()})
         return PhaseWritten(metrics=metrics, report_md="\n".join(lines) + "\n", params=out.details["base_params"],
-                            steps_run=c.steps * len(skills), curves=out.curves, details=out.details)
+                            steps_run=c.steps * len(skills), curves=out.curves, details={**out.details, "adas": adas_details},
+                            tables=tables)
 
     return body
 

@@ -244,7 +244,7 @@ class ScriptedLM(torch.nn.Module):
 CALCULATOR_CALL = "<tool>calculator(3 + 4)</tool>"
 
 
-def agent_artifact(store_url: str, name: str = "final") -> str:
+def agent_artifact(store_url: str, name: str = "final", extra: dict[str, str] | None = None) -> str:
     """A tiny final artifact in the store as the pipeline leaves it (``model/`` + phase.json, manifest last),
     whose model always calls the calculator: a real 1-layer Llama that loads with ``from_pretrained``.
 
@@ -252,7 +252,8 @@ def agent_artifact(store_url: str, name: str = "final") -> str:
     zero, and an LM head that maps the current token to a fixed next token. After ``:`` (every transcript
     ends with ``Assistant:``) it writes the one token ``<tool>calculator(3 + 4)</tool>``, then EOS. So on
     the tool loop it calls the calculator at every step until the runtime's call limit stops it; with tools
-    off it answers with the call text. Like our own models its tokenizer has no chat template.
+    off it answers with the call text. Like our own models its tokenizer has no chat template. ``extra``:
+    more files at the artifact's root (e.g. ``agent.json``), covered by the manifest.
     """
     import json
     import tempfile
@@ -288,6 +289,8 @@ def agent_artifact(store_url: str, name: str = "final") -> str:
         assert fast.convert_tokens_to_ids(CALCULATOR_CALL) == call
         fast.save_pretrained(folder)
         (Path(tmp) / "phase.json").write_text(json.dumps({"phase": "training", "metrics": {}}))
+        for rel, text in (extra or {}).items():
+            (Path(tmp) / rel).write_text(text)
         uri = store.uri(name)
         store.write_prefix(Path(tmp), uri, kind="model")
     return uri

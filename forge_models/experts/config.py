@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from forge_models.config import Frozen
 
-__all__ = ["ExpertsConfig", "SKILL_NAMES", "TrainSettings"]
+__all__ = ["AgentSearchConfig", "ExpertsConfig", "SKILL_NAMES", "TrainSettings"]
 
 SKILL_NAMES = ("arithmetic", "tool", "persona", "narrative")
 """The skills :data:`forge_models.experts.train.SKILLS` defines (a test keeps the two equal)."""
@@ -35,6 +35,30 @@ class TrainSettings:
     init_value: float
     init_std: float
     max_mult: float
+
+
+class AgentSearchConfig(Frozen):
+    """The ADAS agent-configuration search run at the end of the experts phase (forge_models/adas).
+
+    On by default with a small budget: 4 seeds + 2 x 3 designs on 40 validation questions, then the final
+    comparison on 80 test questions, took 21 s on the tiny preset's Cognate trunk (533k parameters, one thread
+    of the shared 2-core CPU; docs/adas.md). Larger models or budgets cost proportionally more; set
+    ``enabled=false`` to skip it. The thought budget is not a field: it is searched only when the model has a Quiet-STaR
+    head, which the phase's input (a plain model folder) never has, so it is fixed to 0.
+    """
+
+    enabled: bool = Field(True, description="Run the agent search and store the chosen configuration as agent.json.")
+    generations: int = Field(2, ge=0, le=100, description="Search generations after the hand-designed seed agents.")
+    population: int = Field(3, ge=1, le=64, description="Designs proposed per generation.")
+    validation_questions: int = Field(
+        40, ge=4, le=100_000, description="Validation questions each design is scored on (the first N, same for all)."
+    )
+    test_questions: int = Field(
+        80, ge=4, le=100_000, description="Test questions of the final comparison (read once, after the search)."
+    )
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples of each interval.")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per model call of every design.")
+    seed: int = Field(0, description="Seeds the proposer, every design's decoding and the bootstrap.")
 
 
 class ExpertsConfig(Frozen):
@@ -83,6 +107,11 @@ class ExpertsConfig(Frozen):
     )
     eval_examples: int = Field(
         64, ge=4, le=100_000, description="Held-out examples per skill scored for each comparison."
+    )
+
+    adas: AgentSearchConfig = Field(
+        default_factory=AgentSearchConfig,
+        description="Agent-configuration search (ADAS) over the stored library and the tool runtime (on, small budget).",
     )
 
     @model_validator(mode="after")

@@ -1,6 +1,8 @@
 """Phase 7 (experts) in the real flow: `forge phase experts --input DIR --out OUT` on a tiny Llama folder stores
 the model unchanged plus an expert library that `load_experts` reads, and the reported figures are those of
-the stored library."""
+the stored library. With experts.adas on, the chosen agent configuration is stored as agent.json (the
+search read only validation questions), the archive and comparison are MLflow and Prefect tables, and the
+served agent loads and runs it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from flows.cli import main
 from flows.config import load_config
 from tests.factories import corpus_and_tokenizer, make_llama
 
+ADAS_SETS = ["experts.adas.enabled=true", "experts.adas.generations=1", "experts.adas.population=2",
+             "experts.adas.validation_questions=8", "experts.adas.test_questions=8",
+             "experts.adas.bootstrap_samples=200", "experts.adas.max_new_tokens=6"]
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 SETS = ["tracking.enabled=false", "data.synthetic.n_examples=400", "eval.max_examples=8", "eval.max_new_tokens=8",
@@ -22,7 +28,7 @@ SETS = ["tracking.enabled=false", "data.synthetic.n_examples=400", "eval.max_exa
         "experts.max_new_tokens=8", "experts.eval_examples=6", "device.threads=1"]
 
 
-def test_experts_phase_stores_model_unchanged_and_a_loadable_library(tmp_path, capsys):
+def test_experts_phase_stores_model_unchanged_a_loadable_library_and_the_chosen_agent(tmp_path, capsys):
     from forge_models.data import Corpus
     from forge_models.experts import SKILLS, load_experts, skill_outcomes
     from forge_models.experts.train import skill_examples
@@ -37,8 +43,10 @@ def test_experts_phase_stores_model_unchanged_and_a_loadable_library(tmp_path, c
     tokenizer.save_pretrained(folder)
     summary, out = tmp_path / "summary.json", tmp_path / "final"
     code = main(["phase", "experts", "--input", str(folder), "--store", f"file://{tmp_path}/store",
-                 "--summary-json", str(summary), "--out", str(out), *[a for s in SETS for a in ("--set", s)]])
-    assert code == 0, capsys.readouterr().err
+                 "--summary-json", str(summary), "--out", str(out),
+                 *[a for s in [*SETS, *ADAS_SETS] for a in ("--set", s)],
+                 "--set", "tracking.enabled=true", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     doc = json.loads(summary.read_text())
     assert [p["name"] for p in doc["phases"]] == ["data", "import", "experts"]
     metrics = doc["phases"][-1]["metrics"]
@@ -67,3 +75,55 @@ def test_experts_phase_stores_model_unchanged_and_a_loadable_library(tmp_path, c
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     for key in ("experts/mixed/dispatch", "experts/mixed/dispatch_minus_best_single_lo", "experts/tool/d_hi"):
         assert key in metrics
+
+    _check_adas(doc, out, f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
+    """The same run had ``experts.adas`` on (one phase run per session: a second CLI run in this module trips over
+    Prefect's console handler bound to the first test's closed capture stream)."""
+    from flows.agent import Agent, ChatParams
+    from forge_models.adas import AgentConfig
+
+    metrics = doc["phases"][-1]["metrics"]
+    artifact = Path(doc["phases"][-1]["artifact"]["uri"].removeprefix("file://"))
+
+    # agent.json is in the artifact, covered by its manifest, and loads as an AgentConfig (exported too).
+    chosen = AgentConfig.from_json((artifact / "agent.json").read_text())
+    assert "agent.json" in json.loads((artifact / "manifest.json").read_text())["files"]
+    assert AgentConfig.from_json((out / "agent.json").read_text()) == chosen
+    details = json.loads((artifact / "phase.json").read_text())["details"]["adas"]
+    assert details["agent"] == chosen.model_dump(mode="json")
+    # The search read only validation questions; the test split was read once, afterwards.
+    assert details["touched_by_search"] == {"validation": list(range(8)), "test": []}
+    assert details["test_touched"] == list(range(8))
+    assert metrics["experts/adas/archive_size"] == 4 + 2
+    assert metrics["experts/adas/test/plain/accuracy_lo"] <= metrics["experts/adas/test/plain/accuracy"]
+
+    # ... MLflow tables of the phase's run ...
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((artifact / "phase.json").read_text())["mlflow_run_id"]
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    assert {"adas_archive.json", "adas_final.json"} <= {f.path for f in mlflow.list_artifacts(run_id)}
+    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 6
+
+    # ... and Prefect table artifacts of this run (one row per design / agent).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["experts-adas-archive", "experts-adas-final"])))}
+    assert set(found) == {"experts-adas-archive", "experts-adas-final"}
+    assert found["experts-adas-archive"].type == "table"
+    archive = found["experts-adas-archive"].data
+    archive = json.loads(archive) if isinstance(archive, str) else archive
+    assert len(archive) == 6 and {r["origin"] for r in archive} >= {"seed"}
+
+    # The served agent loads the artifact (model, experts/, agent.json) and runs the chosen configuration.
+    agent = Agent.load(artifact)
+    assert agent.agent_config == chosen and agent.experts is not None
+    reply = agent.reply([{"role": "user", "content": "What is 2 plus 3?"}], ChatParams(max_tokens=4))
+    assert reply["custom_outputs"]["agent"] == chosen.name
+    assert reply["custom_outputs"]["tools"] is bool(chosen.tools)

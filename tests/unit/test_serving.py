@@ -180,3 +180,59 @@ def test_the_experiment_opens_in_the_model_training_view(tmp_path):
     Tracking(db, "forge-exp", None)
     exp = MlflowClient(tracking_uri=db).get_experiment_by_name("forge-exp")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+# ------------------------------------------------------------------ the chosen agent configuration (agent.json)
+
+def _agent_json(**fields) -> str:
+    from forge_models.adas import AgentConfig
+    return AgentConfig(name="chosen", **fields).to_json()
+
+
+def test_agent_json_changes_what_the_served_agent_does(tmp_path):
+    from tests.factories import agent_artifact
+
+    question = [{"role": "user", "content": "What is 3 plus 4?"}]
+    plain = Agent.load(Path(agent_artifact(f"file://{tmp_path}/s0").removeprefix("file://")))
+    before = plain.reply(question, ChatParams(max_tokens=4))
+    assert before["custom_outputs"]["tools"] is True and before["custom_outputs"]["tool_calls"]  # today: tools on
+
+    # Tools off by configuration: the same model answers with its call as text, nothing executed.
+    off = Agent.load(Path(agent_artifact(f"file://{tmp_path}/s1", extra={"agent.json": _agent_json()})
+                          .removeprefix("file://")))
+    assert off.agent_config.name == "chosen" and "agent.json" in off.attachments
+    out = off.reply(question, ChatParams(max_tokens=4))
+    assert out["custom_outputs"]["tools"] is False and out["custom_outputs"]["tool_calls"] == []
+    assert out["choices"][0]["message"]["content"] == CALCULATOR_CALL
+    assert out["custom_outputs"]["agent"] == "chosen"
+    # The request still overrides the configuration.
+    assert off.reply(question, ChatParams(max_tokens=4, tools=True))["custom_outputs"]["tool_calls"]
+
+    # Three votes (self-consistency at T = 0.7): three model calls, the majority answer.
+    voting = Agent.load(Path(agent_artifact(f"file://{tmp_path}/s2", extra={"agent.json": _agent_json(
+        temperature=0.7, votes=3)}).removeprefix("file://")))
+    one = off.reply(question, ChatParams(max_tokens=4, tools=False))
+    three = voting.reply(question, ChatParams(max_tokens=4))
+    assert len(three["custom_outputs"]["votes"]) == 3
+    assert three["usage"]["prompt_tokens"] == 3 * one["usage"]["prompt_tokens"]
+    greedy = voting.reply(question, ChatParams(max_tokens=4, temperature=0.0))  # greedy request: one call
+    assert greedy["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"] and greedy["custom_outputs"]["votes"] == []
+
+
+def test_a_tampered_agent_json_is_refused_naming_the_file(tmp_path):
+    from tests.factories import agent_artifact
+
+    folder = Path(agent_artifact(f"file://{tmp_path}/s", extra={"agent.json": _agent_json()}).removeprefix("file://"))
+    Agent.load(folder)
+    (folder / "agent.json").write_text(_agent_json(tools=("calculator",)))  # a different, valid configuration
+    with pytest.raises(ArtifactIntegrityError, match=r"agent\.json"):
+        Agent.load(folder)
+
+
+def test_an_agent_json_needing_what_the_artifact_lacks_is_refused(tmp_path):
+    from tests.factories import agent_artifact
+
+    folder = Path(agent_artifact(f"file://{tmp_path}/s", extra={"agent.json": _agent_json(experts={"tool": 1.0})})
+                  .removeprefix("file://"))
+    with pytest.raises(ArtifactIntegrityError, match=r"agent\.json.*tool"):
+        Agent.load(folder)
