@@ -82,3 +82,13 @@ def test_merge_plan_and_registry_do_not_import_each_other():
     merge = ROOT / "forge_models" / "merge"
     assert "forge_models.merge.plan" not in imports(merge / "registry.py")
     assert "forge_models.merge.registry" in imports(merge / "plan.py")
+
+
+def test_every_test_folder_is_a_package():
+    """Two test files may share a basename (unit/ and integration/ both have test_serving.py) only if
+    every folder is a package; without it `pytest` over the whole tree stops at collection, which is
+    how CI failed once while each folder alone passed."""
+    root = Path(__file__).resolve().parents[1]
+    folders = {p.parent for p in root.rglob("test_*.py")}
+    missing = sorted(str(f.relative_to(root)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"test folders without __init__.py: {missing}"
