@@ -22,6 +22,9 @@ def _forge(args: list[str], cwd: Path, timeout: int = 1500) -> subprocess.Comple
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# the whole tiny run plus five standalone phase commands: ~12-25 min on a loaded 2-core CPU, over pytest's 30-min
+# default on a slower worker; its own commands carry their own timeouts
+@pytest.mark.timeout(3600)
 def test_forge_run_tiny_then_inspect_and_phase(tmp_path):
     summary = tmp_path / "summary.json"
     proc = _forge(["run", "--preset", "tiny", "--summary-json", str(summary)], tmp_path)

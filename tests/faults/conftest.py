@@ -74,13 +74,15 @@ def pytest_sessionfinish(session, exitstatus):
 class Child:
     """A ``python -m tests.faults.child`` process in its own process group, its output collected by a thread."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 module: str = "tests.faults.child", base_env: dict[str, str] | None = None):
         import threading
 
         self.lines: list[str] = []
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env = {**(os.environ if base_env is None else base_env), "PYTHONPATH": str(ROOT),
+                    "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.child", *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -124,11 +126,12 @@ class Child:
 
 @pytest.fixture
 def children():
-    """Start children with ``children(args, cwd)``; every one still running at the end is killed (its group)."""
+    """Start children with ``children(args, cwd)`` (``module=`` another ``python -m`` entry point, ``base_env=``
+    instead of this process's environment); every one still running at the end is killed (its group)."""
     started: list[Child] = []
 
-    def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Child:
-        c = Child(args, cwd, env)
+    def start(args: list[str], cwd: Path, env: dict[str, str] | None = None, **kw) -> Child:
+        c = Child(args, cwd, env, **kw)
         started.append(c)
         return c
 

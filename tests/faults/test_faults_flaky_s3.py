@@ -92,3 +92,42 @@ def test_a_run_completes_through_a_flaky_s3_bit_identical(flaky, s3_server, tmp_
         did="both phases committed through retries; weights and report bit-identical to a run on a healthy S3; "
             "the rerun reused both outputs; lock released",
     )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_tiny_pipeline_completes_through_a_flaky_s3(flaky, tmp_path, fault_row):
+    """The real flow (data, cognate, evomerge, bitnet, training on the reduced tiny preset) with every S3 request
+    of the store and of Prefect's results going through the proxy: it completes through retries, every committed
+    output verifies against its manifest, nothing partial is left (no lock, no checkpoint), and a rerun through
+    the same flaky S3 reuses every output without running a step."""
+    import uuid
+
+    from flows.agent_forge import agent_forge
+    from flows.config import load_config
+    from tests.factories import tiny_overrides
+
+    proxy, bucket = flaky
+    cfg = load_config("tiny", store=f"s3://{bucket}/forge", overrides=tiny_overrides() + [
+        f"name=flaky-{uuid.uuid4().hex[:8]}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    first = agent_forge(cfg)
+    assert [p.name for p in first.phases] == ["data", "cognate", "evomerge", "bitnet", "training"]
+    assert not any(p.cached for p in first.phases)
+    faults_first, requests_first = dict(proxy.counts), proxy.requests
+    assert proxy.injected >= 5, faults_first  # the run really met faults
+    store = Store(cfg.store.url)
+    for p in first.phases:  # deep: every file's sha256 against the manifest, written last
+        with_retries(lambda: store.verify(p.artifact.uri, expected_digest=p.artifact.digest))
+    left = with_retries(lambda: store.list_files(cfg.store.url))
+    assert not [k for k in left if k.split("/")[0] in ("locks", "checkpoints")], "a lock or a checkpoint was left behind"
+
+    second = agent_forge(cfg)
+    assert all(p.cached for p in second.phases) and all(p.steps_run == 0 for p in second.phases)
+    assert [p.artifact.digest for p in second.phases] == [p.artifact.digest for p in first.phases]
+    fault_row(
+        fault="flaky S3: the tiny pipeline",
+        injected=f"the same proxy (20%) for every S3 request of a reduced tiny run (5 phases, Prefect results, "
+                 f"locks): {faults_first} in {requests_first} requests",
+        did="all five phases committed through retries; every output verified file by file against its manifest; "
+            "no lock or checkpoint left; the rerun through the same proxy reused every output without a step",
+    )

@@ -130,3 +130,77 @@ def test_identical_runs_race_on_one_store(children, tmp_path, store_url, n, faul
         did=f"each phase computed by exactly one run; {n - 1} reused it ({waited} logged waiting on the lock); "
             "one manifest per output, verified",
     )
+
+
+def _forge_cli_env(tmp_path) -> dict[str, str]:
+    """The user's environment for `forge run`: no Prefect, MLflow, AWS or Forge settings of this test session."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "FORGE_"))}
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    return env
+
+
+def _weights_sha256(store_root, uri: str) -> dict[str, str]:
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(store_root) / uri.split("/forge-store/", 1)[1]
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_kill9_of_forge_run_resumes_the_real_phase_bit_identical(children, tmp_path, fault_row):
+    """The real CLI (`forge run`, reduced tiny preset, phases data + cognate) killed with SIGKILL mid-trunk, after
+    its first checkpoint: the rerun takes the dead run's lock over at once, reuses the data phase, resumes Cognate
+    from the checkpoint, and stores weights bit-identical to an uninterrupted run's."""
+    from tests.factories import tiny_overrides
+
+    sets = [a for o in tiny_overrides() + ["phases=[cognate]"] for a in ("--set", o)]
+    total_steps = 120 + 30 + 30  # trunk + two variants (tiny_overrides)
+
+    def run(workdir, summary: str):
+        workdir.mkdir(exist_ok=True)
+        return children(["run", "--preset", "tiny", "--store", f"file://{workdir}/forge-store",
+                         "--summary-json", str(workdir / summary), *sets], workdir, module="flows.cli",
+                        base_env=_forge_cli_env(workdir))
+
+    ref_dir, dir_ = tmp_path / "reference", tmp_path / "crash"
+    ref = run(ref_dir, "ref.json")
+    assert ref.finish(900) == 0, ref.output[-3000:]
+    ref_doc = json.loads((ref_dir / "ref.json").read_text())
+    ref_cog = next(p for p in ref_doc["phases"] if p["name"] == "cognate")
+
+    first = run(dir_, "a.json")
+    ckpts = lambda: list((dir_ / "forge-store" / "checkpoints" / "cognate").glob("*/trunk/step-*/COMPLETE"))  # noqa: E731
+    first.wait_for(lambda: bool(ckpts()), timeout=900)
+    first.kill9()
+    assert list((dir_ / "forge-store" / "locks").rglob("*.json")), "the crash left its lock behind"
+    at_kill = sorted(p.parent.name for p in ckpts())
+    t0 = time.monotonic()
+    rerun = run(dir_, "b.json")
+    rerun.wait_for(lambda: any("resuming from checkpoints" in line for line in rerun.lines), timeout=300)
+    resumed_after = time.monotonic() - t0
+    assert rerun.finish(900) == 0, rerun.output[-3000:]
+    doc = json.loads((dir_ / "b.json").read_text())
+    phases = {p["name"]: p for p in doc["phases"]}
+    assert phases["data"]["cached"], "the finished data phase was recomputed"
+    cog = phases["cognate"]
+    assert not cog["cached"] and 0 < cog["steps_run"] < total_steps, cog["steps_run"]
+    store = Store(f"file://{dir_}/forge-store")
+    meta = json.loads((dir_ / "forge-store" / cog["artifact"]["uri"].split("/forge-store/", 1)[1] / "phase.json").read_text())
+    assert meta["resumed_from"] and all(r.startswith("trunk/step-") for r in meta["resumed_from"]), meta["resumed_from"]
+    store.verify(cog["artifact"]["uri"], expected_digest=cog["artifact"]["digest"])
+    got, want = (_weights_sha256(dir_ / "forge-store", cog["artifact"]["uri"]),
+                 _weights_sha256(ref_dir / "forge-store", ref_cog["artifact"]["uri"]))
+    assert got and got == want, "resumed weights differ from an uninterrupted run's"
+    assert not list((dir_ / "forge-store" / "locks").rglob("*.json")), "the lock was not released"
+    fault_row(
+        fault="kill -9 of `forge run` (real Cognate phase, local store)",
+        injected=f"SIGKILL to the CLI's process group mid-trunk, after checkpoint(s) {at_kill} were complete",
+        did=f"rerun took the lock over and resumed from {meta['resumed_from']} after {resumed_after:.0f} s (CLI and "
+            f"Prefect start included); data phase reused; ran {cog['steps_run']} of {total_steps} steps; "
+            f"{len(got)} weight files sha256-equal to an uninterrupted run's",
+        lost="the steps after the last checkpoint",
+    )
