@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 _TORCH_THREAD: ThreadPoolExecutor | None = None
+_TORCH_THREAD_PID = 0
 _TORCH_THREAD_GUARD = threading.Lock()
 _TORCH_THREAD_NAME = "forge-torch"
 
@@ -63,10 +65,13 @@ def on_torch_thread(fn, *args, **kwargs):
     global _TORCH_THREAD
     if threading.current_thread().name.startswith(_TORCH_THREAD_NAME):
         return fn(*args, **kwargs)
+    global _TORCH_THREAD_PID
     with _TORCH_THREAD_GUARD:
-        if _TORCH_THREAD is None:
+        # a forked child inherits the executor but not its thread: it gets its own
+        if _TORCH_THREAD is None or _TORCH_THREAD_PID != os.getpid():
             _TORCH_THREAD = ThreadPoolExecutor(1, thread_name_prefix=_TORCH_THREAD_NAME,
                                                initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+            _TORCH_THREAD_PID = os.getpid()
     return _TORCH_THREAD.submit(fn, *args, **kwargs).result()
 
 

@@ -265,3 +265,21 @@ def test_every_torch_call_of_the_agent_runs_on_one_thread_whatever_thread_asks(a
     assert len(loaded_on) == 1 and next(iter(loaded_on)).startswith("forge-torch")
     with pytest.raises(OverBudget):  # raised on the torch thread, received by the caller
         agent.reply([USER], ChatParams(max_tokens=8, tools=True, timeout_s=1e-6))
+
+
+def test_a_forked_child_gets_its_own_torch_thread():
+    import os
+
+    from flows.agent import on_torch_thread
+
+    assert on_torch_thread(lambda: 1) == 1  # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:  # the child: its inherited executor has no thread; a call must not hang
+        import threading
+
+        t = threading.Thread(target=lambda: os._exit(0 if on_torch_thread(lambda: 2) == 2 else 1), daemon=True)
+        t.start()
+        t.join(20)
+        os._exit(3)  # hung
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
