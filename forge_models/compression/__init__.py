@@ -1,4 +1,4 @@
-"""Phase 8, final compression: per-tensor encodings (bf16, RTN int-k, ternary, SeedLM, VPTQ) under a byte budget."""
+"""Phase 8, final compression: per-tensor encodings (bf16, RTN int-k, NF4, ternary, SeedLM, VPTQ) under a byte budget."""
 
 from forge_models.compression.encoders import ENCODERS, Encoded, Encoder, make_encoder
 from forge_models.compression import seedlm as _seedlm  # noqa: F401  (registers "seedlm")

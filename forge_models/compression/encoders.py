@@ -28,7 +28,7 @@ from forge_models.compression.bitpack import pack_bits, packed_nbytes, unpack_bi
 from forge_models.config import Frozen
 from forge_models.runtime import ArtifactIntegrityError, ConfigError
 
-__all__ = ["Encoded", "Encoder", "ENCODERS", "register", "make_encoder", "Bf16", "RTN", "Ternary"]
+__all__ = ["Encoded", "Encoder", "ENCODERS", "register", "make_encoder", "Bf16", "RTN", "NF4", "NF4_CODE", "Ternary"]
 
 
 @dataclass
@@ -194,6 +194,85 @@ rows would otherwise pay 11% more code bits at g = 128).
     def payload_bits(self, shape):
         ng = self._groups(shape)
         return shape[0] * (shape[1] * self.bits + ng * (16 if self.sym else 32))
+
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+"""QLoRA's NormalFloat4 levels (Dettmers et al. 2023): quantiles of N(0, 1), 8 positive and 7 negative ones
+plus an exact 0, scaled to [-1, 1]; `tests/unit/test_compression_encoders.py` rebuilds them from the inverse
+normal CDF."""
+
+
+@register
+class NF4(Encoder):
+    """NormalFloat4 (QLoRA): each weight as the nearest of the 16 :data:`NF4_CODE` levels times its block's
+    absmax, blocks of ``block`` consecutive weights along a row (the input dimension).
+
+    With ``double_quant`` (QLoRA's default) the absmax values are stored as 8-bit codes, linear in [0, max] per
+    chunk of 256 absmax values with one fp32 max per chunk, rounded up so no weight leaves [-1, 1]:
+    4 + 8/64 + 32/16384 = 4.127 bits per weight at ``block`` = 64, the bytes of RTN int4 g128 (4.125).
+    Deviation: bitsandbytes quantises the absmax values with its dynamic 8-bit map after subtracting their
+    mean; the linear map here is simpler and measured to cost nothing visible (docs/phases/compression.md).
+    Without ``double_quant`` the absmax is fp16 (4.25 bpw at 64). Rows not a multiple of ``block`` end in a
+    shorter block (no padding codes are stored), as in :class:`RTN`.
+    """
+
+    name: ClassVar[str] = "nf4"
+    block: int = Field(64, ge=8, le=1 << 16, description="Weights per absmax, along the input dimension.")
+    double_quant: bool = Field(True, description="Absmax as 8-bit codes per chunk of 256 (else fp16).")
+    DQ_CHUNK: ClassVar[int] = 256
+
+    def _blocks(self, shape):
+        return -(-shape[1] // self.block)
+
+    def encode(self, w, hessian=None, seed=0):
+        w = self._check(w)
+        out, inp = w.shape
+        nb = self._blocks(w.shape)
+        padded = torch.zeros(out, nb * self.block)
+        padded[:, :inp] = w
+        g = padded.view(out, nb, self.block)
+        absmax = g.abs().amax(-1).reshape(-1)
+        if self.double_quant:
+            n = absmax.numel()
+            chunks = torch.zeros(-(-n // self.DQ_CHUNK) * self.DQ_CHUNK)
+            chunks[:n] = absmax
+            chunks = chunks.view(-1, self.DQ_CHUNK)
+            cmax = chunks.amax(-1)
+            q8 = torch.ceil(chunks / cmax.clamp(min=1e-30).unsqueeze(-1) * 255).clamp(0, 255).reshape(-1)[:n]
+            tensors = {"absmax_codes": q8.to(torch.uint8).contiguous(), "absmax_max": cmax.float().contiguous()}
+        else:
+            tensors = {"absmax": absmax.to(torch.float16).contiguous()}
+        a = self._absmax(tensors, out, nb).unsqueeze(-1)
+        x = (g / a.clamp(min=1e-30)).clamp(-1, 1)
+        idx = torch.bucketize(x, (NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
+        tensors["codes"] = pack_bits(idx.reshape(out, -1)[:, :inp].to(torch.int64), 4)
+        return Encoded(self.name, self.model_dump(), (out, inp), tensors)
+
+    def _absmax(self, tensors, out, nb):
+        if self.double_quant:
+            n = out * nb
+            codes = tensors["absmax_codes"].float()
+            cmax = tensors["absmax_max"].float().repeat_interleave(self.DQ_CHUNK)[:n]
+            return (codes / 255 * cmax).view(out, nb)
+        return tensors["absmax"].float().view(out, nb)
+
+    def decode(self, enc, dtype=torch.float32):
+        out, inp = enc.shape
+        nb = self._blocks(enc.shape)
+        idx = torch.zeros(out, nb * self.block, dtype=torch.int64)
+        idx[:, :inp] = unpack_bits(enc.tensors["codes"], 4, out * inp).view(out, inp)
+        idx[:, inp:] = 7  # the padding decodes to the exact 0 level
+        w = NF4_CODE[idx].view(out, nb, self.block) * self._absmax(enc.tensors, out, nb).unsqueeze(-1)
+        return w.reshape(out, nb * self.block)[:, :inp].to(dtype).contiguous()
+
+    def payload_bits(self, shape):
+        n_abs = shape[0] * self._blocks(shape)
+        stats = 8 * n_abs + 32 * -(-n_abs // self.DQ_CHUNK) if self.double_quant else 16 * n_abs
+        return shape[0] * shape[1] * 4 + stats
 
 
 @register

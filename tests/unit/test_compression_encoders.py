@@ -46,6 +46,8 @@ def test_pack_rejects_values_that_do_not_fit_and_bad_streams():
         {"name": "bf16"},
         {"name": "rtn", "bits": 4, "group": 32},
         {"name": "rtn", "bits": 3, "group": 128, "sym": False},
+        {"name": "nf4", "block": 64},  # 72 wide: a full block and a short one
+        {"name": "nf4", "block": 16, "double_quant": False},
         {"name": "ternary", "packing": "2bit"},
         {"name": "ternary", "packing": "base3"},
         {"name": "seedlm", "c": 8, "p": 3, "k": 8},
@@ -68,7 +70,7 @@ def test_decode_shape_dtype_and_payload_bits(spec):
 
 
 def test_registry_and_bad_specs():
-    assert {"bf16", "rtn", "ternary", "seedlm", "vptq"} <= set(ENCODERS)
+    assert {"bf16", "rtn", "nf4", "ternary", "seedlm", "vptq"} <= set(ENCODERS)
     with pytest.raises(ConfigError):
         make_encoder({"name": "nope"})
     with pytest.raises(ConfigError):
@@ -81,6 +83,46 @@ def test_rtn_bits_per_weight_matches_reference():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     assert make_encoder({"name": "rtn", "bits": 4, "group": 128}).encode(w).bits_per_weight == 4.125
     assert make_encoder({"name": "rtn", "bits": 3, "group": 32}).encode(w).bits_per_weight == 3.5
+
+
+def test_nf4_levels_are_qlora_normal_quantiles():
+    from forge_models.compression.encoders import NF4_CODE
+
+    # QLoRA / bitsandbytes create_normal_map: 8 positive and 7 negative N(0,1) quantiles between the
+    # offset and 0.5, an exact zero, scaled by the largest
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    assert torch.allclose(NF4_CODE.double(), levels / levels.max(), atol=1e-6)
+
+
+def test_nf4_bits_and_it_beats_rtn_int4_on_normal_weights_at_the_same_block():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    nf4 = make_encoder({"name": "nf4", "block": 64})
+    e = nf4.encode(w)
+    assert e.bits_per_weight == (256 * 512 * 4 + 256 * 8 * 8 + 8 * 32) / (256 * 512)  # 4.127
+    assert make_encoder({"name": "nf4", "block": 64, "double_quant": False}).encode(w).bits_per_weight == 4.25
+    d = nf4.decode(e)
+    # every decoded value is a level times its block's stored absmax; a zero block stays exactly zero
+    w2 = w.clone()
+    w2[3, 64:128] = 0
+    assert torch.equal(nf4.decode(nf4.encode(w2))[3, 64:128], torch.zeros(64))
+    rtn = make_encoder({"name": "rtn", "bits": 4, "group": 64, "sym": True})
+    assert _rel(w, d) < 0.8 * _rel(w, rtn.decode(rtn.encode(w)))  # NF4 is made for normal weights (0.73 measured)
+    # double quantisation of the absmax (8-bit, rounded up) costs almost nothing against fp16 absmax
+    single = make_encoder({"name": "nf4", "block": 64, "double_quant": False})
+    assert _rel(w, d) < 1.05 * _rel(w, single.decode(single.encode(w)))
+
+
+def test_nf4_error_matches_bitsandbytes_when_installed():
+    """Cross-check against the reference implementation (`make baselines`; skipped where it is absent)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = _rel(w, F.dequantize_4bit(q, state).float())
+    enc = make_encoder({"name": "nf4", "block": 64})
+    assert abs(_rel(w, enc.decode(enc.encode(w))) / theirs - 1) < 0.02
 
 
 def test_ternary_is_exact_for_bitnet_weights_and_entropy_coding_is_lossless():
