@@ -327,7 +327,7 @@ def plot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
     for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4"):
         f = RESULTS / f"compression_smollm2_{part}.json"
@@ -340,13 +340,14 @@ def plot():
             lo, hi = row["ppl_ratio_ci95"]
             mb = row["bytes_total"] / 1e6
             marker = "s" if row["method"].startswith("chooser") else "o"
-            ax.errorbar(mb, row["ppl_ratio"], yerr=[[row["ppl_ratio"] - lo], [hi - row["ppl_ratio"]]], fmt=marker, capsize=3)
-            ax.annotate(row["method"], (mb, row["ppl_ratio"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.errorbar(mb, row["ppl_ratio"], yerr=[[row["ppl_ratio"] - lo], [hi - row["ppl_ratio"]]], fmt=marker,
+                        capsize=3, label=f"{row['method']}: {row['ppl_ratio']:.2f}x")
     ax.axhline(1.10, ls="--", c="gray", lw=0.8)
     ax.axvline(75, ls=":", c="gray", lw=0.8)
     ax.set_xlabel("artifact bytes on disk (MB)")
     ax.set_ylabel("held-out perplexity ratio vs fp32 reference")
     ax.set_yscale("log")
+    ax.legend(fontsize=6.5, loc="upper right")
     ax.set_title("SmolLM2-135M-Instruct, held-out prose, 95% paired bootstrap", fontsize=9)
     fig.tight_layout()
     out = Path(__file__).parents[1] / "docs" / "phases" / "compression_smollm2.png"
