@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -72,18 +73,28 @@ class PipelineResult(BaseModel):
         raise KeyError(name)
 
 
-def ensure_result_storage(store_url: str):
-    """Save (idempotently) the block that stores Prefect results under ``<store>/prefect-results``."""
+def result_storage_block(store_url: str):
+    """The block that stores Prefect results under ``<store>/prefect-results`` (not saved)."""
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
     store = Store(store_url)
-    name = "forge-results-" + hashlib.sha256(store.url.encode()).hexdigest()[:12]
     if store.protocol == "file":
-        block = LocalFileSystem(basepath=f"{store.root}/prefect-results")
-    else:
-        # No settings: s3fs takes endpoint and keys from the standard AWS environment variables.
-        block = RemoteFileSystem(basepath=store.uri("prefect-results"))
-    block.save(name, overwrite=True)
+        return LocalFileSystem(basepath=f"{store.root}/prefect-results")
+    # Keys come from the standard AWS environment variables; the endpoint is the one in the environment now
+    # and the s3fs instance is fresh, like the Store's: without settings, fsspec handed every later run in
+    # this process the first run's cached client, endpoint included (a test suite's later runs then wrote
+    # their results to a server that no longer existed and hung).
+    settings: dict = {"skip_instance_cache": True}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        settings["client_kwargs"] = {"endpoint_url": endpoint}
+    return RemoteFileSystem(basepath=store.uri("prefect-results"), settings=settings)
+
+
+def ensure_result_storage(store_url: str):
+    """Save (idempotently) the block that stores Prefect results under ``<store>/prefect-results``."""
+    block = result_storage_block(store_url)
+    block.save("forge-results-" + hashlib.sha256(Store(store_url).url.encode()).hexdigest()[:12], overwrite=True)
     return block
 
 

@@ -118,3 +118,20 @@ def test_transient_classification():
     assert not is_transient(ValueError("bad config"))
     assert not is_transient(FileNotFoundError("gone"))
     assert not is_transient(ArtifactIntegrityError("tampered"))
+
+
+def test_prefect_result_storage_follows_the_current_s3_endpoint(monkeypatch):
+    """Prefect results go to the endpoint in the environment when the run starts, on a fresh s3fs client: a
+    cached client kept an earlier run's endpoint (a stopped server) and a later run's results hung on it."""
+    from flows.agent_forge import result_storage_block
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    first = result_storage_block("s3://bucket/forge").filesystem
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
+    second = result_storage_block("s3://bucket/forge").filesystem
+    assert first is not second
+    assert first.client_kwargs["endpoint_url"] == "http://127.0.0.1:1"
+    assert second.client_kwargs["endpoint_url"] == "http://127.0.0.1:2"
+    assert str(result_storage_block("file:///tmp/x").basepath).endswith("/tmp/x/prefect-results")
