@@ -119,6 +119,16 @@ def encoded_from_record(encoding: str, params: dict[str, Any], shape, tensors, m
     return Encoded(encoding, dict(params), tuple(int(s) for s in shape), dict(tensors), dict(meta or {}))
 
 
+def row_blocks(w: torch.Tensor, size: int) -> torch.Tensor:
+    """``w`` (out, in) as (out, ceil(in / size), size) blocks along the input dimension, the last one padded
+    with zeros (the padding is never stored: encoders slice their codes back to ``in``)."""
+    out, inp = w.shape
+    nb = -(-inp // size)
+    padded = torch.zeros(out, nb * size)
+    padded[:, :inp] = w
+    return padded.view(out, nb, size)
+
+
 @register
 class Bf16(Encoder):
     """The tensor in bfloat16 (16 bits per weight): the no-loss-to-speak-of reference candidate."""
@@ -158,10 +168,7 @@ rows would otherwise pay 11% more code bits at g = 128).
     def encode(self, w, hessian=None, seed=0):
         w = self._check(w)
         out, inp = w.shape
-        ng = self._groups(w.shape)
-        padded = torch.zeros(out, ng * self.group)
-        padded[:, :inp] = w
-        g = padded.view(out, ng, self.group)
+        g = row_blocks(w, self.group)
         if self.sym:
             qmax = (1 << (self.bits - 1)) - 1
             scale = (g.abs().amax(-1) / qmax).to(torch.float16)
@@ -231,10 +238,8 @@ class NF4(Encoder):
     def encode(self, w, hessian=None, seed=0):
         w = self._check(w)
         out, inp = w.shape
-        nb = self._blocks(w.shape)
-        padded = torch.zeros(out, nb * self.block)
-        padded[:, :inp] = w
-        g = padded.view(out, nb, self.block)
+        g = row_blocks(w, self.block)
+        nb = g.shape[1]
         absmax = g.abs().amax(-1).reshape(-1)
         if self.double_quant:
             n = absmax.numel()
