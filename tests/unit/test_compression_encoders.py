@@ -77,6 +77,8 @@ def test_registry_and_bad_specs():
         make_encoder({"name": "seedlm", "p": 9, "c": 8})
     with pytest.raises(ConfigError):
         make_encoder({"name": "rtn", "bits": 4, "groupsize": 4})
+    with pytest.raises(ConfigError, match="nf4"):  # refused at config time, before any tensor is encoded
+        make_encoder({"name": "nf4", "block": 4})
 
 
 def test_rtn_bits_per_weight_matches_reference():
