@@ -6,6 +6,7 @@ KV cache, and fine-tuning throughput of a plain PyTorch loop. Figures go to docs
     OMP_NUM_THREADS=2 .venv/bin/python bench/smollm2_baseline.py --part gen
     OMP_NUM_THREADS=2 .venv/bin/python bench/smollm2_baseline.py --part train
     OMP_NUM_THREADS=2 .venv/bin/python bench/smollm2_baseline.py --part tasks
+    OMP_NUM_THREADS=2 .venv/bin/python bench/smollm2_baseline.py --part finetune --precisions bf16
 
 Each part appends its result to bench/out/smollm2_baseline.json and takes a few minutes. The model is
 imported on first use with `forge import smollm2-135m --out bench/out/smollm2-135m` (the project's
@@ -27,9 +28,14 @@ Generation: greedy, 64 new tokens, chat-formatted prompts, batch 1, through forg
 wall seconds, median of --repeats runs per prompt; the two modes must produce identical tokens.
 
 Fine-tuning: a plain PyTorch loop (AdamW, labels = inputs, grad clip 1.0) on batches of --batch x --seq
-tokens cut from the training chunks; the first step is a warm-up and not timed. The pretrained route of
-the Cognate phase has no fine-tuning loop yet (it only loads and evaluates), so there is no project loop
-to compare with on this model; see docs/smollm2.md.
+tokens cut from the training chunks; the first step is a warm-up and not timed.
+
+Fine-tune throughput (--part finetune): the project's loop (the Cognate phase's pretrained-route sibling
+fine-tune, `forge_models.cognate.phase._fine_tune_sibling`, full and LoRA) against a plain PyTorch loop on the
+very same batches (a TokenSampler over the training chunks: batch i is a function of (seed, i)), AdamW,
+clip 1.0, under the same autocast. Runs alternate plain / project for --rounds rounds so drift on a shared
+machine shows as spread; step 0 of every run is a warm-up and not timed; tokens/s = timed tokens / timed
+seconds (per-step seconds of the project loop are read from the metrics it logs).
 
 Tasks: the shared harness (forge_models.eval.evaluate) on the synthetic validation split (seed 1234, 4,000
 examples generated, --task-examples per task); its generation goes through forge_models.generation, so
@@ -197,6 +203,77 @@ def part_train(model, tok, args) -> dict:
             "lr": args.lr, **results}
 
 
+def part_finetune(model, tok, args) -> dict:
+    """Project fine-tuning loop vs a plain PyTorch loop on the same batches (full and LoRA), tokens/s."""
+    import copy
+
+    from forge_models.cognate.phase import _Progress, _Stage, _fine_tune_sibling
+    from forge_models.config import CognateConfig, LoraSettings, SiblingConfig, TrainConfig
+    from forge_models.data import Example, TokenSampler
+    from forge_models.runtime import RecordingTracker
+
+    train, _ = split(Path(args.text).read_text(encoding="utf-8"), args.chunk_chars, args.holdout_every)
+    examples = [Example(kind="text", text=c) for c in train]
+    steps = args.steps + 1  # step 0: warm-up, not timed
+    sampler = TokenSampler(examples, tok, {"text": 1.0}, args.seq, args.batch, seed=7)
+    tcfg = TrainConfig(steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=0,
+                       weight_decay=0.0, data_mix={"text": 1.0})
+    timed_tokens = args.steps * args.batch * args.seq
+    rows = []
+    for precision in args.precisions.split(","):
+        for method in args.methods.split(","):
+            sibling = SiblingConfig(name="bench", method=method, train=tcfg, lora=LoraSettings(rank=8, alpha=16))
+            for rnd in range(args.rounds):
+                # Plain loop: the same batches and labels, AdamW, clip 1.0, autocast of the same precision.
+                ctx = PhaseContext(precision=precision)
+                m = copy.deepcopy(model).train()
+                if method == "lora":
+                    from peft import LoraConfig, get_peft_model
+
+                    torch.manual_seed(8)
+                    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                       "o_proj", "gate_proj", "up_proj", "down_proj"], bias="none"))
+                params = [p for p in m.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+                times, plain_losses = [], []
+                for step in range(steps):
+                    t0 = time.perf_counter()
+                    batch, labels = sampler.batch(step), sampler.labels(step)
+                    with ctx.autocast():
+                        loss = m(input_ids=batch, labels=labels).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    plain_losses.append(float(loss))
+                    if step > 0:
+                        times.append(time.perf_counter() - t0)
+                plain = timed_tokens / sum(times)
+                del m, opt, params
+                # Project loop: the Cognate phase's sibling fine-tune (no checkpoints: none is written in the loop
+                # of the plain baseline either).
+                tracker = RecordingTracker()
+                ctx = PhaseContext(precision=precision, tracker=tracker)
+                stage = _Stage(name="bench", train=tcfg, seed=7, act_threshold=1.0, max_refine_steps=1, step_offset=0,
+                               digest="bench")
+                t0 = time.perf_counter()
+                _, result = _fine_tune_sibling(model, stage, sibling, examples, tok, CognateConfig(), ctx,
+                                               _Progress(ctx, total=steps))
+                wall = time.perf_counter() - t0
+                step_s = [args.batch * args.seq / tps for _, tps in tracker.series("bench/tokens_per_s")]
+                project_seconds = sum(step_s[1:])
+                project = timed_tokens / project_seconds
+                row = {"precision": precision, "method": method, "round": rnd, "plain_tokens_per_s": plain,
+                       "project_tokens_per_s": project, "ratio": project / plain, "project_wall_s": wall,
+                       # time of the project call outside its timed steps: copying the model, peft, logging
+                       "project_outside_steps_s": wall - sum(step_s),
+                       "plain_losses": plain_losses, "project_losses": [v for _, v in result.curve]}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if not k.endswith("losses")}), flush=True)
+                save(args, "finetune_partial", {"rows": rows})
+    return {"batch": args.batch, "seq": args.seq, "steps_timed": args.steps, "lr": args.lr, "rows": rows}
+
+
 def part_tasks(model, tok, args) -> dict:
     """The shared harness (chat-formatted generation) on the synthetic validation split, with Wilson intervals."""
     from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
@@ -235,7 +312,7 @@ def save(args, part: str, result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("ppl", "gen", "train", "tasks"), required=True)
+    ap.add_argument("--part", choices=("ppl", "gen", "train", "tasks", "finetune"), required=True)
     ap.add_argument("--model", default=str(ROOT / "bench/out/smollm2-135m"))
     ap.add_argument("--text", default=str(ROOT.parent / "shared/data/carroll-alice.txt"))
     ap.add_argument("--chunk-chars", type=int, default=2000)
@@ -249,6 +326,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--task-examples", type=int, default=32)
+    ap.add_argument("--methods", default="full,lora", help="finetune: sibling methods to time.")
+    ap.add_argument("--rounds", type=int, default=2, help="finetune: alternating plain/project rounds.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/out/smollm2_baseline.json"))
     args = ap.parse_args()
@@ -256,7 +335,8 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load(Path(args.model))
     t0 = time.perf_counter()
-    result = {"ppl": part_ppl, "gen": part_gen, "train": part_train, "tasks": part_tasks}[args.part](model, tok, args)
+    result = {"ppl": part_ppl, "gen": part_gen, "train": part_train, "tasks": part_tasks,
+              "finetune": part_finetune}[args.part](model, tok, args)
     result["wall_s"] = time.perf_counter() - t0
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                          "omp": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg(),

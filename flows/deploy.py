@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flows.config import PRESETS, ConfigProblems, load_config
+from flows.config import DEPLOYED_PRESETS, PRESETS, ConfigProblems, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/agent_forge.py:agent_forge"
@@ -113,7 +113,7 @@ def write_prefect_yaml(path: Path = ROOT / "deployments" / "prefect.yaml", cron:
         "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $FORGE_CHECKOUT }}"}}],
         "deployments": [],
     }
-    for preset in PRESETS:
+    for preset in DEPLOYED_PRESETS:
         params = preset_parameters(preset, [])
         for suffix, schedule in (("manual", None), ("scheduled", cron)):
             doc["deployments"].append({

@@ -7,6 +7,7 @@ Cross-field checks live in validators so a bad config fails before any data is r
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -244,6 +245,40 @@ class TrainConfig(Frozen):
         return self
 
 
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    # Cognate (forge_models/cognate/model.py) names its projections as Llama does; its halting head "halt" and
+    # the tied lm_head stay untouched.
+    "cognate": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+"""Default LoRA target module names per ``config.model_type`` (all seven linear types)."""
+
+
+class LoraSettings(Frozen):
+    """A LoRA adapter trained through peft and merged into the weights afterwards."""
+
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r. Prompt Baking's script: 32 (swept 2, 8, 32); reference toy: 8.")
+    alpha: float = Field(16.0, gt=0, description="lora_alpha (scale alpha / r). Prompt Baking's script: 1; toy and bakery: 2r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    targets: tuple[str, ...] | None = Field(
+        None, description="Module names to adapt. None: the architecture's default (all seven projections for "
+                          "cognate and llama); other architectures must name them.")
+
+
+class SiblingConfig(Frozen):
+    """Pretrained route: one fine-tune of the common base on its own data mix (Akiba et al. merge real
+    fine-tunes of one base; these are ours)."""
+
+    name: str = Field(description="Sibling name (lowercase letters, digits, dashes).", pattern=r"^[a-z0-9-]{1,40}$")
+    train: TrainConfig = Field(description="The fine-tuning run (steps, batch, seq_len, lr, data mix).")
+    method: Literal["full", "lora"] = Field(
+        "lora",
+        description="'full': every parameter trained (precision from device.precision); 'lora': a peft LoRA "
+        "adapter trained and then merged back into the weights (the stored sibling is a plain model).",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter (method 'lora').")
+
+
 class VariantConfig(Frozen):
     """One Cognate variant, branched from the trunk and specialised by a measured difference."""
 
@@ -265,6 +300,11 @@ class CognateConfig(Frozen):
     )
     common_base: str | None = Field(
         None, description="Pretrained route: their common base model folder (the merge base)."
+    )
+    siblings: list[SiblingConfig] = Field(
+        default_factory=list,
+        description="Pretrained route: fine-tunes of common_base, each on its own data mix, stored next to it "
+        "(the models EvoMerge merges, with common_base as the merge base). Empty: models pass through untrained.",
     )
     arch: CognateArchConfig = Field(default_factory=CognateArchConfig, description="Model shape.")
     trunk: TrainConfig = Field(default_factory=TrainConfig, description="Shared trunk pretraining.")
@@ -291,11 +331,21 @@ class CognateConfig(Frozen):
     @model_validator(mode="after")
     def _check(self) -> "CognateConfig":
         if self.source == "pretrained":
-            if not self.base_models:
-                raise ValueError("cognate.source 'pretrained' needs cognate.base_models (one or more folders)")
+            if not self.base_models and not self.siblings:
+                raise ValueError("cognate.source 'pretrained' needs cognate.base_models (one or more folders) or "
+                                 "cognate.siblings (fine-tunes of cognate.common_base)")
+            if self.siblings and not self.common_base:
+                raise ValueError("cognate.siblings are fine-tuned from cognate.common_base; set it (a local folder)")
+            names = [s.name for s in self.siblings]
+            if len(set(names)) != len(names):
+                raise ValueError(f"cognate.siblings names must be unique, got {names}")
+            reserved = sorted(n for n in names if n == "base" or re.fullmatch(r"model-\d+", n))
+            if reserved:
+                raise ValueError(f"cognate.siblings names {reserved} are reserved ('base' is the common base, "
+                                 f"'model-N' the N-th of base_models); rename them")
         else:
-            if self.base_models or self.common_base:
-                raise ValueError("cognate.base_models/common_base are only used with cognate.source 'pretrained'")
+            if self.base_models or self.common_base or self.siblings:
+                raise ValueError("cognate.base_models/common_base/siblings are only used with cognate.source 'pretrained'")
             if not self.variants:
                 raise ValueError("cognate.variants must list at least one variant")
             names = [v.name for v in self.variants]

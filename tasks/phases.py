@@ -91,7 +91,8 @@ def cognate_outputs(cfg) -> list[str]:
     c = cfg.cognate
     if c.source == "scratch":
         return ["trunk"] + [v.name for v in c.variants]
-    return [f"model-{i}" for i in range(len(c.base_models))] + (["base"] if c.common_base else [])
+    return ([f"model-{i}" for i in range(len(c.base_models))] + (["base"] if c.common_base else [])
+            + [s.name for s in c.siblings])
 
 
 def _cognate_check(cfg, _inputs: list[str] | None) -> list[str]:
@@ -125,7 +126,7 @@ def _evomerge_check(cfg, inputs: list[str] | None) -> list[str]:
         problems.append(f"evomerge.models: the base model {em.base_model!r} cannot also be merged")
     elif len(merged) < 2:
         problems.append(f"evomerge: needs at least two models to merge besides the base; cognate produces "
-                        f"{inputs} (add variants)")
+                        f"{inputs} (add variants, or siblings on the pretrained route)")
     if em.strategy == "cmaes" and em.cmaes_method == "slerp" and len(merged) != 2:
         problems.append("evomerge.cmaes_method: slerp merges exactly two models")
     return problems

@@ -11,22 +11,17 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from forge_models.config import Frozen
+from forge_models.config import LORA_TARGETS, Frozen, LoraSettings
 
 __all__ = ["BakePrompt", "LoraSettings", "BakingConfig", "DEFAULT_TARGETS", "resolve_targets"]
 
 
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    # Cognate (forge_models/cognate/model.py) names its projections as Llama does; its halting head "halt" and
-    # the tied lm_head stay untouched: the halting decision is not part of the prompt's behaviour.
-    "cognate": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
+DEFAULT_TARGETS = LORA_TARGETS
 """LoRA target module names per ``config.model_type`` (the reference's toy bake adapts all seven linear types;
 the paper's script adapts q/k/v/o only — set ``lora.targets`` for that)."""
 
 
-def resolve_targets(targets: tuple[str, ...] | None, model_type: str) -> tuple[str, ...]:
+def resolve_targets(targets: tuple[str, ...] | None, model_type: str, field: str = "baking.lora.targets") -> tuple[str, ...]:
     """The LoRA targets to use: the explicit ones, else the architecture's default; unknown architectures must
     name them (guessing would silently adapt the wrong layers)."""
     from forge_models.runtime import ConfigError
@@ -34,7 +29,7 @@ def resolve_targets(targets: tuple[str, ...] | None, model_type: str) -> tuple[s
     if targets:
         return tuple(targets)
     if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(f"baking.lora.targets: no default for model_type {model_type!r} (defaults exist for "
+        raise ConfigError(f"{field}: no default for model_type {model_type!r} (defaults exist for "
                           f"{sorted(DEFAULT_TARGETS)}); name the linear modules to adapt")
     return DEFAULT_TARGETS[model_type]
 
@@ -68,17 +63,6 @@ class BakePrompt(Frozen):
 
     def prompt_text(self) -> str:
         return self.text if self.text is not None else Path(self.file).read_text(encoding="utf-8")
-
-
-class LoraSettings(Frozen):
-    """The LoRA adapter trained by peft (merged into the weights after each prompt)."""
-
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r. Paper script: 32 (swept 2, 8, 32); reference toy: 8.")
-    alpha: float = Field(16.0, gt=0, description="lora_alpha (scale alpha / r). Paper script: 1; toy and bakery: 2r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (paper script: 0).")
-    targets: tuple[str, ...] | None = Field(
-        None, description="Module names to adapt. None: the architecture's default (DEFAULT_TARGETS: all seven "
-                          "projections for cognate and llama); other architectures must name them.")
 
 
 class BakingConfig(Frozen):

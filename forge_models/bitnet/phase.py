@@ -65,7 +65,7 @@ from forge_models.bitnet.packing import PACKINGS
 from forge_models.bitnet.quant import quant_strength_at
 from forge_models.config import HEADLINE_METRICS, EvalConfig
 from forge_models.data import Corpus, Example
-from forge_models.data.stream import TokenSampler
+from forge_models.data.stream import TokenSampler, trains_in_chat
 from forge_models.eval import evaluate, paired_metrics, unigram_loss
 from forge_models.optim import make_adamw
 from forge_models.runtime import (
@@ -135,7 +135,8 @@ def _run(inputs: BitNetInputs, cfg: BitNetConfig, ctx: PhaseContext) -> PhaseOut
     before = _evaluate(model, inputs, held_out, ctx, before_outcomes)
     unigram = unigram_loss(train_examples, held_out, inputs.tokenizer, inputs.eval_cfg.ppl_max_tokens)
 
-    sampler = TokenSampler(train_examples, inputs.tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed)
+    sampler = TokenSampler(train_examples, inputs.tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed,
+                           chat=trains_in_chat(inputs.tokenizer))
     conversion = convert_to_bitnet(model, cfg.keep_patterns, cfg.act_norm)
     norm_gains = calibrate_act_norms(model, sampler.batch(0).to(ctx.device)) if cfg.act_norm == "rms" else {}
     set_quant_strength(model, 1.0)

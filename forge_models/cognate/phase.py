@@ -33,10 +33,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from forge_models.checkpoint import digest, latest_checkpoint, load_checkpoint, save_checkpoint, tokenizer_fingerprint
-from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig, CognateRMSNorm, count_parameters
+from forge_models.cognate.model import (
+    CognateCausalLMOutput,
+    CognateForCausalLM,
+    CognateModelConfig,
+    CognateRMSNorm,
+    count_parameters,
+)
 from forge_models.config import HEADLINE_METRICS, CognateConfig, EvalConfig, TrainConfig
 from forge_models.data import Corpus, Example
-from forge_models.data.stream import TokenSampler
+from forge_models.data.stream import TokenSampler, trains_in_chat
 from forge_models.eval import evaluate, unigram_loss
 from forge_models.optim import make_adamw
 from forge_models.runtime import (
@@ -102,6 +108,7 @@ class _Stage:
     max_refine_steps: int
     step_offset: int  # optimizer steps of all earlier stages (global step = offset + local step)
     digest: str  # what a checkpoint of this stage must have been written for
+    chat: bool = False  # answer-checked kinds rendered with the tokenizer's chat template (pretrained route)
 
 
 @dataclass
@@ -253,14 +260,17 @@ def _plan_stages(
 
 def _train_stage(
     stage: _Stage,
-    model: CognateForCausalLM,
+    model: nn.Module,
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
     cfg: CognateConfig,
     ctx: PhaseContext,
     progress: _Progress,
 ) -> _StageResult:
-    """Train one stage in place, resuming from (or loading) its newest checkpoint when there is one."""
+    """Train one stage in place, resuming from (or loading) its newest checkpoint when there is one.
+
+    ``model`` is a Cognate model (scratch route) or any Hugging Face causal LM, possibly wrapped by peft
+    (pretrained route): only its trainable parameters are optimised."""
     tcfg = stage.train
     optimizer = make_adamw(model, tcfg.lr, tcfg.weight_decay, no_decay_modules=(nn.Embedding, CognateRMSNorm))
     stage_dir = ctx.checkpoint_dir / stage.name if ctx.checkpoint_dir is not None else None
@@ -279,7 +289,8 @@ def _train_stage(
         start, tokens, seconds = resumed_from, int(state["tokens"]), float(state["seconds"])
         progress.advance_to(stage.step_offset + start, f"{stage.name}: resumed at step {start}", force=True)
 
-    sampler = TokenSampler(examples, tokenizer, tcfg.data_mix, tcfg.seq_len, tcfg.batch_size, stage.seed)
+    sampler = TokenSampler(examples, tokenizer, tcfg.data_mix, tcfg.seq_len, tcfg.batch_size, stage.seed,
+                           chat=stage.chat)
     pad_id, eos_id = model.config.pad_token_id, model.config.eos_token_id
     model.train()
     steps_run = 0
@@ -300,7 +311,7 @@ def _train_stage(
             out = model(input_ids=batch, attention_mask=attention_mask, labels=labels)
         check_finite(out.loss, global_step, f"{stage.name} loss")
         out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds = time.perf_counter() - t0
@@ -318,18 +329,17 @@ def _train_stage(
                 extra={"curve": curve, "tokens": tokens, "seconds": seconds,
                        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0},
             )
-        ctx.tracker.log_metrics(
-            {
-                f"{stage.name}/loss": loss_value,
-                f"{stage.name}/lm_loss": float(out.lm_loss.detach()),
-                f"{stage.name}/ponder": float(out.ponder_cost.detach()),
-                f"{stage.name}/refine_steps": float(out.refine_steps),
-                f"{stage.name}/lr": lr,
-                f"{stage.name}/grad_norm": float(grad_norm),
-                f"{stage.name}/tokens_per_s": batch.numel() / step_seconds,
-            },
-            step=global_step,
-        )
+        logged = {
+            f"{stage.name}/loss": loss_value,
+            f"{stage.name}/lr": lr,
+            f"{stage.name}/grad_norm": float(grad_norm),
+            f"{stage.name}/tokens_per_s": batch.numel() / step_seconds,
+        }
+        if isinstance(out, CognateCausalLMOutput):  # the refiner's own terms (a plain causal LM has none)
+            logged.update({f"{stage.name}/lm_loss": float(out.lm_loss.detach()),
+                           f"{stage.name}/ponder": float(out.ponder_cost.detach()),
+                           f"{stage.name}/refine_steps": float(out.refine_steps)})
+        ctx.tracker.log_metrics(logged, step=global_step)
         progress.advance_to(global_step, f"{stage.name}: step {done}/{tcfg.steps} loss {loss_value:.3f}")
 
     model.eval()
@@ -438,37 +448,110 @@ def _quality_gate(after: dict[str, dict[str, float]], unigram: float, min_gain: 
 
 
 def _run_pretrained(inputs: CognateInputs, cfg: CognateConfig, ctx: PhaseContext) -> PhaseOutput:
-    """Load the given HF causal LMs, evaluate each, pass them on unchanged."""
+    """Load the given HF causal LMs and evaluate each; fine-tune the configured siblings of the common base."""
     for path in ([cfg.common_base] if cfg.common_base else []) + list(cfg.base_models):
         if Path(path).is_dir():  # every folder checked before the first one is loaded or evaluated
             refuse_pickles(path, "cognate.base_models" if path in cfg.base_models else "cognate.common_base")
     held_out = inputs.corpus.split(inputs.eval_cfg.split)
     if not held_out:
         raise ConfigError(f"the corpus has no {inputs.eval_cfg.split!r} examples to evaluate on")
-    unigram = unigram_loss(inputs.corpus.split("train"), held_out, inputs.tokenizer, inputs.eval_cfg.ppl_max_tokens)
+    train_examples = inputs.corpus.split("train")
+    if cfg.siblings and not train_examples:
+        raise ConfigError("the corpus has no training examples; cognate.siblings have nothing to fine-tune on")
+    unigram = unigram_loss(train_examples, held_out, inputs.tokenizer, inputs.eval_cfg.ppl_max_tokens)
 
     named = [("base", cfg.common_base)] if cfg.common_base else []
     named += [(f"model-{i}", path) for i, path in enumerate(cfg.base_models)]
     models: dict[str, nn.Module] = {}
-    after: dict[str, dict[str, float]] = {}
+    evaluations: dict[str, dict[str, float]] = {}
     for name, path in named:
         model = _load_pretrained(path, inputs.tokenizer, ctx.device)
         models[name] = model
-        after[name] = _evaluate(model, inputs, held_out, unigram, ctx)
+        evaluations[name] = _evaluate(model, inputs, held_out, unigram, ctx)
 
-    metrics = {"unigram_loss": unigram, **_headline(after)}
+    results: dict[str, _StageResult] = {}
+    if cfg.siblings:
+        stages = _sibling_stages(cfg, ctx, inputs.tokenizer, inputs.corpus, models["base"])
+        progress = _Progress(ctx, total=sum(s.train.steps for s in stages))
+        for stage, sibling in zip(stages, cfg.siblings):
+            model, result = _fine_tune_sibling(models["base"], stage, sibling, train_examples, inputs.tokenizer,
+                                               cfg, ctx, progress)
+            models[sibling.name], results[sibling.name] = model, result
+            evaluations[sibling.name] = _evaluate(model, inputs, held_out, unigram, ctx, tokens_per_s=result.tokens_per_s)
+
+    before = {"base": evaluations["base"]} if cfg.siblings else {}
+    after = {name: m for name, m in evaluations.items() if name not in before}
+    metrics = {"unigram_loss": unigram, **_headline(evaluations)}
     return PhaseOutput(
         models=models,
         tokenizer=inputs.tokenizer,
         metrics=metrics,
-        evaluations={"before": {}, "after": after},
+        evaluations={"before": before, "after": after},
         details={
             "params": {name: count_parameters(m) for name, m in models.items()},
             "paths": dict(named),
-            "steps_run": 0,
+            "settings": {s.name: {"method": s.method, "data_mix": dict(s.train.data_mix), "steps": s.train.steps,
+                                  **({"lora_rank": s.lora.rank} if s.method == "lora" else {})}
+                         for s in cfg.siblings},
+            "steps_run": sum(r.steps_run for r in results.values()),
+            "steps_run_by_stage": {name: r.steps_run for name, r in results.items()},
+            "resumed_from": {name: r.resumed_from for name, r in results.items()},
             "unigram_loss": unigram,
+            "precision": str(ctx.autocast_dtype() or torch.float32),
         },
+        curves={f"{name}/loss": r.curve for name, r in results.items()},
     )
+
+
+def _sibling_stages(
+    cfg: CognateConfig, ctx: PhaseContext, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, base: nn.Module
+) -> list[_Stage]:
+    """One stage per sibling, each with its seed and a checkpoint digest that names the base's weights."""
+    from forge_models.checkpoint import state_digest
+
+    common = {"base": state_digest(base), "seed": ctx.seed, "tokenizer": tokenizer_fingerprint(tokenizer),
+              "data": corpus.digest()}
+    chat = trains_in_chat(tokenizer)
+    stages, offset = [], 0
+    for i, sibling in enumerate(cfg.siblings):
+        stages.append(_Stage(
+            name=sibling.name, train=sibling.train, seed=ctx.seed + 1 + i, act_threshold=1.0, max_refine_steps=1,
+            step_offset=offset, chat=chat,
+            digest=digest({**common, "stage": sibling.name, "index": i, "sibling": sibling.model_dump(mode="json")}),
+        ))
+        offset += sibling.train.steps
+    return stages
+
+
+def _fine_tune_sibling(
+    base: nn.Module,
+    stage: _Stage,
+    sibling: Any,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: CognateConfig,
+    ctx: PhaseContext,
+    progress: _Progress,
+) -> tuple[nn.Module, _StageResult]:
+    """A copy of ``base`` fine-tuned by ``sibling`` (full, or LoRA merged back); ``base`` is left untouched."""
+    model = copy.deepcopy(base)
+    if sibling.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from forge_models.baking.config import resolve_targets
+
+        targets = resolve_targets(sibling.lora.targets, getattr(model.config, "model_type", ""),
+                                  f"cognate.siblings[{sibling.name}].lora.targets")
+        torch.manual_seed(stage.seed)  # peft draws the LoRA A matrices from the global generator
+        model = get_peft_model(model, LoraConfig(r=sibling.lora.rank, lora_alpha=sibling.lora.alpha,
+                                                 lora_dropout=sibling.lora.dropout, target_modules=list(targets),
+                                                 bias="none"))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"cognate.siblings[{sibling.name}].lora.targets {targets} matched no module")
+    result = _train_stage(stage, model, examples, tokenizer, cfg, ctx, progress)
+    if sibling.method == "lora":
+        model = model.merge_and_unload()
+    return model.eval(), result
 
 
 def _load_pretrained(path: str, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> nn.Module:

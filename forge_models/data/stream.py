@@ -6,6 +6,14 @@ from a checkpoint at step k sees exactly the batches k, k+1, ... the uninterrupt
 **Loss masks.** The model is trained on what it must produce, never on what a tool writes: the tokens of
 a ``Tool: N`` line (the calculator's output in a tool episode) get label -100 in :meth:`TokenSampler.labels`
 and :func:`mask_unscored`, so no phase learns, or is judged on, predicting the calculator.
+
+**Chat.** With ``chat=True`` (a pretrained instruct model whose tokenizer has a chat template) the
+answer-checked kinds (arithmetic, tool, system) are rendered exactly as the harness prompts them: the
+prompt's ids are :func:`forge_models.generation.prompt_ids` of the prompt (a system example's prompt as
+system + user messages, as the harness's tool loop passes it), followed by the reference continuation and
+EOS (the template's end of turn). The prompt tokens are not scored (the model is taught its reply, as in
+supervised fine-tuning); tool output lines stay unscored. Choice kinds (persona, narrative) and real text
+stay plain, because the harness scores choices and perplexity on plain text.
 """
 
 from __future__ import annotations
@@ -87,6 +95,7 @@ class TokenSampler:
         seq_len: int,
         batch_size: int,
         seed: int,
+        chat: bool = False,
     ) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"TokenSampler needs seq_len >= 1 and batch_size >= 1, got {seq_len}, {batch_size}")
@@ -94,7 +103,7 @@ class TokenSampler:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.streams, self.scored = _kind_streams(examples, tokenizer)
+        self.streams, self.scored = _kind_streams(examples, tokenizer, chat)
         self.kinds = [k for k in DATA_KINDS if mix.get(k, 0) > 0 and k in self.streams]
         if not self.kinds:
             wanted = sorted(k for k, w in mix.items() if w > 0)
@@ -141,17 +150,32 @@ def _check_mix(mix: Mapping[str, float]) -> None:
 
 
 def _kind_streams(
-    examples: Sequence[Example], tokenizer: Any
+    examples: Sequence[Example], tokenizer: Any, chat: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per kind present in ``examples``: one concatenated token stream (each text followed by EOS), and
-    a same-length bool stream that is False on tokens of tool output lines (see :func:`unscored_spans`)."""
+    a same-length bool stream that is False on tokens of tool output lines (see :func:`unscored_spans`)
+    and, with ``chat``, on the chat-formatted prompts of :data:`CHAT_KINDS`."""
     if not examples:
         raise ConfigError("TokenSampler got no examples to sample from")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat-formatted training needs a tokenizer with a chat template")
     eos = eos_token_id(tokenizer)
     by_kind: dict[str, list[str]] = {}
+    chats: dict[str, list[Example]] = {}
     for ex in examples:
-        by_kind.setdefault(ex.kind, []).append(ex.text)
+        if chat and ex.kind in CHAT_KINDS and ex.prompt and ex.text.startswith(ex.prompt):
+            chats.setdefault(ex.kind, []).append(ex)
+        else:
+            by_kind.setdefault(ex.kind, []).append(ex.text)
     streams, scored = {}, {}
+    for kind, exs in chats.items():
+        flat, keep = [], []
+        for ex in exs:
+            ids, flags = chat_training_ids(ex, tokenizer)
+            flat.extend(ids)
+            keep.extend(flags)
+        streams[kind] = torch.tensor(flat, dtype=torch.long)
+        scored[kind] = torch.tensor(keep, dtype=torch.bool)
     for kind, texts in by_kind.items():
         masked = any(unscored_spans(t) for t in texts)
         enc = tokenizer(texts, add_special_tokens=False, **({"return_offsets_mapping": True} if masked else {}))
@@ -165,9 +189,38 @@ def _kind_streams(
             else:
                 keep.extend([True] * len(doc))
             keep.append(True)
-        streams[kind] = torch.tensor(flat, dtype=torch.long)
-        scored[kind] = torch.tensor(keep, dtype=torch.bool)
+        # A chat kind with some prompt-less examples keeps both forms in its one stream.
+        streams[kind] = torch.cat([streams.get(kind, torch.empty(0, dtype=torch.long)), torch.tensor(flat, dtype=torch.long)])
+        scored[kind] = torch.cat([scored.get(kind, torch.empty(0, dtype=torch.bool)), torch.tensor(keep, dtype=torch.bool)])
     return streams, scored
+
+
+def trains_in_chat(tokenizer: Any) -> bool:
+    """Whether training streams are chat-formatted for this tokenizer: exactly when the harness's generation
+    is (the tokenizer has a chat template), so a model is taught in the format it is judged in."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+CHAT_KINDS = ("arithmetic", "tool", "system")
+"""Kinds the harness answer-checks by generation: chat-formatted in chat training (see the module docstring)."""
+
+
+def chat_training_ids(ex: Example, tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """One answer-checked example as the harness prompts a chat model, plus its reference reply and EOS.
+
+    Returns the ids and, per id, whether it is scored (False on the prompt and on tool output lines).
+    """
+    from forge_models.data.system_prompts import prompt_messages
+    from forge_models.generation import GenerationConfig, prompt_ids
+
+    prompt = (prompt_messages(ex.prompt) if ex.kind == "system" else None) or ex.prompt
+    head = prompt_ids(tokenizer, prompt, GenerationConfig(chat=True))
+    reply = ex.text[len(ex.prompt):].strip()
+    spans = unscored_spans(reply + "\n")  # a last "Tool:" line ends the reply without its newline
+    enc = tokenizer([reply], add_special_tokens=False, return_offsets_mapping=True)
+    body = [int(t) for t in enc["input_ids"][0]]
+    flags = [not _overlaps(a, b, spans) for a, b in enc["offset_mapping"][0]]
+    return head + body + [eos_token_id(tokenizer)], [False] * len(head) + flags + [True]
 
 
 def _step_seed(seed: int, step: int) -> int:

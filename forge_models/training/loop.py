@@ -21,7 +21,7 @@ from torch import nn
 
 from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from forge_models.data import Corpus, held_out_keys, mask_unscored
-from forge_models.data.stream import TokenSampler
+from forge_models.data.stream import TokenSampler, trains_in_chat
 from forge_models.optim import make_adamw
 from forge_models.runtime import ConfigError, PhaseContext, TrainingDiverged, check_finite
 from forge_models.tokenizer import eos_token_id
@@ -65,7 +65,7 @@ class Loop:
         self.model, self.tokenizer, self.cfg, self.ctx, self.digest = model, tokenizer, cfg, ctx, digest
         self.eos = eos_token_id(tokenizer)
         self.sampler = TokenSampler(corpus.split("train"), tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size,
-                                    ctx.seed)
+                                    ctx.seed, chat=trains_in_chat(tokenizer))
         self.exclude = held_out_keys(corpus)  # every held-out calculation, in any wording
         self.check_rows = _token_windows(corpus.split("validation"), tokenizer, cfg.check_tokens, cfg.seq_len)
         self.vocab = int(model.get_output_embeddings().weight.shape[0])

@@ -372,3 +372,99 @@ def test_pretrained_route_loads_evaluates_and_passes_models_on(corpus_and_tokeni
     tiny_model(vocab_size=97).save_pretrained(tmp_path / "small-vocab")  # 97 < the tokenizer's 400 tokens
     with pytest.raises(ConfigError, match="embeds only 97"):
         run_phase(corpus_and_tokenizer, CognateConfig(source="pretrained", base_models=[str(tmp_path / "small-vocab")]))
+
+
+# --------------------------------------------------------------------------- pretrained route: siblings
+
+
+def _sibling(name: str, method: str, mix: dict, steps: int = 30, lr: float = 3e-3) -> "SiblingConfig":
+    from forge_models.config import LoraSettings, SiblingConfig
+
+    return SiblingConfig(name=name, method=method, lora=LoraSettings(rank=4, alpha=8),
+                         train=TrainConfig(steps=steps, batch_size=8, seq_len=64, lr=lr, warmup_steps=2, data_mix=mix))
+
+
+def _llama_base(tmp_path: Path, vocab: int) -> Path:
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_pretrained_siblings_are_real_fine_tunes_of_one_base_full_and_lora(corpus_and_tokenizer, tmp_path):
+    _, tokenizer = corpus_and_tokenizer
+    base_dir = _llama_base(tmp_path, len(tokenizer))
+    cfg = CognateConfig(source="pretrained", common_base=str(base_dir), siblings=[
+        _sibling("math-full", "full", {"arithmetic": 3.0, "tool": 1.0}),
+        _sibling("story-lora", "lora", {"narrative": 3.0, "persona": 1.0}, lr=2e-2),
+    ])
+    out = run_phase(corpus_and_tokenizer, cfg)
+    assert set(out.models) == {"base", "math-full", "story-lora"}
+    assert out.details["steps_run"] == 60
+    assert set(out.evaluations["before"]) == {"base"} and set(out.evaluations["after"]) == {"math-full", "story-lora"}
+
+    # The base is passed on exactly as stored (it is the merge base), the siblings moved away from it.
+    stored = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    base = out.models["base"].state_dict()
+    assert all(torch.equal(stored[k], base[k]) for k in stored)
+    # Both learned: held-out loss below the base's (a random tiny base: LoRA cannot move its embeddings and
+    # head, so it gains less than the full fine-tune), and the training loss fell.
+    assert out.metrics["math-full/loss"] < out.metrics["base/loss"] - 0.3
+    assert out.metrics["story-lora/loss"] < out.metrics["base/loss"] - 0.1
+    for name in ("math-full", "story-lora"):
+        losses = [v for _, v in out.curves[f"{name}/loss"]]
+        assert sum(losses[-5:]) < sum(losses[:5]) - 0.5, name
+
+    # LoRA is merged back: a plain Llama whose adapted projections changed and nothing else did.
+    lora = out.models["story-lora"]
+    assert type(lora) is LlamaForCausalLM
+    assert not any("lora" in k for k in lora.state_dict())
+    changed = {k for k, v in lora.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and all(k.endswith("_proj.weight") for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+    full = out.models["math-full"].state_dict()
+    assert not torch.equal(full["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # every parameter trains
+    assert out.details["settings"]["story-lora"]["lora_rank"] == 4
+
+
+def test_pretrained_sibling_resumes_bit_identical(corpus_and_tokenizer, tmp_path):
+    _, tokenizer = corpus_and_tokenizer
+    base_dir = _llama_base(tmp_path, len(tokenizer))
+    cfg = CognateConfig(source="pretrained", common_base=str(base_dir), checkpoint_every=5,
+                        siblings=[_sibling("a", "lora", {"arithmetic": 1.0}, steps=12),
+                                  _sibling("b", "full", {"tool": 1.0}, steps=6)])
+    reference = run_phase(corpus_and_tokenizer, cfg, checkpoint_dir=tmp_path / "reference")
+    with pytest.raises(Interrupted):
+        run_phase(corpus_and_tokenizer, cfg, checkpoint_dir=tmp_path / "resumed", tracker=StopAt(8))
+    resumed = run_phase(corpus_and_tokenizer, cfg, checkpoint_dir=tmp_path / "resumed")
+    assert resumed.details["resumed_from"] == {"a": 5, "b": None}
+    assert resumed.details["steps_run"] == (12 - 5) + 6
+    for name in ("a", "b"):
+        ref, new = reference.models[name].state_dict(), resumed.models[name].state_dict()
+        assert all(torch.equal(ref[k], new[k]) for k in ref), name
+
+
+def test_sibling_config_is_refused_before_any_compute(tmp_path):
+    from pydantic import ValidationError
+
+    sib = _sibling("s", "lora", {"arithmetic": 1.0})
+    with pytest.raises(ValidationError, match="fine-tuned from cognate.common_base"):
+        CognateConfig(source="pretrained", siblings=[sib])
+    with pytest.raises(ValidationError, match="reserved"):
+        CognateConfig(source="pretrained", common_base="x", siblings=[_sibling("base", "full", {"tool": 1.0})])
+    with pytest.raises(ValidationError, match="unique"):
+        CognateConfig(source="pretrained", common_base="x", siblings=[sib, sib])
+    with pytest.raises(ValidationError, match="only used with cognate.source 'pretrained'"):
+        CognateConfig(siblings=[sib])
+
+
+def test_lora_sibling_with_targets_that_match_nothing_is_refused(corpus_and_tokenizer, tmp_path):
+    from forge_models.config import LoraSettings, SiblingConfig
+
+    _, tokenizer = corpus_and_tokenizer
+    base_dir = _llama_base(tmp_path, len(tokenizer))
+    bad = SiblingConfig(name="s", method="lora", lora=LoraSettings(targets=("no_such_proj",)),
+                        train=TrainConfig(steps=2, warmup_steps=0, batch_size=2, seq_len=16))
+    with pytest.raises((ConfigError, ValueError), match="no_such_proj"):
+        run_phase(corpus_and_tokenizer, CognateConfig(source="pretrained", common_base=str(base_dir), siblings=[bad]))

@@ -484,3 +484,51 @@ def test_sampler_labels_mask_tool_output_only(tokenizer):
     narrative = [ex for ex in generate_synthetic(SyntheticConfig(n_examples=200, kinds={"narrative": 1.0}), 3)]
     plain = TokenSampler(narrative, tokenizer, {"narrative": 1.0}, seq_len=64, batch_size=4, seed=0)
     assert torch.equal(plain.labels(1), plain.batch(1))
+
+
+# ------------------------------------------------------------------ chat-formatted training streams
+
+
+def test_chat_streams_render_examples_exactly_as_the_harness_prompts_them():
+    from forge_models.data.stream import chat_training_ids
+    from forge_models.data.system_prompts import prompt_messages
+    from forge_models.generation import GenerationConfig, prompt_ids
+    from tests.factories import byte_tokenizer
+
+    tok = byte_tokenizer(chat=True)
+    arith = Example(kind="arithmetic", text="Q: What is 2 + 3?\nA: 2 + 3 = 5. The answer is 5.\n",
+                    prompt="Q: What is 2 + 3?\nA:", answer="5")
+    tool = Example(kind="tool", text="User: Add 2 and 3.\nAssistant: <tool>calculator(2 + 3)</tool>\nTool: 5\n"
+                                     "Assistant: The answer is 5.\n", prompt="User: Add 2 and 3.\nAssistant:", answer="5")
+    system = Example(kind="system", text="System: You are Nova. End every reply with \"- Nova\". No tools are "
+                     "available; answer directly.\nUser: Hi?\nAssistant: Hello. - Nova\n",
+                     prompt="System: You are Nova. End every reply with \"- Nova\". No tools are available; answer "
+                     "directly.\nUser: Hi?\nAssistant:")
+    for ex, prompt in ((arith, arith.prompt), (tool, tool.prompt), (system, prompt_messages(system.prompt))):
+        assert prompt is not None
+        head = prompt_ids(tok, prompt, GenerationConfig())  # what generation conditions on at evaluation
+        ids, scored = chat_training_ids(ex, tok)
+        assert ids[: len(head)] == head and not any(scored[: len(head)])  # the prompt is context, not a target
+        assert ids[-1] == tok.eos_token_id and scored[-1]  # the turn ends with the template's end of turn
+        reply = tok.decode(ids[len(head):-1])
+        assert reply == ex.text[len(ex.prompt):].strip()
+        target = tok.decode([t for t, s in zip(ids, scored) if s][:-1])
+        assert "Tool:" not in target  # the calculator's line is never a target
+    assert "<|im_start|>system\nYou are Nova" in tok.decode(chat_training_ids(system, tok)[0])
+    tool_target = tok.decode([t for t, s in zip(*chat_training_ids(tool, tok)) if s])
+    assert tool_target.startswith("<tool>calculator(2 + 3)</tool>\n") and "The answer is 5." in tool_target
+
+
+def test_chat_sampler_keeps_choice_kinds_and_text_plain_and_refuses_a_tokenizer_without_template():
+    from tests.factories import byte_tokenizer
+
+    chat_tok, plain_tok = byte_tokenizer(chat=True), byte_tokenizer(chat=False)
+    examples = [Example(kind="arithmetic", text="Q: 1 + 1?\nA: The answer is 2.\n", prompt="Q: 1 + 1?\nA:", answer="2"),
+                Example(kind="text", text="Once upon a time.")]
+    sampler = TokenSampler(examples, chat_tok, {"arithmetic": 1.0, "text": 1.0}, 16, 2, seed=0, chat=True)
+    assert chat_tok.decode(sampler.streams["text"].tolist()) == "Once upon a time.<|im_end|>"
+    assert "<|im_start|>user" in chat_tok.decode(sampler.streams["arithmetic"].tolist())
+    plain = TokenSampler(examples, chat_tok, {"arithmetic": 1.0}, 16, 2, seed=0)  # chat is opt-in
+    assert "<|im_start|>" not in chat_tok.decode(plain.streams["arithmetic"].tolist())
+    with pytest.raises(ConfigError, match="chat template"):
+        TokenSampler(examples, plain_tok, {"arithmetic": 1.0}, 16, 2, seed=0, chat=True)
