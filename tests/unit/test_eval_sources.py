@@ -146,3 +146,70 @@ def test_eval_source_paths_must_match_eval_sources(tmp_path: Path):
         build_corpus(cfg, eval_source_paths=[])
     with pytest.raises(ConfigError, match="S3"):
         build_corpus(cfg)  # forge_models reads local files only; the task layer downloads
+
+
+# ------------------------------------------------------------------------------------- task layer
+
+
+def test_data_key_hashes_eval_source_content(tmp_path: Path):
+    from flows.config import load_config
+    from tasks.data import data_key
+
+    held = tmp_path / "held.txt"
+    held.write_text(_words(500))
+    plain = data_key(load_config("tiny"))
+    cfg = load_config("tiny", overrides=[f"data.eval_sources=[{{path: {held}}}]"])
+    key = data_key(cfg)
+    assert key != plain and key == data_key(cfg)
+    held.write_text(_words(500) + " edited")  # same path, new bytes: a new dataset
+    assert data_key(cfg) != key
+    held.unlink()
+    with pytest.raises(ConfigError, match="data.eval_sources: no such file"):
+        data_key(cfg)
+
+
+def test_s3_eval_sources_are_downloaded_and_reported_per_split(tmp_path: Path, monkeypatch):
+    import contextlib
+    import io
+
+    import fsspec
+
+    from flows.config import load_config
+    from tasks.data import _materialize_sources, eval_source_units_by_split, eval_sources_table
+
+    body = "\n\n".join(_words(40, f"d{d}w") for d in range(30)).encode()
+    opened = []
+
+    @contextlib.contextmanager
+    def fake_open(url, mode="rb"):
+        opened.append(url)
+        yield io.BytesIO(body)
+
+    monkeypatch.setattr(fsspec, "open", fake_open)
+    cfg = load_config("tiny", overrides=["data.eval_sources=[{path: 's3://bucket/news.txt', chunk_chars: 100}]"])
+    paths = _materialize_sources(cfg, tmp_path, "eval_sources")
+    assert opened == ["s3://bucket/news.txt"] and paths[0].read_bytes() == body
+    assert _materialize_sources(cfg, tmp_path) == []  # data.sources is a separate list
+    corpus = build_corpus(cfg.data.model_copy(update={"synthetic": SyntheticConfig(n_examples=300)}), [], paths)
+    units = eval_source_units_by_split(corpus)
+    assert units["news"]["train"] == 0 and units["news"]["validation"] > 0 and units["news"]["test"] > 0
+    assert units["news"]["validation"] + units["news"]["test"] == len(eval_source_units(cfg.data.eval_sources[0], paths[0]))
+    table = eval_sources_table(units)
+    assert f"| news | 0 | {units['news']['validation']} | {units['news']['test']} |" in table
+
+
+def test_phase_reports_show_perplexity_by_kind_and_source_next_to_the_headline_table():
+    from tasks.runtime import metrics_table
+
+    before = {"loss": 2.0, "ppl": 7.389, "ppl_tokens": 10.0, "ppl_text": 30.0, "ppl_arithmetic": 3.0,
+              "ppl_tokens_text": 4.0, "ppl_src_wiki": 55.5, "loss_src_wiki": 4.0}
+    after = {**before, "ppl_src_wiki": 44.25}
+    report = metrics_table({"before": {"input": before}, "after": {"trained": after}}, ["loss", "ppl"])
+    headline, _, breakdown = report.partition("\n\n")
+    assert headline.splitlines()[0] == "| when | model | loss | ppl |"  # the headline table is as it was
+    assert "| when | model | ppl_arithmetic | ppl_text | ppl_src_wiki |" in breakdown
+    assert "| before | input | 3 | 30 | 55.5 |" in breakdown and "| after | trained | 3 | 30 | 44.25 |" in breakdown
+    assert "ppl_tokens" not in breakdown
+    # Evaluations without a breakdown (older outputs) keep exactly the old single table.
+    old = metrics_table({"after": {"m": {"loss": 1.0, "ppl": 2.718}}}, ["loss", "ppl"])
+    assert "\n\n" not in old and old.count("| when |") == 1
