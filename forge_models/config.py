@@ -8,6 +8,7 @@ Cross-field checks live in validators so a bad config fails before any data is r
 from __future__ import annotations
 
 import re
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -61,6 +62,63 @@ class SourceConfig(Frozen):
     )
 
 
+EVAL_SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Names an eval source may have: they become metric keys (``ppl_src_<name>``), so no spaces or slashes."""
+
+
+class EvalSourceConfig(Frozen):
+    """One real corpus file used only for held-out evaluation: its units go to validation or test, never train."""
+
+    path: str = Field(description="Local path or URL (file://, s3://) of a .txt, .jsonl or .parquet file.")
+    format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' uses the file extension."
+    )
+    text_field: str = Field("text", description="Column / JSON key holding the text (jsonl and parquet).")
+    max_documents: int | None = Field(
+        None, gt=0, description="Read at most this many documents (None: all)."
+    )
+    name: str | None = Field(
+        None,
+        description=(
+            "Name in metric keys (ppl_src_<name>, loss_src_<name>, ppl_tokens_src_<name>) and reports; letters, "
+            "digits, '_', '.', '-'. None: the file stem. Names must be unique among data.eval_sources."
+        ),
+    )
+    chunk_chars: int | None = Field(
+        2000,
+        ge=32,
+        le=1_000_000,
+        description=(
+            "Evaluation unit size: the whitespace-normalised concatenation of the documents is cut into "
+            "consecutive chunks, each ending at the first whitespace at or after this many characters. "
+            "None: one unit per document."
+        ),
+    )
+
+    @property
+    def source_name(self) -> str:
+        """The name this source reports under: ``name``, else the file stem."""
+        if self.name:
+            return self.name
+        return PurePosixPath(self.path.removeprefix("file://")).stem
+
+    @model_validator(mode="after")
+    def _name_is_a_metric_key(self) -> "EvalSourceConfig":
+        if not re.fullmatch(EVAL_SOURCE_NAME, self.source_name):
+            raise ValueError(
+                f"eval source {self.path!r}: name {self.source_name!r} cannot be a metric key; set `name` to "
+                f"letters, digits, '_', '.' or '-' (at most 64 characters)"
+            )
+        return self
+
+
+def same_file(url: str) -> str:
+    """A comparable identity of a source path: s3:// URLs as written, local paths absolute and resolved."""
+    if url.startswith("s3://"):
+        return url.rstrip("/")
+    return str(Path(url.removeprefix("file://")).expanduser().resolve(strict=False))
+
+
 class SyntheticConfig(Frozen):
     """The seeded synthetic corpus shipped as code."""
 
@@ -112,6 +170,13 @@ class DataConfig(Frozen):
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Real corpora (txt/jsonl/parquet, local or s3://) mixed in as kind 'text'."
     )
+    eval_sources: list[EvalSourceConfig] = Field(
+        default_factory=list,
+        description=(
+            "Held-out-only real corpora: cut into units that go to validation or test (never train) and are "
+            "scored per source (ppl_src_<name>), outside the pooled loss/ppl."
+        ),
+    )
     validation_percent: int = Field(
         5, ge=1, le=40, description="Percent of examples (by content hash) in the validation split."
     )
@@ -125,6 +190,20 @@ class DataConfig(Frozen):
         if self.validation_percent + self.test_percent > 60:
             raise ValueError(
                 "validation_percent + test_percent must be <= 60 so most data is left for training"
+            )
+        names = [s.source_name for s in self.eval_sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"data.eval_sources names {repeated} are used more than once; set a distinct `name` on each, "
+                f"so no source's metrics overwrite another's"
+            )
+        trained = {same_file(s.path) for s in self.sources}
+        both = [s.path for s in self.eval_sources if same_file(s.path) in trained]
+        if both:
+            raise ValueError(
+                f"data.eval_sources {both} are also in data.sources: a held-out-only source can never be trained "
+                f"on; remove it from one of the two lists"
             )
         return self
 

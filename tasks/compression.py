@@ -67,7 +67,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         calib = token_blocks(tokenizer, train_texts, cfg.seq_len, cfg.calib_sequences)
         val = token_blocks(tokenizer, train_texts, cfg.seq_len, cfg.val_sequences, skip=cfg.calib_sequences)
         held_out = corpus.split(config.eval.split)
-        test = token_blocks(tokenizer, [e.text for e in held_out], cfg.seq_len, cfg.test_sequences)
+        # The pooled held-out text (eval sources are scored per source by the harness below).
+        test = token_blocks(tokenizer, [e.text for e in held_out if not e.source], cfg.seq_len, cfg.test_sequences)
 
         out = run(CompressionInputs(model=model, tokenizer=tokenizer, calib_ids=calib, val_ids=val, test_ids=test,
                                     out_dir=out_dir / "model"), cfg, ctx)

@@ -36,21 +36,23 @@ def data_key(config: ForgeConfig) -> str:
         extra.append(folder_digest(config.data.tokenizer.path))
     for i, src in enumerate(config.data.sources):
         extra.append(f"source-{i}:{source_digest(src.path)}")
+    for i, src in enumerate(config.data.eval_sources):
+        extra.append(f"eval-source-{i}:{source_digest(src.path, 'data.eval_sources')}")
     return phase_key("data", DATA_VERSION, config.data.model_dump_json(), extra)
 
 
-def source_digest(url: str) -> str:
+def source_digest(url: str, field: str = "data.sources") -> str:
     """Content digest of one data source: ``sha256:<hex>`` of a local file, ``etag:<ETag>`` of an S3 object."""
     if "://" not in url or url.startswith("file://"):
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
-            raise ConfigError(f"data.sources: no such file {url!r}")
+            raise ConfigError(f"{field}: no such file {url!r}")
         return "sha256:" + sha256_file(path)
     try:
         fs, _, (path,) = fsspec.get_fs_token_paths(url)
         info = fs.info(path)
     except FileNotFoundError:
-        raise ConfigError(f"data.sources: {url} does not exist") from None
+        raise ConfigError(f"{field}: {url} does not exist") from None
     except Exception as exc:  # noqa: BLE001
         if is_transient(exc):
             raise TransientStorageError(f"reading the metadata of {url}: {exc}") from exc
@@ -58,23 +60,24 @@ def source_digest(url: str) -> str:
     tag = info.get("ETag") or info.get("etag") or info.get("checksum")
     if not tag:
         raise ConfigError(
-            f"data.sources: {url} reports no ETag or checksum, so a change to its content could not be detected; "
+            f"{field}: {url} reports no ETag or checksum, so a change to its content could not be detected; "
             f"copy it to a local file or an S3-compatible store"
         )
     return f"etag:{str(tag).strip(chr(34))}"
 
 
-def _materialize_sources(config: ForgeConfig, dest: Path) -> list[Path]:
-    """Local copies of remote (s3://) sources; local ones are used in place."""
+def _materialize_sources(config: ForgeConfig, dest: Path, field: str = "sources") -> list[Path]:
+    """Local copies of remote (s3://) sources of ``data.<field>`` (sources or eval_sources); local ones are
+    used in place."""
     paths = []
-    for i, src in enumerate(config.data.sources):
+    for i, src in enumerate(getattr(config.data, field)):
         if src.path.startswith("s3://"):
-            local = dest / f"source-{i}-{Path(src.path).name}"
+            local = dest / f"{'eval-' if field == 'eval_sources' else ''}source-{i}-{Path(src.path).name}"
             try:
                 with fsspec.open(src.path, "rb") as f_in, open(local, "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out)
             except FileNotFoundError:
-                raise ConfigError(f"data.sources[{i}]: {src.path} does not exist") from None
+                raise ConfigError(f"data.{field}[{i}]: {src.path} does not exist") from None
             except Exception as exc:  # noqa: BLE001
                 if is_transient(exc):
                     raise TransientStorageError(f"reading {src.path}: {exc}") from exc
@@ -88,7 +91,8 @@ def _materialize_sources(config: ForgeConfig, dest: Path) -> list[Path]:
 def _body(config: ForgeConfig):
     def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
         sources = _materialize_sources(config, out_dir.parent)
-        corpus = build_corpus(config.data, sources)
+        eval_sources = _materialize_sources(config, out_dir.parent, "eval_sources")
+        corpus = build_corpus(config.data, sources, eval_sources)
         corpus.save(out_dir / "corpus")
         tokenizer = build_tokenizer(config.data.tokenizer, [ex.text for ex in corpus.train])
         tokenizer.save_pretrained(out_dir / "tokenizer")
@@ -106,9 +110,35 @@ def _body(config: ForgeConfig):
             f"Corpus digest: `{corpus.digest()}`. Splits are assigned by the hash of each example's canonical keys "
             f"(a calculation in any wording, a persona situation, a story), so no key is in two splits.\n"
         )
-        return PhaseWritten(metrics=metrics, report_md=report, details={"kinds": kinds, "corpus_digest": corpus.digest()})
+        units = eval_source_units_by_split(corpus)
+        if units:
+            report += "\n" + eval_sources_table(units)
+            for name, per_split in units.items():
+                metrics.update({f"eval_units_{split}_{name}": float(n) for split, n in per_split.items()})
+        details = {"kinds": kinds, "corpus_digest": corpus.digest(), **({"eval_sources": units} if units else {})}
+        return PhaseWritten(metrics=metrics, report_md=report, details=details)
 
     return body
+
+
+def eval_source_units_by_split(corpus) -> dict[str, dict[str, int]]:
+    """Units of every eval source per split (train is listed to show it is always 0)."""
+    units: dict[str, dict[str, int]] = {}
+    for split in ("train", "validation", "test"):
+        for ex in corpus.split(split):
+            if ex.source:
+                units.setdefault(ex.source, {"train": 0, "validation": 0, "test": 0})[split] += 1
+    return units
+
+
+def eval_sources_table(units: dict[str, dict[str, int]]) -> str:
+    """Markdown table of eval-source units per split (the data report's held-out-only section)."""
+    rows = "\n".join(f"| {name} | {n['train']} | {n['validation']} | {n['test']} |" for name, n in sorted(units.items()))
+    return (
+        "## Held-out-only eval sources\n\n| source | train | validation | test |\n|---|---|---|---|\n" + rows +
+        "\n\nUnits go to validation or test by the hash of (source name, unit index), never to train; they are "
+        "scored per source (`ppl_src_<name>`) and left out of the pooled `loss` / `ppl`.\n"
+    )
 
 
 @task(

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import forge_models
-from forge_models.config import HEADLINE_METRICS  # noqa: F401  (the report columns of every phase task)
+from forge_models.config import DATA_KINDS, HEADLINE_METRICS  # noqa: F401  (HEADLINE_METRICS: every phase's report columns)
 from forge_models.runtime import ArtifactIntegrityError, ForgeError, PhaseContext
 from tasks.locks import StoreLock
 from tasks.store import ArtifactRef, Store, is_transient
@@ -421,7 +421,31 @@ def phase_task(
 
 
 def metrics_table(evaluations: dict[str, dict[str, dict[str, float]]], columns: list[str]) -> str:
-    """Markdown before/after table: one row per (when, model)."""
+    """Markdown before/after table: one row per (when, model); followed by :func:`breakdown_table` (perplexity
+    by kind and eval source) when the evaluations report any."""
+    table = _rows_table(evaluations, columns)
+    breakdown = breakdown_table(evaluations)
+    return table + ("\n\n" + breakdown if breakdown else "")
+
+
+def breakdown_columns(evaluations: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Every ``ppl_<kind>`` (in DATA_KINDS order) and ``ppl_src_<name>`` (sorted) key in the evaluations."""
+    keys = {k for when in evaluations.values() for m in when.values() for k in m}
+    kinds = [f"ppl_{kind}" for kind in DATA_KINDS if f"ppl_{kind}" in keys]
+    return kinds + sorted(k for k in keys if k.startswith("ppl_src_"))
+
+
+def breakdown_table(evaluations: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The "perplexity by kind and source" table ("" when no evaluation reports one): pooled ``ppl`` hides
+    real text under the synthetic kinds, and held-out-only eval sources are never in the pool."""
+    columns = breakdown_columns(evaluations)
+    if not columns:
+        return ""
+    return "Perplexity by kind and source (eval sources `ppl_src_*` are not in the pooled `ppl`):\n\n" + \
+        _rows_table(evaluations, columns)
+
+
+def _rows_table(evaluations: dict[str, dict[str, dict[str, float]]], columns: list[str]) -> str:
     head = "| when | model | " + " | ".join(columns) + " |\n|---|---|" + "---|" * len(columns) + "\n"
     rows = []
     for when in ("before", "after"):

@@ -41,7 +41,7 @@ from forge_models.cognate.model import (
     count_parameters,
 )
 from forge_models.config import HEADLINE_METRICS, CognateConfig, EvalConfig, TrainConfig
-from forge_models.data import Corpus, Example
+from forge_models.data import Corpus, Example, without_eval_units
 from forge_models.data.stream import TokenSampler, trains_in_chat
 from forge_models.eval import evaluate, unigram_loss
 from forge_models.optim import make_adamw
@@ -393,7 +393,7 @@ def _measure_refine_steps(
     """Token-weighted mean number of refinement steps the model takes on held-out text, in eval mode."""
     budget = min(eval_cfg.ppl_max_tokens, REFINE_MEASURE_TOKENS)
     ids: list[int] = []
-    for ex in examples:
+    for ex in without_eval_units(examples):  # the pooled held-out text, as the harness' pooled loss reads it
         ids.extend(tokenizer(ex.text, add_special_tokens=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
         if len(ids) >= budget:

@@ -11,6 +11,9 @@ Four synthetic families exercise what the pipeline claims to improve, each in a 
   offers; :mod:`forge_models.data.system_prompts`); checked through the tool loop and rule checkers.
 
 Real corpora (txt / jsonl / parquet) become examples of kind ``text``, used for training and perplexity.
+Held-out-only corpora (``data.eval_sources``) become ``text`` examples carrying their source's name, cut
+into units (chunks or documents) that go to validation or test only, by a hash of (name, unit index);
+see :func:`eval_source_units` and :func:`eval_unit_split`.
 
 Splits are disjoint *by canonical content*: each canonical key (a normalised calculation ``a op b``
 shared by arithmetic steps, tool calls and the persona's sums; a persona situation; a story; see
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from forge_models.config import DATA_KINDS, DataConfig, SourceConfig, SyntheticConfig
+from forge_models.config import DATA_KINDS, DataConfig, EvalSourceConfig, SourceConfig, SyntheticConfig
 from forge_models.data.facts import fact_table
 from forge_models.data.keys import QUESTION_MARK, canonical_keys
 from forge_models.data.system_prompts import system_dialogue
@@ -53,6 +56,8 @@ class Example:
             final number, "" when the reply is not a number).
         choices: multiple-choice continuations of the prompt (persona, narrative).
         label: index of the correct choice (-1 when there are no choices).
+        source: the name of the held-out-only eval source (``data.eval_sources``) a ``text`` unit comes
+            from; "" for every other example (synthetic, or ``data.sources`` documents).
     """
 
     kind: str
@@ -61,10 +66,13 @@ class Example:
     answer: str = ""
     choices: tuple[str, ...] = ()
     label: int = -1
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise ConfigError(f"unknown example kind {self.kind!r}; expected one of {list(DATA_KINDS)}")
+        if self.source and (self.kind != "text" or self.prompt or self.choices):
+            raise ConfigError(f"an eval-source unit ({self.source!r}) must be plain 'text', got a {self.kind} example")
         if self.choices and not 0 <= self.label < len(self.choices):
             raise ConfigError(f"label {self.label} is not an index of the {len(self.choices)} choices {self.choices!r}")
         if not self.choices and self.label != -1:
@@ -117,7 +125,12 @@ class Corpus:
 
 def _to_json_line(ex: Example) -> str:
     # sort_keys + ensure_ascii make the bytes independent of dict order and locale (the digest uses them).
-    return json.dumps(asdict(ex), sort_keys=True, ensure_ascii=True)
+    fields = asdict(ex)
+    if not fields["source"]:
+        # Absent, not "": lines (and so Corpus.digest and every cache keyed on it) of corpora without eval
+        # sources stay byte-identical to those written before the field existed.
+        del fields["source"]
+    return json.dumps(fields, sort_keys=True, ensure_ascii=True)
 
 
 def _read_examples_file(path: Path) -> list[Example]:
@@ -146,6 +159,7 @@ def _example_from_json(line: str, path: Path, number: int) -> Example:
             answer=str(raw.get("answer", "")),
             choices=tuple(str(c) for c in raw.get("choices", ())),
             label=int(raw.get("label", -1)),
+            source=str(raw.get("source", "")),
         )
     except (TypeError, ValueError, ConfigError) as exc:
         raise ConfigError(f"{where}: malformed example ({exc})") from exc
@@ -618,11 +632,18 @@ def _source_replication(sources: Sequence[SourceConfig]) -> list[int]:
     return [max(1, round(r)) for r in ratios]
 
 
-def build_corpus(cfg: DataConfig, source_paths: Sequence[Path] | None = None) -> Corpus:
+def build_corpus(
+    cfg: DataConfig, source_paths: Sequence[Path] | None = None, eval_source_paths: Sequence[Path] | None = None
+) -> Corpus:
     """The synthetic corpus plus every real source, split into train / validation / test.
 
     ``source_paths``, when given, holds one local file per entry of ``cfg.sources`` (same order) and
     replaces that source's path: the orchestration layer downloads s3:// sources and passes the copies.
+    ``eval_source_paths`` does the same for ``cfg.eval_sources``.
+
+    Eval-source units (see :func:`eval_source_units`) are appended after the other examples of validation
+    and test, never to train; any other example with the same text as a unit is dropped from every split,
+    so a held-out-only passage is neither trained on nor pooled.
 
     Source weights are relative among sources: each source's documents are repeated
     ``round(weight / smallest weight)`` times in the *train* split only (held-out splits keep one copy,
@@ -634,6 +655,13 @@ def build_corpus(cfg: DataConfig, source_paths: Sequence[Path] | None = None) ->
             f"build_corpus got {len(source_paths)} source_paths for {len(cfg.sources)} data.sources; "
             f"pass exactly one local path per source"
         )
+    if eval_source_paths is not None and len(eval_source_paths) != len(cfg.eval_sources):
+        raise ConfigError(
+            f"build_corpus got {len(eval_source_paths)} eval_source_paths for {len(cfg.eval_sources)} "
+            f"data.eval_sources; pass exactly one local path per eval source"
+        )
+    # Read before any compute, so a bad eval source fails as early as a bad training source.
+    held_units = _held_out_units(cfg, eval_source_paths)
     synthetic = generate_synthetic(cfg.synthetic, cfg.seed)
     per_source = [
         read_source(src, None if source_paths is None else source_paths[i]) for i, src in enumerate(cfg.sources)
@@ -646,7 +674,83 @@ def build_corpus(cfg: DataConfig, source_paths: Sequence[Path] | None = None) ->
             raise ConfigError(
                 f"the {name} split is empty; raise data.synthetic.n_examples or the {name} percentage"
             )
+    if held_units:
+        taken = {ex.text for units in held_units.values() for ex in units}
+        splits = {name: [ex for ex in exs if ex.text not in taken] for name, exs in splits.items()}
+        for name, units in held_units.items():
+            splits[name].extend(units)
     return Corpus(**{name: tuple(exs) for name, exs in splits.items()})
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """``text`` whitespace-normalised and cut into consecutive chunks, each ending at the first whitespace at
+    or after ``chunk_chars`` characters (the last chunk takes the rest); no character is in two chunks."""
+    flat = " ".join(text.split())
+    chunks: list[str] = []
+    at = 0
+    while at < len(flat):
+        cut = flat.find(" ", at + chunk_chars)
+        if cut < 0:
+            chunks.append(flat[at:])
+            break
+        chunks.append(flat[at:cut])
+        at = cut + 1
+    return chunks
+
+
+def eval_source_units(src: EvalSourceConfig, path: Path | None = None) -> list[Example]:
+    """The evaluation units of one held-out-only source, in file order: chunks of ``src.chunk_chars``
+    characters of the whitespace-normalised documents, or (``chunk_chars`` None) one unit per document.
+
+    ``path`` overrides ``src.path`` (a local copy of an s3:// source).
+    """
+    as_source = SourceConfig(path=src.path, format=src.format, text_field=src.text_field, max_documents=src.max_documents)
+    docs = [ex.text for ex in read_source(as_source, path)]
+    texts = docs if src.chunk_chars is None else chunk_text(" ".join(docs), src.chunk_chars)
+    return [Example(kind="text", text=t, source=src.source_name) for t in texts]
+
+
+def eval_unit_split(name: str, index: int, validation_percent: int, test_percent: int) -> str:
+    """"validation" or "test" (never "train") for unit ``index`` of eval source ``name``: a function of the
+    sha256 of (name, index), so every process assigns it alike, in the two splits' relative proportion."""
+    digest = hashlib.sha256(f"eval-source\x00{name}\x00{index}".encode("utf-8")).hexdigest()
+    return "validation" if int(digest, 16) % (validation_percent + test_percent) < validation_percent else "test"
+
+
+def _held_out_units(cfg: DataConfig, paths: Sequence[Path] | None) -> dict[str, list[Example]]:
+    """Every eval source's units by held-out split; a unit whose text already occurred (in this or an earlier
+    source) is dropped, so validation and test never share a passage. Empty when there are no eval sources."""
+    if not cfg.eval_sources:
+        return {}
+    out: dict[str, list[Example]] = {"validation": [], "test": []}
+    seen: set[str] = set()
+    for i, src in enumerate(cfg.eval_sources):
+        units = eval_source_units(src, None if paths is None else paths[i])
+        placed = {"validation": 0, "test": 0}
+        for index, ex in enumerate(units):
+            if ex.text in seen:
+                continue
+            seen.add(ex.text)
+            split = eval_unit_split(src.source_name, index, cfg.validation_percent, cfg.test_percent)
+            out[split].append(ex)
+            placed[split] += 1
+        missing = [split for split, n in placed.items() if n == 0]
+        if missing:
+            raise ConfigError(
+                f"data.eval_sources {src.source_name!r} has {len(units)} unit(s) and none in {missing}: every phase "
+                f"reports it on validation and the final evaluation on test; add text or lower chunk_chars"
+            )
+    return out
+
+
+def is_eval_unit(ex: Example) -> bool:
+    """True for a unit of a held-out-only eval source (it is scored per source, never pooled or trained on)."""
+    return bool(ex.source)
+
+
+def without_eval_units(examples: Sequence[Example]) -> list[Example]:
+    """``examples`` without eval-source units: what pooled measurements and training checks read."""
+    return [ex for ex in examples if not ex.source]
 
 
 def _replicate_sources(

@@ -8,7 +8,14 @@ The model must already be on ``ctx.device``; inputs are put there.
 
 Metrics (all measured on the given held-out examples, deterministic):
 
-- ``loss`` / ``ppl`` / ``ppl_tokens``: mean next-token cross-entropy (nats/token) over held-out text.
+- ``loss`` / ``ppl`` / ``ppl_tokens``: mean next-token cross-entropy (nats/token) over held-out text,
+  pooled over every example but eval-source units (so adding an eval source never moves it).
+- ``loss_<kind>`` / ``ppl_<kind>`` / ``ppl_tokens_<kind>``: the same pass's scored tokens, split by the kind
+  of the example each target token belongs to (its token-weighted mean is the pooled loss); reported for
+  every kind with scored tokens. Pooled alone hides real text under the templated synthetic kinds.
+- ``loss_src_<name>`` / ``ppl_src_<name>`` / ``ppl_tokens_src_<name>``: each held-out-only eval source
+  (``data.eval_sources``) on its own, windows never spanning two of its units, at most ``ppl_max_tokens``
+  tokens per source (:mod:`forge_models.eval.real_text`).
 - ``arith_em``: exact match of the final number of a greedy worked answer (arithmetic examples).
 - ``tool_valid`` / ``tool_correct``: the greedy reply contains a parseable calculator call / one whose
   value equals the expected answer (tool examples; read from the first step of the tool loop, cut where
@@ -51,8 +58,9 @@ import torch.nn.functional as F
 
 from forge_models.config import EvalConfig
 from forge_models.data.stream import unscored_spans
-from forge_models.data.synthetic import Example
+from forge_models.data.synthetic import Example, is_eval_unit, without_eval_units
 from forge_models.data.system_prompts import final_number, obeys_persona, parse_system_prompt, prompt_messages, split_prompt
+from forge_models.eval.real_text import token_windows
 from forge_models.eval.stats import bootstrap_interval
 from forge_models.generation import GenerationConfig, generate, uses_chat
 from forge_models.runtime import ConfigError, PhaseContext
@@ -94,6 +102,7 @@ def evaluate(
     with _eval_mode(model), torch.no_grad():
         if "perplexity" in cfg.tasks:
             metrics.update(_perplexity(model, tokenizer, examples, cfg, ctx))
+            metrics.update(_source_perplexities(model, tokenizer, examples, cfg, ctx))
         if "arithmetic" in cfg.tasks:
             metrics.update(_arithmetic(model, tokenizer, examples, cfg, ctx, vectors))
         if {"tool", "tool_loop", "system"} & set(cfg.tasks):
@@ -178,9 +187,17 @@ def _token_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> list[int]
 
 def _scored_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> tuple[list[int], list[bool]]:
     """:func:`_token_stream` plus, per token, whether it is scored (False on tool output lines)."""
+    stream, scored, _ = _attributed_stream(texts, tokenizer, limit)
+    return stream, scored
+
+
+def _attributed_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> tuple[list[int], list[bool], list[int]]:
+    """:func:`_scored_stream` plus, per token, the index of the text it belongs to (its EOS included)."""
     eos = eos_token_id(tokenizer)
     stream: list[int] = []
     scored: list[bool] = []
+    owner: list[int] = []
+    done = 0
     for chunk in _batched(list(texts), 256):  # tokenize lazily: only as many texts as the limit needs
         masked = any(unscored_spans(t) for t in chunk)
         enc = tokenizer(list(chunk), add_special_tokens=False, **({"return_offsets_mapping": True} if masked else {}))
@@ -191,9 +208,11 @@ def _scored_stream(texts: Iterable[str], tokenizer: Any, limit: int) -> tuple[li
             offsets = enc["offset_mapping"][n] if masked else [(0, 0)] * len(ids)
             scored.extend(not any(a < e and b > s for s, e in spans) for a, b in offsets)
             scored.append(True)
+            owner.extend([done + n] * (len(ids) + 1))
+        done += len(chunk)
         if len(stream) >= limit:
             break
-    return stream[:limit], scored[:limit]
+    return stream[:limit], scored[:limit], owner[:limit]
 
 
 # --------------------------------------------------------------------------------------- perplexity
@@ -203,28 +222,88 @@ def _perplexity(
     model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
 ) -> dict[str, float]:
     """Cross-entropy over non-overlapping windows of the held-out stream (each window's first token unscored,
-    and every token of a tool output line)."""
-    stream, scored = _scored_stream((ex.text for ex in examples), tokenizer, cfg.ppl_max_tokens)
+    and every token of a tool output line): pooled, and per kind of the example each scored token belongs to.
+
+    Eval-source units are left out of both (they are scored per source, :func:`_source_perplexities`), so
+    adding an eval source changes neither number.
+    """
+    examples = without_eval_units(examples)
+    if not examples:
+        raise ConfigError(
+            "the held-out examples are all eval-source units; pooled perplexity needs the split's other examples"
+        )
+    stream, scored, owner = _attributed_stream((ex.text for ex in examples), tokenizer, cfg.ppl_max_tokens)
+    kinds = sorted({ex.kind for ex in examples})
+    kind_of = torch.tensor([kinds.index(ex.kind) for ex in examples], dtype=torch.long)
     window = min(cfg.seq_len, _max_positions(model, cfg.seq_len))
     starts = [i for i in range(0, len(stream), window) if len(stream[i : i + window]) >= 2]
-    windows = [(stream[i : i + window], scored[i : i + window]) for i in starts]
+    windows = [(stream[i : i + window], scored[i : i + window], owner[i : i + window]) for i in starts]
     total, count = 0.0, 0
+    kind_total = [0.0] * len(kinds)
+    kind_count = [0] * len(kinds)
     for chunk in _batched(windows, cfg.batch_size):
-        rows = [w for w, _ in chunk]
+        rows = [w for w, _, _ in chunk]
         ids, mask = _pad_right(rows, _pad_id(tokenizer))
-        keep, _ = _pad_right([[int(k) for k in flags] for _, flags in chunk], 0)
+        keep, _ = _pad_right([[int(k) for k in flags] for _, flags, _ in chunk], 0)
+        owners, _ = _pad_right([o for _, _, o in chunk], 0)
         logits = _logits(model, ids, mask, ctx)
         drop = (mask[:, 1:] == 0) | (keep[:, 1:] == 0)
         targets = ids[:, 1:].masked_fill(drop, -100).to(logits.device)
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        flat_logits, flat_targets = logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        # The pooled sum is computed exactly as before per-kind attribution existed, so its value (and every
+        # golden number, cache and fitness built on it) is unchanged to the bit.
+        nll = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
         total += float(nll)
         count += int((targets != -100).sum())
+        # Per kind: the target token at position t + 1 belongs to the example that owns that token.
+        per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none").double().cpu()
+        token_kind = kind_of[owners[:, 1:].reshape(-1)]
+        counted = (flat_targets != -100).cpu()
+        for k in range(len(kinds)):
+            here = counted & (token_kind == k)
+            kind_total[k] += float(per_token[here].sum())
+            kind_count[k] += int(here.sum())
     if count == 0:
         raise ConfigError("held-out examples yield fewer than 2 tokens; perplexity is undefined")
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss), "ppl_tokens": float(count)}
+    metrics = {"loss": loss, "ppl": math.exp(loss), "ppl_tokens": float(count)}
+    for kind, k_total, k_count in zip(kinds, kind_total, kind_count):
+        if k_count:  # a kind whose tokens all fell past the budget has no score (not a score of zero)
+            metrics[f"loss_{kind}"] = k_total / k_count
+            metrics[f"ppl_{kind}"] = math.exp(k_total / k_count)
+            metrics[f"ppl_tokens_{kind}"] = float(k_count)
+    return metrics
+
+
+def _source_perplexities(
+    model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, ctx: PhaseContext
+) -> dict[str, float]:
+    """``loss_src_<name>`` / ``ppl_src_<name>`` / ``ppl_tokens_src_<name>`` of every eval source among
+    ``examples``: its units in order, windows inside one unit (:func:`~forge_models.eval.real_text.document_windows`), each window's first
+    token unscored, at most ``cfg.ppl_max_tokens`` tokens per source."""
+    units: dict[str, list[str]] = {}
+    for ex in examples:
+        if is_eval_unit(ex):
+            units.setdefault(ex.source, []).append(ex.text)
+    metrics: dict[str, float] = {}
+    window = min(cfg.seq_len, _max_positions(model, cfg.seq_len))
+    for name, texts in units.items():
+        tokenized = (ids for batch in _batched(texts, 256) for ids in _encode(tokenizer, batch))
+        windows = token_windows(tokenized, window, cfg.ppl_max_tokens)
+        if not windows:
+            raise ConfigError(f"eval source {name!r}: its held-out units yield no window of 2 or more tokens")
+        total, count = 0.0, 0
+        for rows in _batched(windows, cfg.batch_size):
+            ids, mask = _pad_right(rows, _pad_id(tokenizer))
+            logits = _logits(model, ids, mask, ctx)
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
+            total += float(F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            ))
+            count += int((targets != -100).sum())
+        loss = total / count
+        metrics.update({f"loss_src_{name}": loss, f"ppl_src_{name}": math.exp(loss), f"ppl_tokens_src_{name}": float(count)})
+    return metrics
 
 
 def unigram_loss(
@@ -238,7 +317,8 @@ def unigram_loss(
     if not train or not held_out:
         raise ConfigError("unigram_loss needs non-empty train and held-out examples")
     train_ids = np.asarray(_token_stream((ex.text for ex in train), tokenizer, limit=2**62), dtype=np.int64)
-    held, scored = _scored_stream((ex.text for ex in held_out), tokenizer, limit=max_tokens)
+    # The pooled loss leaves eval-source units out, so the baseline it is compared with does too.
+    held, scored = _scored_stream((ex.text for ex in without_eval_units(held_out)), tokenizer, limit=max_tokens)
     held_ids = np.asarray(held, dtype=np.int64)
     vocab = max(len(tokenizer), int(train_ids.max()) + 1, int(held_ids.max()) + 1)
     counts = np.bincount(train_ids, minlength=vocab).astype(np.float64)

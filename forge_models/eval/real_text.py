@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,15 @@ from forge_models.runtime import ConfigError, PhaseContext
 
 def document_windows(docs: Sequence[str], tokenizer: Any, seq_len: int, max_tokens: int) -> list[list[int]]:
     """Windows of at most ``seq_len`` tokens, each inside one document, ``max_tokens`` in all."""
+    return token_windows((list(tokenizer(doc, add_special_tokens=False)["input_ids"]) for doc in docs), seq_len, max_tokens)
+
+
+def token_windows(docs: Iterable[Sequence[int]], seq_len: int, max_tokens: int) -> list[list[int]]:
+    """:func:`document_windows` of already tokenized documents (read lazily: only up to ``max_tokens``)."""
     windows: list[list[int]] = []
     total = 0
-    for doc in docs:
-        ids = list(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    for ids in docs:
+        ids = list(ids)
         for i in range(0, len(ids), seq_len):
             w = ids[i : i + seq_len][: max_tokens - total]
             if len(w) >= 2:

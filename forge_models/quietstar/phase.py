@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from forge_models.config import EvalConfig
 from forge_models.data import Corpus
 from forge_models.data.stream import TokenSampler
-from forge_models.data.synthetic import Example
+from forge_models.data.synthetic import Example, without_eval_units
 from forge_models.eval import evaluate, paired_difference, paired_metrics
 from forge_models.quietstar.config import QuietStarConfig
 from forge_models.quietstar.thoughts import QuietStar, Streams, quietstar_loss, thought_logits
@@ -149,6 +149,7 @@ def measure_thoughts(qs: QuietStar, tokenizer: Any, held: Sequence[Example], cfg
                      ctx: PhaseContext, eval_cfg: EvalConfig) -> dict[str, float]:
     """With vs without thoughts on held-out examples: means, and paired bootstrap intervals of the gain."""
     out: dict[str, float] = {}
+    held = without_eval_units(held)  # eval sources are reported per source by the harness, not mixed in here
     texts = [ex for ex in held if not ex.prompt][: cfg.eval_examples] or list(held[: cfg.eval_examples])
     with_t, without, ws = [], [], []
     for ex in texts:

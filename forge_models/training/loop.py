@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from forge_models.data import Corpus, held_out_keys, mask_unscored
+from forge_models.data import Corpus, held_out_keys, mask_unscored, without_eval_units
 from forge_models.data.stream import TokenSampler, trains_in_chat
 from forge_models.optim import make_adamw
 from forge_models.runtime import ConfigError, PhaseContext, TrainingDiverged, check_finite
@@ -67,7 +67,9 @@ class Loop:
         self.sampler = TokenSampler(corpus.split("train"), tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size,
                                     ctx.seed, chat=trains_in_chat(tokenizer))
         self.exclude = held_out_keys(corpus)  # every held-out calculation, in any wording
-        self.check_rows = _token_windows(corpus.split("validation"), tokenizer, cfg.check_tokens, cfg.seq_len)
+        # Eval-source units are held out from every training decision too (checks drive rollbacks).
+        self.check_rows = _token_windows(without_eval_units(corpus.split("validation")), tokenizer, cfg.check_tokens,
+                                         cfg.seq_len)
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", None) or 4 * cfg.seq_len)
         self.total = sum(st.steps for st in cfg.stages)

@@ -250,6 +250,99 @@ def test_perfect_next_token_model_has_perplexity_one(tok):
     assert evaluate(SuccessorLM(len(tok), wrong), tok, examples, CFG, CTX)["loss"] > 20
 
 
+class CycleOnlyLM(nn.Module):
+    """Near-certain that "b" follows "a", "c" follows "b" and EOS follows "c"; uniform after anything else.
+
+    So in an "abc" example every token but the first is (almost exactly) free, and in a "xyz" example every
+    token costs log(vocab): the per-kind losses are known in closed form.
+    """
+
+    def __init__(self, tok: CharTokenizer) -> None:
+        super().__init__()
+        self.vocab = len(tok)
+        self.next = {tok.index["a"]: tok.index["b"], tok.index["b"]: tok.index["c"], tok.index["c"]: tok.eos_token_id}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for (b, t), token in zip(
+            [(b, t) for b in range(input_ids.shape[0]) for t in range(input_ids.shape[1])], input_ids.flatten().tolist()
+        ):
+            if token in self.next:
+                logits[b, t, self.next[token]] = 60.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_perplexity_is_attributed_to_the_kind_of_each_target_token(tok):
+    # Stream: a b c E | x y z E | a b c E | x y z E, one window, its first token unscored.
+    # arithmetic: b c E (free) + a (after an EOS: log V) + b c E (free) -> 7 tokens, log V in all.
+    # text: every one of x y z E, twice -> 8 tokens, 8 log V. Pooled: 9 log V over 15 tokens.
+    examples = [Example(kind="arithmetic", text="abc"), Example(kind="text", text="xyz")] * 2
+    cfg = CFG.model_copy(update={"seq_len": 64, "tasks": ("perplexity",)})
+    m = evaluate(CycleOnlyLM(tok), tok, examples, cfg, CTX)
+    log_v = math.log(len(tok))
+    assert (m["ppl_tokens_arithmetic"], m["ppl_tokens_text"], m["ppl_tokens"]) == (7, 8, 15)
+    assert m["loss_arithmetic"] == pytest.approx(log_v / 7, rel=1e-6)
+    assert m["loss_text"] == pytest.approx(log_v, rel=1e-6)
+    assert m["ppl_text"] == pytest.approx(len(tok), rel=1e-5)
+    assert m["loss"] == pytest.approx(9 * log_v / 15, rel=1e-6)
+    # The per-kind numbers partition the pooled ones: same tokens, token-weighted mean = pooled loss.
+    weighted = (m["loss_arithmetic"] * m["ppl_tokens_arithmetic"] + m["loss_text"] * m["ppl_tokens_text"]) / m["ppl_tokens"]
+    assert weighted == pytest.approx(m["loss"], rel=1e-6)
+
+
+def test_per_kind_breakdown_leaves_the_pooled_numbers_unchanged(tok):
+    # Pooled loss computed the way the harness did before per-kind attribution: the sum over one window.
+    examples = [Example(kind="arithmetic", text="abcab"), Example(kind="text", text="xyzab c")]
+    cfg = CFG.model_copy(update={"seq_len": 64, "tasks": ("perplexity",)})
+    m = evaluate(CycleOnlyLM(tok), tok, examples, cfg, CTX)
+    ids = [i for ex in examples for i in tok([ex.text])["input_ids"][0] + [0]]
+    logits = CycleOnlyLM(tok)(torch.tensor([ids])).logits[0]
+    expected = float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")) / (len(ids) - 1)
+    assert m["loss"] == expected  # bit-identical: golden values and EvoMerge fitness depend on it
+
+
+def _unit(source: str, text: str) -> Example:
+    return Example(kind="text", text=text, source=source)
+
+
+def test_eval_source_units_are_scored_per_source_and_never_pooled(tok):
+    base = [Example(kind="arithmetic", text="abc"), Example(kind="text", text="xyz")] * 2
+    cfg = CFG.model_copy(update={"seq_len": 8, "tasks": ("perplexity",)})
+    model = CycleOnlyLM(tok)
+    plain = evaluate(model, tok, base, cfg, CTX)
+    units = [_unit("cyc", "abc"), _unit("other", "qqqqqqqqqq"), _unit("cyc", "ab"), _unit("cyc", "bc")]
+    mixed = evaluate(model, tok, base + units, cfg, CTX)
+    for key in ("loss", "ppl", "ppl_tokens", "loss_text", "ppl_tokens_text", "loss_arithmetic"):
+        assert mixed[key] == plain[key], key  # adding an eval source never moves pooled or per-kind numbers
+    # cyc: each unit alone (no EOS; a window spanning "abc" + "ab" would score an unpredictable "a"): 2 + 1 + 1.
+    assert mixed["ppl_tokens_src_cyc"] == 4
+    assert mixed["ppl_src_cyc"] == pytest.approx(1.0, abs=1e-6)
+    # other: 10 tokens in windows of 8 -> 8 + 2, each window's first token unscored.
+    assert mixed["ppl_src_other"] == pytest.approx(len(tok), rel=1e-5) and mixed["ppl_tokens_src_other"] == 7 + 1
+    assert mixed["loss_src_other"] == pytest.approx(math.log(len(tok)), rel=1e-6)
+    assert not any(k.startswith(("ppl_src_", "loss_src_")) for k in plain)
+
+
+def test_source_perplexity_matches_the_unbatched_real_text_method(tok):
+    from forge_models.eval.real_text import text_perplexity
+
+    docs = ["abcabcabcqq", "xyzab", "abc"]
+    cfg = CFG.model_copy(update={"seq_len": 4, "batch_size": 3, "tasks": ("perplexity",)})
+    model = CycleOnlyLM(tok)
+    def single(text: str, add_special_tokens: bool = False) -> dict:  # real_text tokenizes one string at a time
+        return {"input_ids": tok([text])["input_ids"][0]}
+
+    reference = text_perplexity(model, single, docs, cfg, CTX)  # one window per forward pass, no padding
+    m = evaluate(model, tok, [Example(kind="arithmetic", text="abc")] + [_unit("s", d) for d in docs], cfg, CTX)
+    assert m["ppl_tokens_src_s"] == reference["ppl_tokens"]
+    assert m["loss_src_s"] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+def test_a_split_of_only_eval_source_units_has_no_pooled_perplexity(tok):
+    with pytest.raises(ConfigError, match="all eval-source units"):
+        evaluate(UniformLM(len(tok)), tok, [_unit("s", "abc")], CFG.model_copy(update={"tasks": ("perplexity",)}), CTX)
+
+
 # ------------------------------------------------------------------------------ answer-checked tasks
 
 
@@ -302,7 +395,8 @@ def test_choice_ties_go_to_the_lowest_index(tok):
 
 def test_missing_tasks_are_omitted_not_zero(tok):
     metrics = evaluate(UniformLM(len(tok)), tok, [Example(kind="text", text="just text")], CFG, CTX)
-    assert set(metrics) == {"loss", "ppl", "ppl_tokens", "n_arith", "n_tool", "n_choice", "n_tool_loop", "n_system"}
+    assert set(metrics) == {"loss", "ppl", "ppl_tokens", "n_arith", "n_tool", "n_choice", "n_tool_loop", "n_system",
+                            "loss_text", "ppl_text", "ppl_tokens_text"}  # only the kind present is broken out
     assert metrics["n_arith"] == metrics["n_tool"] == metrics["n_choice"] == metrics["n_tool_loop"] == 0
 
 

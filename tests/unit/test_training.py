@@ -24,7 +24,7 @@ from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
 from forge_models.config import DataConfig, EvalConfig, SyntheticConfig
 from forge_models.data import build_corpus, canonical_keys, held_out_keys, mask_unscored
 from forge_models.data.stream import TokenSampler
-from forge_models.data.synthetic import Example
+from forge_models.data.synthetic import Corpus, Example
 from forge_models.runtime import ConfigError, PhaseContext, QualityGateFailed, RecordingTracker, TrainingDiverged
 from forge_models.training import (
     EXIT_CRITERIA,
@@ -560,3 +560,14 @@ def test_exit_criteria_are_a_registry_that_the_config_validates_against():
     assert exit_criterion("self_model_fit")(s, stage, cfg, False) == (False, "self-model disabled: criterion cannot be met")
     with pytest.raises(ConfigError, match="unknown exit criterion"):
         exit_criterion("bored")
+
+
+def test_the_loops_validation_checks_never_read_eval_source_units(data):
+    """Checks drive rollbacks: a held-out-only source must not steer training, wherever its units sit."""
+    corpus, tokenizer = data
+    units = tuple(Example(kind="text", text=f"held out passage number {i} " * 8, source="wiki") for i in range(40))
+    with_units = Corpus(train=corpus.train, validation=units + corpus.validation, test=corpus.test)
+    cfg, ctx = small_config(), PhaseContext(seed=0, precision="fp32")
+    plain = loop_module.Loop(tiny_cognate(tokenizer), tokenizer, corpus, cfg, ctx, "d").check_rows
+    mixed = loop_module.Loop(tiny_cognate(tokenizer), tokenizer, with_units, cfg, ctx, "d").check_rows
+    assert torch.equal(plain, mixed)
