@@ -3,5 +3,6 @@
 from forge_models.compression.encoders import ENCODERS, Encoded, Encoder, make_encoder
 from forge_models.compression import seedlm as _seedlm  # noqa: F401  (registers "seedlm")
 from forge_models.compression import vptq as _vptq  # noqa: F401  (registers "vptq")
+from forge_models.compression import hf as _hf  # noqa: F401  (registers "forge_compressed" with transformers)
 
 __all__ = ["ENCODERS", "Encoded", "Encoder", "make_encoder"]

@@ -27,7 +27,10 @@ from torch import nn
 from forge_models.compression.encoders import Encoded, make_encoder
 from forge_models.runtime import ArtifactIntegrityError
 
-__all__ = ["RECIPE_FILE", "FORMAT", "write_shard", "read_shard", "write_recipe", "load_compressed", "artifact_bytes"]
+__all__ = [
+    "RECIPE_FILE", "FORMAT", "write_shard", "read_shard", "write_recipe", "read_artifact", "install_weights",
+    "load_compressed", "artifact_bytes",
+]
 
 RECIPE_FILE = "recipe.json"
 FORMAT = "forge-compressed-v1"
@@ -86,25 +89,18 @@ def decode_entry(entry: dict[str, Any], fields: dict[str, torch.Tensor], dtype: 
     return enc.decode(e, dtype)
 
 
-def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the compressed model from its folder, weights decoded to ``dtype`` on ``device``.
+def read_artifact(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(recipe, encoded fields by tensor, plain tensors) of a compressed folder, checked against its recipe.
 
     Raises:
-        ArtifactIntegrityError: missing recipe or shard, a tensor missing or unexpected, a bad payload.
+        ArtifactIntegrityError: missing recipe or shard, a wrong format, a tensor the recipe does not list.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from forge_models.bitnet.layers import PackedBitLinear
-
     folder = Path(folder)
     if not (folder / RECIPE_FILE).is_file():
         raise ArtifactIntegrityError(f"{folder} has no {RECIPE_FILE}: not a compressed artifact")
     recipe = json.loads((folder / RECIPE_FILE).read_text())
     if recipe.get("format") != FORMAT:
         raise ArtifactIntegrityError(f"{folder}/{RECIPE_FILE} has format {recipe.get('format')!r}, expected {FORMAT}")
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain: dict[str, torch.Tensor] = {}
     fields: dict[str, dict[str, torch.Tensor]] = {}
     for shard in sorted(set(e["shard"] for e in recipe["tensors"].values()) | set(recipe["plain"].values())):
@@ -114,12 +110,28 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         f, p = read_shard(path)
         fields.update(f)
         plain.update(p)
+    unlisted = [n for n in fields if n not in recipe["tensors"]]
+    if unlisted:
+        raise ArtifactIntegrityError(f"{folder} holds {unlisted[0]!r}, which the recipe does not list")
+    return recipe, fields, plain
+
+
+def install_weights(
+    model: nn.Module, recipe: dict[str, Any], fields: dict[str, dict[str, torch.Tensor]],
+    plain: dict[str, torch.Tensor], dtype: torch.dtype, where: str = "the artifact",
+) -> nn.Module:
+    """Decode every recipe tensor to ``dtype`` and put it, and the plain tensors, into ``model`` (built from the
+    artifact's config, on the meta device or not): BitLinear weights become PackedBitLinear layers.
+
+    Raises:
+        ArtifactIntegrityError: a recipe tensor with no payload, a parameter left without a stored value.
+    """
+    from forge_models.bitnet.layers import PackedBitLinear
+
     state: dict[str, torch.Tensor] = {name: t.to(dtype) for name, t in plain.items()}
     packed: dict[str, PackedBitLinear] = {}
     for name, f in fields.items():
-        entry = recipe["tensors"].get(name)
-        if entry is None:
-            raise ArtifactIntegrityError(f"{folder} holds {name!r}, which the recipe does not list")
+        entry = recipe["tensors"][name]
         if entry.get("bitlinear"):
             module = name.rsplit(".", 1)[0]
             enc = make_encoder({"name": entry["encoding"], **entry["params"]})
@@ -141,12 +153,35 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         for key in [k for k in state if k.startswith(module + ".")]:
             del state[key]
     model.load_state_dict(state, strict=False, assign=True)
+    config = model.config
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     for n in leftover:  # non-persistent buffers (rotary inv_freq) are recomputed, not stored
         if "rotary_emb" not in n:
-            raise ArtifactIntegrityError(f"{folder}: parameter {n} has no stored value")
+            raise ArtifactIntegrityError(f"{where}: parameter {n} has no stored value")
     if leftover:
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model
+
+
+def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the compressed model from its folder, weights decoded to ``dtype`` on ``device``.
+
+    ``AutoModelForCausalLM.from_pretrained(folder)`` (after ``import forge_models``) does the same through
+    transformers' quantizer registry (:mod:`forge_models.compression.hf`).
+
+    Raises:
+        ArtifactIntegrityError: missing recipe or shard, a tensor missing or unexpected, a bad payload.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    recipe, fields, plain = read_artifact(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # that entry is for from_pretrained; here we decode directly
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_weights(model, recipe, fields, plain, dtype, str(folder))
     return model.to(device).eval()

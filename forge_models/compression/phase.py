@@ -47,6 +47,7 @@ from forge_models.compression.artifact import (
 )
 from forge_models.compression.chooser import Option, choose, collect_hessians, output_damage
 from forge_models.compression.encoders import Encoded, make_encoder
+from forge_models.compression.hf import write_hf_files
 from forge_models.config import Frozen
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput, QualityGateFailed
 
@@ -230,6 +231,7 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
     model.config.to_json_file(str(out / "config.json"))
     inputs.tokenizer.save_pretrained(str(out))
     plain_shard = write_shard(out, "plain", {}, plain)
+    write_hf_files(out, plain_shard.name, list(plain))  # from_pretrained loads the folder (compression/hf.py)
 
     options: dict[str, list[Option]] = {}
     encoded: dict[str, list[Encoded | None]] = {}

@@ -116,6 +116,8 @@ def open_source(ref: str, base_dir: Path | None = None) -> SourceModel:
         raise ConfigError(f"model {ref}: folder {path} does not exist (only local folders are supported)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {ref}: {path} has no config.json")
+    if (path / "recipe.json").is_file():  # its index lists only the plain tensors; the rest are encoded
+        raise ConfigError(f"model {ref}: {path} is a compressed artifact (phase 8); merge the uncompressed models")
     try:
         tensors = read_model_index(path)
     except FileNotFoundError:

@@ -190,3 +190,84 @@ def test_tied_embedding_damage_is_head_term_plus_lookup_of_calibration_tokens(tm
     counts = torch.bincount(calib.reshape(-1), minlength=128).double()
     lookup = float((counts / counts.sum() * ((w - dec).double() ** 2).sum(1)).sum())
     assert lookup > 0 and damage == pytest.approx(head + lookup, rel=1e-5)
+
+
+def test_from_pretrained_loads_the_folder_exactly_as_load_compressed(tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    import forge_models  # noqa: F401  (registers the forge_compressed quantizer)
+
+    model = _tiny()
+    out = tmp_path / "hf"
+    run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out), _single({"name": "rtn", "bits": 4, "group": 32}), PhaseContext())
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "forge_compressed"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert not set(index["weight_map"]) & set(recipe["tensors"])  # encoded tensors are decoded, not loaded
+    with caplog.at_level("WARNING"):
+        hf = AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert not [r for r in caplog.records if "corrupted" in r.getMessage() or "MISSING" in r.getMessage()]
+    ref = load_compressed(out)
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=probe).logits, ref(input_ids=probe).logits)
+        plain = model(input_ids=probe).logits
+        assert not torch.equal(hf(input_ids=probe).logits, plain)  # the 4-bit weights, not the input's
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied again
+    half = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert (half(input_ids=probe).logits.float() - ref(input_ids=probe).logits).abs().max() < 0.1
+    with pytest.raises(ValueError, match="not serializable"):
+        hf.save_pretrained(tmp_path / "again")
+
+
+def test_from_pretrained_of_a_bitnet_artifact_has_packed_layers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.bitnet.convert import convert_to_bitnet
+    from forge_models.bitnet.layers import PackedBitLinear
+
+    model = _tiny()
+    convert_to_bitnet(model)
+    cands = ({"name": "ternary", "packing": "2bit"}, {"name": "bf16"})
+    out = tmp_path / "bit"
+    run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out), CompressionConfig(candidates=cands, target_bpw=8.0, max_loss_increase=100.0), PhaseContext())
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, PackedBitLinear) for m in hf.modules()) == 14
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=probe).logits, load_compressed(out)(input_ids=probe).logits)
+
+
+def test_from_pretrained_refuses_a_folder_whose_shard_is_gone(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.runtime import ArtifactIntegrityError
+
+    out = tmp_path / "gone"
+    run(CompressionInputs(_tiny(), _Tok(), _ids(1), _ids(2), _ids(3), out), _single({"name": "rtn", "bits": 8, "group": 32}), PhaseContext())
+    next(p for p in out.glob("shard-*.safetensors") if p.name != "shard-plain.safetensors").unlink()
+    with pytest.raises(ArtifactIntegrityError, match="missing"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_from_pretrained_loads_a_compressed_cognate_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.cognate.model import CognateForCausalLM, CognateModelConfig
+
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateModelConfig(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
+        max_refine_steps=3,
+    )).eval()
+    out = tmp_path / "cog"
+    run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out), _single({"name": "rtn", "bits": 4, "group": 32}), PhaseContext())
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(hf, CognateForCausalLM)
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=probe).logits, load_compressed(out)(input_ids=probe).logits)

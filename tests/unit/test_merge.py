@@ -341,6 +341,9 @@ def test_mismatched_models_are_refused_before_any_work(tmp_path, llamas):
     pickled.mkdir()
     shutil.copy(llamas["m1"] / "config.json", pickled)
     (pickled / "pytorch_model.bin").write_bytes(b"\0")
+    compressed = tmp_path / "compressed"  # phase 8's folder: its index lists only the plain tensors
+    shutil.copytree(llamas["m1"], compressed)
+    (compressed / "recipe.json").write_text("{}")
 
     text = "merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}, parameters: {{weight: 1}}}}]"
     for other, needle in [
@@ -351,6 +354,7 @@ def test_mismatched_models_are_refused_before_any_work(tmp_path, llamas):
         (cognate, r"architectures"),
         (other_tok, r"vocabularies differ: token 't1'"),
         (pickled, r"pickled weights"),
+        (compressed, r"compressed artifact"),
     ]:
         out = tmp_path / f"out-{other.name}"
         with pytest.raises(ConfigError, match=needle):
