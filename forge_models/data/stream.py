@@ -8,12 +8,13 @@ a ``Tool: N`` line (the calculator's output in a tool episode) get label -100 in
 and :func:`mask_unscored`, so no phase learns, or is judged on, predicting the calculator.
 
 **Chat.** With ``chat=True`` (a pretrained instruct model whose tokenizer has a chat template) the
-answer-checked kinds (arithmetic, tool, system) are rendered exactly as the harness prompts them: the
+answer-checked kinds (arithmetic, tool, system, and the choice kinds persona and narrative) are rendered
+exactly as the harness prompts or scores them: the
 prompt's ids are :func:`forge_models.generation.prompt_ids` of the prompt (a system example's prompt as
 system + user messages, as the harness's tool loop passes it), followed by the reference continuation and
 EOS (the template's end of turn). The prompt tokens are not scored (the model is taught its reply, as in
-supervised fine-tuning); tool output lines stay unscored. Choice kinds (persona, narrative) and real text
-stay plain, because the harness scores choices and perplexity on plain text.
+supervised fine-tuning); tool output lines stay unscored. Real text stays plain, because the harness scores
+perplexity on plain text.
 """
 
 from __future__ import annotations
@@ -201,8 +202,9 @@ def trains_in_chat(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-CHAT_KINDS = ("arithmetic", "tool", "system")
-"""Kinds the harness answer-checks by generation: chat-formatted in chat training (see the module docstring)."""
+CHAT_KINDS = ("arithmetic", "tool", "system", "persona", "narrative")
+"""Kinds the harness answer-checks by generation or scores as multiple choice on a chat template:
+chat-formatted in chat training (see the module docstring)."""
 
 
 def chat_training_ids(ex: Example, tokenizer: Any) -> tuple[list[int], list[bool]]:

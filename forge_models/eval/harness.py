@@ -32,7 +32,8 @@ Metrics (all measured on the given held-out examples, deterministic):
   ``system_tool_policy`` (the tools called are exactly the reference reply's: none when the prompt offers
   no tool the question needs) and ``system_answer_correct`` (the final number, ``n_system_answer``).
 - ``choice_acc`` (and ``persona_acc`` / ``narrative_acc``): multiple choice by summed log-likelihood of
-  each choice given the prompt (persona and narrative examples).
+  each choice given the prompt (persona and narrative examples; on a chat template the prompt is the user
+  turn and the choice the assistant's reply, see :func:`choice_scores`). Perplexity stays plain text.
 - ``n_arith`` / ``n_tool`` / ``n_choice``: how many examples each task used. A task with no examples
   reports its count as 0 and omits its score (a missing task is not a score of zero).
 - ``<accuracy>_lo`` / ``<accuracy>_hi``: the seeded 95% bootstrap interval of every accuracy
@@ -62,7 +63,7 @@ from forge_models.data.synthetic import Example, is_eval_unit, without_eval_unit
 from forge_models.data.system_prompts import final_number, obeys_persona, parse_system_prompt, prompt_messages, split_prompt
 from forge_models.eval.real_text import token_windows
 from forge_models.eval.stats import bootstrap_interval
-from forge_models.generation import GenerationConfig, generate, uses_chat
+from forge_models.generation import GenerationConfig, generate, prompt_ids, uses_chat
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
 from forge_models.tools import AgentTurn, ToolRegistry, default_registry, find_calls, parse_call, run_agent_batch
@@ -637,19 +638,26 @@ def choice_scores(
     """Per example, the summed log-probability of each choice's tokens given the prompt.
 
     Prompt and choice are tokenized separately and concatenated, so each choice is scored on the same
-    tokens whatever the prompt; the prompt is truncated from the left to fit the model.
+    tokens whatever the prompt; the prompt is truncated from the left to fit the model. When the tokenizer
+    has a chat template (as for generation), the prompt is the user turn and the choice, stripped of its
+    leading space, is the start of the assistant's reply: the ids generation would condition on
+    (:func:`forge_models.generation.prompt_ids`) followed by the choice's ids.
     """
     limit = _max_positions(model, cfg.seq_len)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    chat = uses_chat(tokenizer, gen)
     sequences: list[tuple[list[int], int]] = []  # (tokens, number of trailing choice tokens)
     for ex in tasks:
-        prompt_ids = _encode(tokenizer, [ex.prompt])[0]
-        for choice_ids in _encode(tokenizer, list(ex.choices)):
+        head = prompt_ids(tokenizer, ex.prompt, gen) if chat else _encode(tokenizer, [ex.prompt])[0]
+        choices = [c.strip() for c in ex.choices] if chat else list(ex.choices)
+        for choice_ids in _encode(tokenizer, choices):
             if not choice_ids or len(choice_ids) >= limit:
                 raise ConfigError(
                     f"choice {ex.choices!r} of a {ex.kind} example has {len(choice_ids)} tokens; "
                     f"it must have 1 to {limit - 1} (the model's max positions - 1)"
                 )
-            context = _context(tokenizer, prompt_ids, limit - len(choice_ids))
+            room = limit - len(choice_ids)
+            context = head[-room:] if chat else _context(tokenizer, head, room)
             sequences.append((context + choice_ids, len(choice_ids)))
     flat: list[float] = []
     with _eval_mode(model), torch.no_grad():

@@ -519,15 +519,21 @@ def test_chat_streams_render_examples_exactly_as_the_harness_prompts_them():
     assert tool_target.startswith("<tool>calculator(2 + 3)</tool>\n") and "The answer is 5." in tool_target
 
 
-def test_chat_sampler_keeps_choice_kinds_and_text_plain_and_refuses_a_tokenizer_without_template():
+def test_chat_sampler_keeps_real_text_plain_and_refuses_a_tokenizer_without_template():
     from tests.factories import byte_tokenizer
 
     chat_tok, plain_tok = byte_tokenizer(chat=True), byte_tokenizer(chat=False)
     examples = [Example(kind="arithmetic", text="Q: 1 + 1?\nA: The answer is 2.\n", prompt="Q: 1 + 1?\nA:", answer="2"),
+                Example(kind="persona", text="User: Name?\nAssistant: Forge.\n", prompt="User: Name?\nAssistant:",
+                        choices=(" Alex.", " Forge."), label=1),
                 Example(kind="text", text="Once upon a time.")]
-    sampler = TokenSampler(examples, chat_tok, {"arithmetic": 1.0, "text": 1.0}, 16, 2, seed=0, chat=True)
+    sampler = TokenSampler(examples, chat_tok, {"arithmetic": 1.0, "persona": 1.0, "text": 1.0}, 16, 2, seed=0, chat=True)
     assert chat_tok.decode(sampler.streams["text"].tolist()) == "Once upon a time.<|im_end|>"
     assert "<|im_start|>user" in chat_tok.decode(sampler.streams["arithmetic"].tolist())
+    # a choice kind is taught as the harness scores it on a chat template: the prompt as the user turn, the
+    # right choice (without its leading space) as the reply
+    persona = chat_tok.decode(sampler.streams["persona"].tolist())
+    assert persona == "<|im_start|>user\nUser: Name?\nAssistant:<|im_end|>\n<|im_start|>assistant\nForge.<|im_end|>"
     plain = TokenSampler(examples, chat_tok, {"arithmetic": 1.0}, 16, 2, seed=0)  # chat is opt-in
     assert "<|im_start|>" not in chat_tok.decode(plain.streams["arithmetic"].tolist())
     with pytest.raises(ConfigError, match="chat template"):

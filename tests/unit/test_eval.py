@@ -386,6 +386,41 @@ def test_choice_accuracy_follows_model_preference(tok):
     assert evaluate(ScriptedLM(tok, wrong), tok, examples, CFG, CTX)["choice_acc"] == 0.0
 
 
+def test_choices_are_scored_as_the_reply_of_a_chat_turn_on_a_chat_template():
+    from forge_models.eval import choice_scores
+    from forge_models.generation import GenerationConfig, prompt_ids
+    from tests.factories import byte_tokenizer
+
+    chat_tok = byte_tokenizer(chat=True)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[list[int]] = []
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            from types import SimpleNamespace
+
+            for row, mask in zip(input_ids, attention_mask):
+                self.seen.append(row[mask.bool()].tolist())
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(chat_tok)))
+
+    ex = _choice("persona", "User: What is your name?\nAssistant:", (" Alex.", " Forge."), 1)
+    model = Recorder()
+    scores = choice_scores(model, chat_tok, [ex], CFG, CTX)[0]
+    head = prompt_ids(chat_tok, ex.prompt, GenerationConfig())
+    assert chat_tok.decode(head).startswith("<|im_start|>user\nUser: What is your name?")
+    expected = [head + chat_tok(c, add_special_tokens=False)["input_ids"] for c in ("Alex.", "Forge.")]
+    assert sorted(model.seen) == sorted(expected)
+    # uniform logits: each choice scores -len(choice) * log(vocab), so the scored tail is exactly the choice
+    assert scores == pytest.approx([-len("Alex.") * math.log(len(chat_tok)), -len("Forge.") * math.log(len(chat_tok))])
+    plain = byte_tokenizer(chat=False)  # no template: the plain prompt + the choice with its space, as before
+    model = Recorder()
+    choice_scores(model, plain, [ex], CFG, CTX)
+    assert plain.decode(model.seen[0]) == "<|endoftext|>User: What is your name?\nAssistant: Alex."
+
+
 def test_choice_ties_go_to_the_lowest_index(tok):
     choices = (" cat", " dog", " cow")  # equal token counts: a uniform model scores them equally
     examples = [_choice("narrative", f"Story {i}.\nAnswer:", choices, label) for i, label in enumerate((0, 0, 1))]
