@@ -33,8 +33,8 @@ tokens cut from the training chunks; the first step is a warm-up and not timed.
 Fine-tune throughput (--part finetune): the project's loop (the Cognate phase's pretrained-route sibling
 fine-tune, `forge_models.cognate.phase._fine_tune_sibling`, full and LoRA) against a plain PyTorch loop on the
 very same batches (a TokenSampler over the training chunks: batch i is a function of (seed, i)), AdamW,
-clip 1.0, under the same autocast. Runs alternate plain / project for --rounds rounds so drift on a shared
-machine shows as spread; step 0 of every run is a warm-up and not timed; tokens/s = timed tokens / timed
+clip 1.0, under the same autocast. Each of --rounds rounds runs both, plain first in even rounds and project
+first in odd ones, so drift on a shared machine and first-run costs show as spread; step 0 of every run is a warm-up and not timed; tokens/s = timed tokens / timed
 seconds (per-step seconds of the project loop are read from the metrics it logs).
 
 Tasks: the shared harness (forge_models.eval.evaluate) on the synthetic validation split (seed 1234, 4,000
@@ -224,50 +224,61 @@ def part_finetune(model, tok, args) -> dict:
         for method in args.methods.split(","):
             sibling = SiblingConfig(name="bench", method=method, train=tcfg, lora=LoraSettings(rank=8, alpha=16))
             for rnd in range(args.rounds):
-                # Plain loop: the same batches and labels, AdamW, clip 1.0, autocast of the same precision.
-                ctx = PhaseContext(precision=precision)
-                m = copy.deepcopy(model).train()
-                if method == "lora":
-                    from peft import LoraConfig, get_peft_model
+                def plain_run():
+                    # Plain loop: the same batches and labels, AdamW, clip 1.0, autocast of the same precision.
+                    ctx = PhaseContext(precision=precision)
+                    m = copy.deepcopy(model).train()
+                    if method == "lora":
+                        from peft import LoraConfig, get_peft_model
 
-                    torch.manual_seed(8)
-                    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                       "o_proj", "gate_proj", "up_proj", "down_proj"], bias="none"))
-                params = [p for p in m.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
-                times, plain_losses = [], []
-                for step in range(steps):
+                        torch.manual_seed(8)
+                        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                           "o_proj", "gate_proj", "up_proj", "down_proj"], bias="none"))
+                    params = [p for p in m.parameters() if p.requires_grad]
+                    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+                    times, losses = [], []
+                    for step in range(steps):
+                        t0 = time.perf_counter()
+                        batch, labels = sampler.batch(step), sampler.labels(step)
+                        with ctx.autocast():
+                            loss = m(input_ids=batch, labels=labels).loss
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        losses.append(float(loss))
+                        if step > 0:
+                            times.append(time.perf_counter() - t0)
+                    return timed_tokens / sum(times), losses
+
+                def project_run():
+                    # Project loop: the Cognate phase's sibling fine-tune (no checkpoints: none is written in the
+                    # loop of the plain baseline either).
+                    tracker = RecordingTracker()
+                    ctx = PhaseContext(precision=precision, tracker=tracker)
+                    stage = _Stage(name="bench", train=tcfg, seed=7, act_threshold=1.0, max_refine_steps=1,
+                                   step_offset=0, digest="bench")
                     t0 = time.perf_counter()
-                    batch, labels = sampler.batch(step), sampler.labels(step)
-                    with ctx.autocast():
-                        loss = m(input_ids=batch, labels=labels).loss
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    plain_losses.append(float(loss))
-                    if step > 0:
-                        times.append(time.perf_counter() - t0)
-                plain = timed_tokens / sum(times)
-                del m, opt, params
-                # Project loop: the Cognate phase's sibling fine-tune (no checkpoints: none is written in the loop
-                # of the plain baseline either).
-                tracker = RecordingTracker()
-                ctx = PhaseContext(precision=precision, tracker=tracker)
-                stage = _Stage(name="bench", train=tcfg, seed=7, act_threshold=1.0, max_refine_steps=1, step_offset=0,
-                               digest="bench")
-                t0 = time.perf_counter()
-                _, result = _fine_tune_sibling(model, stage, sibling, examples, tok, CognateConfig(), ctx,
-                                               _Progress(ctx, total=steps))
-                wall = time.perf_counter() - t0
-                step_s = [args.batch * args.seq / tps for _, tps in tracker.series("bench/tokens_per_s")]
-                project_seconds = sum(step_s[1:])
-                project = timed_tokens / project_seconds
-                row = {"precision": precision, "method": method, "round": rnd, "plain_tokens_per_s": plain,
-                       "project_tokens_per_s": project, "ratio": project / plain, "project_wall_s": wall,
+                    _, result = _fine_tune_sibling(model, stage, sibling, examples, tok, CognateConfig(), ctx,
+                                                   _Progress(ctx, total=steps))
+                    wall = time.perf_counter() - t0
+                    step_s = [args.batch * args.seq / tps for _, tps in tracker.series("bench/tokens_per_s")]
+                    return timed_tokens / sum(step_s[1:]), [v for _, v in result.curve], wall, wall - sum(step_s)
+
+                # The order alternates by round (plain first in even rounds, project first in odd ones), so
+                # whatever the first run of a pair pays (allocator, caches) falls on both sides.
+                if rnd % 2 == 0:
+                    plain, plain_losses = plain_run()
+                    project, project_losses, wall, outside = project_run()
+                else:
+                    project, project_losses, wall, outside = project_run()
+                    plain, plain_losses = plain_run()
+                row = {"precision": precision, "method": method, "round": rnd, "first": "plain" if rnd % 2 == 0 else "project",
+                       "plain_tokens_per_s": plain, "project_tokens_per_s": project, "ratio": project / plain,
+                       "project_wall_s": wall,
                        # time of the project call outside its timed steps: copying the model, peft, logging
-                       "project_outside_steps_s": wall - sum(step_s),
-                       "plain_losses": plain_losses, "project_losses": [v for _, v in result.curve]}
+                       "project_outside_steps_s": outside,
+                       "plain_losses": plain_losses, "project_losses": project_losses}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if not k.endswith("losses")}), flush=True)
                 save(args, "finetune_partial", {"rows": rows})
