@@ -76,6 +76,13 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             f"generation accuracy) | {_fmt(m.get('quietstar/answer_prob_without'))} | "
             f"{_fmt(m.get('quietstar/answer_prob_with'))} | {_fmt(m.get('quietstar/answer_prob_gain'))} "
             f"[{_fmt(m.get('quietstar/answer_prob_gain_lo'))}, {_fmt(m.get('quietstar/answer_prob_gain_hi'))}] |",
+            f"| generated exact match, arithmetic ({int(m.get('quietstar/n_gen', 0))} ex.; greedy, thoughts "
+            f"before every token) | {_fmt(m.get('quietstar/gen_em_without'))} | {_fmt(m.get('quietstar/gen_em_with'))} "
+            f"| {_fmt(m.get('quietstar/gen_em_gain'))} [{_fmt(m.get('quietstar/gen_em_gain_lo'))}, "
+            f"{_fmt(m.get('quietstar/gen_em_gain_hi'))}] |",
+            f"| generation speed, tokens/s (same loop) | {_fmt(m.get('quietstar/gen_tokens_per_s_without'))} | "
+            f"{_fmt(m.get('quietstar/gen_tokens_per_s_with'))} | {_fmt(m.get('quietstar/gen_slowdown'))}x slower "
+            f"with thoughts |",
             "", f"Learning signal: mean |w| of the mixing head {m.get('quietstar/w_abs_step0', 0.0):.4f} at step 0 "
             f"(zero-initialised), {_fmt(m.get('quietstar/w_abs_heldout'))} on held-out text after training.",
             f"Training throughput: {m.get('quietstar/train_tokens_per_s', float('nan')):.1f} tokens/s.",

@@ -58,3 +58,7 @@ class QuietStarConfig(BaseModel):
     data_mix: DataMix = data_mix_field()
     eval_examples: int = Field(
         48, ge=1, description="held-out examples (per measure) of the with-vs-without-thoughts comparison.")
+    gen_examples: int = Field(
+        16, ge=0,
+        description="held-out arithmetic prompts answered by generation with and without thoughts (exact match "
+                    "and tokens/s of both; 0 skips it). Costs budget + 3 model steps per generated token.")

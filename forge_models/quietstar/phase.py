@@ -26,8 +26,10 @@ from forge_models.data import Corpus
 from forge_models.data.stream import TokenSampler
 from forge_models.data.synthetic import Example, without_eval_units
 from forge_models.eval import evaluate, paired_difference, paired_metrics
+from forge_models.eval.harness import ARITH_STOPS, extract_answer
+from forge_models.generation import GenerationConfig, eos_ids, prompt_ids
 from forge_models.quietstar.config import QuietStarConfig
-from forge_models.quietstar.thoughts import QuietStar, Streams, quietstar_loss, thought_logits
+from forge_models.quietstar.thoughts import QuietStar, Streams, generate_ids, quietstar_loss, thought_logits
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput, check_finite
 
 
@@ -113,6 +115,8 @@ def _train(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: Phas
         for k in curves:
             curves[k].append((step, float(out[k].detach())))
         ctx.tracker.log_metrics({f"quietstar/{k}": float(out[k].detach()) for k in curves}, step)
+        ctx.tracker.progress(step + 1, cfg.steps, f"loss {float(out['loss']):.4f} |w| {float(out['w_abs']):.4f} "
+                             f"({elapsed / (step + 1):.1f} s/step)")
     return curves, tokens / elapsed if elapsed else float("nan"), w_first
 
 
@@ -184,4 +188,41 @@ def measure_thoughts(qs: QuietStar, tokenizer: Any, held: Sequence[Example], cfg
         out.update({"answer_prob_without": sum(p_without) / len(p_without),
                     "answer_prob_with": sum(p_with) / len(p_with), "answer_prob_gain": d,
                     "answer_prob_gain_lo": lo, "answer_prob_gain_hi": hi, "n_arith": float(len(p_with))})
+    out.update(generated_exact_match(qs, tokenizer, held, cfg, eval_cfg))
     return out
+
+
+def generated_exact_match(qs: QuietStar, tokenizer: Any, held: Sequence[Example], cfg: QuietStarConfig,
+                          eval_cfg: EvalConfig) -> dict[str, float]:
+    """Arithmetic answered by greedy generation with ``cfg.thought_tokens`` thoughts before every token and
+    without (budget 0), on the same held-out prompts, formatted and checked as the harness does (chat template
+    where there is one, one line, "The answer is N"). Also the generation speed of both, timed in the same
+    loop (the thought overhead)."""
+    tasks = [ex for ex in held if ex.kind == "arithmetic" and ex.prompt and ex.answer][: cfg.gen_examples]
+    if not tasks:
+        return {}
+    gcfg = GenerationConfig(max_new_tokens=eval_cfg.max_new_tokens)
+    eos = eos_ids(qs.model, tokenizer)
+
+    def stop(new: list[int]) -> bool:
+        return any(s in tokenizer.decode(new, skip_special_tokens=True) for s in ARITH_STOPS)
+
+    hits: dict[int, list[float]] = {0: [], cfg.thought_tokens: []}
+    tokens = {b: 0 for b in hits}
+    seconds = {b: 0.0 for b in hits}
+    for i, ex in enumerate(tasks):
+        prompt = prompt_ids(tokenizer, ex.prompt, gcfg)
+        for budget in hits:
+            t0 = time.perf_counter()
+            new = generate_ids(qs, prompt, gcfg.max_new_tokens, budget, eos, seed=i, should_stop=stop)
+            seconds[budget] += time.perf_counter() - t0
+            tokens[budget] += len(new)
+            text = tokenizer.decode(new, skip_special_tokens=True).split("\n")[0]
+            hits[budget].append(float(extract_answer(text) == ex.answer))
+    off, on = hits[0], hits[cfg.thought_tokens]
+    d, lo, hi = paired_difference(on, off, eval_cfg.bootstrap_samples, eval_cfg.bootstrap_seed)
+    tps_off, tps_on = tokens[0] / seconds[0], tokens[cfg.thought_tokens] / seconds[cfg.thought_tokens]
+    return {"gen_em_without": sum(off) / len(off), "gen_em_with": sum(on) / len(on), "gen_em_gain": d,
+            "gen_em_gain_lo": lo, "gen_em_gain_hi": hi, "n_gen": float(len(tasks)),
+            "gen_tokens_per_s_without": tps_off, "gen_tokens_per_s_with": tps_on,
+            "gen_slowdown": tps_off / tps_on}

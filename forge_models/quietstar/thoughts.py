@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -286,22 +286,86 @@ def thought_logits(qs: QuietStar, x: torch.Tensor, budget: int | None = None,
     return out
 
 
+class ThoughtDecoder:
+    """Next-token logits after a thought at the **last** position only: what generation needs.
+
+    :func:`thought_logits` thinks at every position of ``x`` (right for scoring a text, T times the work for
+    generating one token). Here the stream of the last position j is fed token by token: start at position
+    j + 1, the sampled thought tokens, end — the same stream, positions and attention as block s of
+    :class:`Streams` at position j (tested against it). A Llama-family model keeps the text's KV cache
+    across generated tokens and crops the thought off it after each prediction, so a token costs one text
+    step plus ``budget + 2`` single-token steps; Cognate (no cache) re-runs the text + stream each step.
+    """
+
+    def __init__(self, qs: QuietStar, budget: int | None = None, gen: torch.Generator | None = None) -> None:
+        self.qs, self.gen = qs, gen
+        self.budget = qs.cfg.thought_tokens if budget is None else budget
+        self.device = qs.model.get_input_embeddings().weight.device
+        self.ids: list[int] = []
+        self.cache = None
+        if qs.cached:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+
+    def _run(self, ids: list[int], start: int) -> torch.Tensor:
+        """Hidden state of the last of ``ids``, fed at positions start.. (after the cache, when there is one)."""
+        x = torch.tensor([ids], device=self.device)
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]
+        return self.qs.trunk(self.qs.embed(x), None, pos, self.cache).last_hidden_state[:, -1:]
+
+    @torch.no_grad()
+    def next_logits(self, new_ids: list[int]) -> torch.Tensor:
+        """Append ``new_ids`` to the text; logits (V,) of the token after it (delimiters masked to -inf)."""
+        qs, n0 = self.qs, len(self.ids)
+        self.ids.extend(new_ids)
+        if self.cache is not None:
+            h_base = self._run(list(new_ids), n0)
+        else:
+            h_base = self._run(self.ids, 0)
+        if self.budget == 0:
+            out = qs.logits(h_base)
+        else:
+            T, stream, tok, h = len(self.ids), [], qs.start_id, h_base
+            for s in range(self.budget + 2):  # start, the thought tokens, end
+                stream.append(tok)
+                h = self._run([tok], T + s) if self.cache is not None else self._run(self.ids + stream, 0)
+                if s < self.budget:
+                    tok = int(sample_thought_token(qs.logits(h), qs, qs.cfg.eval_temperature, self.gen)[0, -1])
+                else:
+                    tok = qs.end_id
+            if self.cache is not None:
+                # the thought is never part of the context (transformers 5: crop(-n) removes the last n)
+                self.cache.crop(-(self.budget + 2))
+                if self.cache.get_seq_length() != T:
+                    raise RuntimeError(f"KV cache holds {self.cache.get_seq_length()} positions after the thought, "
+                                       f"expected the text's {T}")
+            w = qs.head(h_base, h)
+            out = qs.logits(((1 - w) * h_base.float() + w * h.float()).to(h.dtype))
+        out = out[0, -1]
+        out[[qs.start_id, qs.end_id]] = float("-inf")
+        return out
+
+
 @torch.no_grad()
 def generate_ids(qs: QuietStar, prompt: list[int], max_new_tokens: int, budget: int | None = None,
-                 eos: set[int] | None = None, seed: int = 0) -> list[int]:
-    """Greedy continuation of ``prompt``; each new token is predicted after a thought at the last position.
-    Thoughts are never part of the context or the output (released code did not teach the model not to emit
-    them, so the delimiters are masked)."""
-    gen = torch.Generator().manual_seed(seed)
-    device = qs.model.get_input_embeddings().weight.device
-    ids = list(prompt)
+                 eos: set[int] | None = None, seed: int = 0,
+                 should_stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Greedy continuation of ``prompt``; each new token is predicted after a thought at the last position
+    (:class:`ThoughtDecoder`). Thoughts are never part of the context or the output (released code did not
+    teach the model not to emit them, so the delimiters are masked). ``should_stop(new_ids)`` ends early."""
+    if not prompt:
+        raise ConfigError("generate_ids needs a non-empty prompt")
+    dec = ThoughtDecoder(qs, budget, torch.Generator(device=qs.model.get_input_embeddings().weight.device).manual_seed(seed))
+    out: list[int] = []
+    nxt = list(prompt)
     for _ in range(max_new_tokens):
-        x = torch.tensor([ids], device=device)
-        nxt = int(thought_logits(qs, x, budget, gen)[0, -1].argmax())
-        ids.append(nxt)
-        if eos and nxt in eos:
+        tok = int(dec.next_logits(nxt).argmax())
+        out.append(tok)
+        nxt = [tok]
+        if (eos and tok in eos) or (should_stop is not None and should_stop(out)):
             break
-    return ids[len(prompt):]
+    return out
 
 
 # ------------------------------------------------------------------------------ storage

@@ -160,3 +160,40 @@ def test_generation_never_emits_thought_tokens_and_survives_reload(tokenizer, tm
     assert generate_ids(qs2, prompt, 12, budget=0) == plain
     thinking = QuietStar.from_pretrained(tmp_path / "qs")
     assert thinking.generate(prompt, 12) == out and thinking.generate(prompt, 12, budget=0) == plain
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_cognate], ids=["llama", "cognate"])
+def test_last_position_decoder_equals_the_parallel_streams(make, tokenizer):
+    """Generation thinks at the last position only (cached for Llama); it must predict what the parallel
+    all-positions pass predicts there, token after token, and never keep the thought in its context."""
+    from forge_models.quietstar.thoughts import ThoughtDecoder
+
+    # ~greedy thoughts so both paths pick the same thought tokens despite different noise draws
+    qs = _wrap(make(), tokenizer, thought_tokens=3, eval_temperature=1e-6)
+    with torch.no_grad():
+        qs.head.net[-1].bias.fill_(0.4)  # w != 0: the thought changes the prediction
+    qs.eval()
+    ids = [3, 9, 14, 2, 40, 7, 11]
+    dec = ThoughtDecoder(qs, gen=torch.Generator().manual_seed(1))
+    nxt = ids[:4]
+    for step in range(4):
+        got = dec.next_logits(nxt)
+        seq = torch.tensor([dec.ids])
+        ref = thought_logits(qs, seq, None, torch.Generator().manual_seed(2))[0, -1]
+        plain = thought_logits(qs, seq, 0)[0, -1]
+        assert torch.allclose(got, ref, atol=1e-4), (step, (got - ref).abs().max())
+        assert not torch.allclose(got, plain, atol=1e-3)  # the thought mattered
+        if dec.cache is not None:
+            assert dec.cache.get_seq_length() == len(dec.ids)  # thought cropped off the context
+        nxt = [ids[4 + step]] if step < 3 else [int(got.argmax())]
+    plain_dec = ThoughtDecoder(qs, budget=0)
+    assert torch.equal(plain_dec.next_logits(ids).argmax(), thought_logits(qs, torch.tensor([ids]), 0)[0, -1].argmax())
+
+
+def test_generation_stops_when_asked(tokenizer):
+    qs = _wrap(tiny_llama(), tokenizer, thought_tokens=2).eval()
+    full = generate_ids(qs, [5, 6, 7], 8)
+    cut = generate_ids(qs, [5, 6, 7], 8, should_stop=lambda out: len(out) >= 3)
+    assert cut == full[:3]
+    with pytest.raises(Exception, match="non-empty prompt"):
+        generate_ids(qs, [], 4)

@@ -3,6 +3,7 @@ without thoughts, and its output survives save/load."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -15,7 +16,8 @@ from forge_models.quietstar import QuietStarConfig, QuietStarInputs, generate_id
 from forge_models.runtime import ConfigError, PhaseContext
 from tests.factories import corpus_and_tokenizer, tiny_llama
 
-CFG = QuietStarConfig(steps=3, batch_size=2, seq_len=16, thought_tokens=2, n_ahead_talk=2, eval_examples=4)
+CFG = QuietStarConfig(steps=3, batch_size=2, seq_len=16, thought_tokens=2, n_ahead_talk=2, eval_examples=4,
+                      gen_examples=4)
 EVAL = EvalConfig(max_examples=8, ppl_max_tokens=256, max_new_tokens=4, bootstrap_samples=200)
 
 
@@ -32,7 +34,7 @@ def _run(corpus, tok):
 
 
 def _stable(metrics):
-    return {k: v for k, v in metrics.items() if "tokens_per_s" not in k}
+    return {k: v for k, v in metrics.items() if "tokens_per_s" not in k and "slowdown" not in k}
 
 
 def test_test_split_is_never_read_and_metrics_are_measured(data, tmp_path):
@@ -47,6 +49,11 @@ def test_test_split_is_never_read_and_metrics_are_measured(data, tmp_path):
         assert math.isfinite(m[key]), key
     assert m["quietstar/w_abs_step0"] == 0.0  # zero-initialised mixing head
     assert m["quietstar/nll_gain_lo"] <= m["quietstar/nll_gain"] <= m["quietstar/nll_gain_hi"]
+    # generated exact match with vs without thoughts, on the same held-out prompts, and both speeds
+    assert m["quietstar/n_gen"] >= 1
+    assert 0 <= m["quietstar/gen_em_without"] <= 1 and 0 <= m["quietstar/gen_em_with"] <= 1
+    assert m["quietstar/gen_em_gain_lo"] <= m["quietstar/gen_em_gain"] <= m["quietstar/gen_em_gain_hi"]
+    assert m["quietstar/gen_tokens_per_s_without"] > 0 and m["quietstar/gen_tokens_per_s_with"] > 0
     assert len(clean.curves["w_abs"]) == CFG.steps
 
     qs = clean.models["model"]
@@ -89,3 +96,36 @@ def test_forge_phase_quietstar_and_pipeline_validation(tmp_path):
     assert chain.quietstar.steps == 60
     with pytest.raises(ConfigProblems, match="quietstar.input_model"):
         load_config("tiny", overrides=["phases=[cognate, quietstar]"])
+
+
+def test_generated_exact_match_checks_the_answer(data):
+    """A model that always says the right answer scores 1 with and without thoughts; a wrong one 0."""
+    from forge_models.quietstar.phase import generated_exact_match
+    from forge_models.quietstar.thoughts import QuietStar
+
+    corpus, tok = data
+    tok = copy.deepcopy(tok)  # wrap adds the thought tokens to it
+    held = [ex for ex in corpus.split("validation") if ex.kind == "arithmetic" and ex.prompt and ex.answer][:3]
+    assert held
+    torch.manual_seed(0)
+    qs = QuietStar.wrap(tiny_llama(vocab=len(tok), hidden=32, inter=64, max_position_embeddings=256), tok,
+                        CFG).eval()
+    scripted = {}
+
+    def fake_generate(qs_, prompt, n, budget, eos, seed, should_stop):
+        ex = held[seed]
+        text = scripted["reply"](ex) + "\n"
+        return tok.encode(text, add_special_tokens=False)
+
+    import forge_models.quietstar.phase as phase
+    orig = phase.generate_ids
+    phase.generate_ids = fake_generate
+    try:
+        scripted["reply"] = lambda ex: f"The answer is {ex.answer}."
+        good = generated_exact_match(qs, tok, held, CFG, EVAL)
+        scripted["reply"] = lambda ex: f"The answer is {ex.answer}1."
+        bad = generated_exact_match(qs, tok, held, CFG, EVAL)
+    finally:
+        phase.generate_ids = orig
+    assert good["gen_em_with"] == good["gen_em_without"] == 1.0 and good["n_gen"] == len(held)
+    assert bad["gen_em_with"] == bad["gen_em_without"] == 0.0
