@@ -16,8 +16,10 @@ torch thread (:func:`on_torch_thread`), whichever thread the web server answers 
 
 What phase 7 attaches to the artifact is applied when present (see `Agent.load`): ``agent.json`` (the
 agent configuration the ADAS search chose: experts or mixture, tools on/off, decoding and votes, answer
-extraction, prompt style) and ``experts/`` (the SVF expert library it names). Both are covered by the
-artifact's manifest, so a changed ``agent.json`` is refused naming the file. A request's own ``tools`` /
+extraction, prompt style) and ``experts/`` (the SVF expert library it names). They sit at the artifact's root
+(phase 7's output) or inside its model folder (phase 8's compressed folder, which carries the library
+basis-free: it is re-based on the loaded model's decoded weights, ``load_experts(..., model=...)``). Both are
+covered by the artifact's manifest, so a changed ``agent.json`` is refused naming the file. A request's own ``tools`` /
 ``temperature`` / ``max_tokens`` override the configuration's; without ``agent.json`` the agent is the plain
 model with tools on, as before.
 """
@@ -227,7 +229,7 @@ class Agent:
         model = load_model(models[0], dev)
         model.eval()
         tokenizer = load_tokenizer(models[0])
-        agent_config, experts = _attachments(folder)
+        agent_config, experts = _attachments(folder, models[0], model)
         found = (["agent.json"] if agent_config is not None else []) + (["experts"] if experts is not None else [])
         return cls(model, tokenizer, folder, manifest["digest"], dev, limits or ServingLimits(), precision,
                    {k: True for k in found}, name, agent_config, experts)
@@ -352,8 +354,12 @@ class Agent:
                 "finish": "length" if g.finish == "length" else "stop"}
 
 
-def _attachments(folder: Path) -> tuple[Any, Any]:
+def _attachments(folder: Path, model_dir: Path | None = None, model: Any = None) -> tuple[Any, Any]:
     """(AgentConfig, ExpertLibrary) from what phase 7 stored in the artifact, each None when absent.
+
+    Looked for at the artifact's root (phase 7's layout) or in its model folder ``model_dir`` (phase 8's
+    compressed folder); both holding some is refused as ambiguous. A basis-free library (the compressed
+    folder's) is re-based on ``model``, the loaded model, and the change of its basis is logged.
 
     Called after the artifact's manifest was verified (so agent.json is the stored one). A configuration
     this server cannot run is refused naming agent.json, never run without what it asks for.
@@ -362,8 +368,22 @@ def _attachments(folder: Path) -> tuple[Any, Any]:
     from forge_models.experts import load_experts
     from forge_models.runtime import ArtifactIntegrityError, ConfigError
 
-    experts = load_experts(folder / "experts") if (folder / "experts" / "experts.json").is_file() else None
-    path = folder / "agent.json"
+    def holds(place: Path) -> bool:
+        return (place / "agent.json").is_file() or (place / "experts" / "experts.json").is_file()
+
+    places = [p for p in (folder, model_dir) if p is not None and holds(p)]
+    if len(places) > 1:
+        raise ArtifactIntegrityError(f"{folder}: agent.json / experts/ both at the artifact's root and in "
+                                     f"{model_dir.name}/; the served agent takes one set")
+    place = places[0] if places else folder
+    experts = (load_experts(place / "experts", model=model) if (place / "experts" / "experts.json").is_file()
+               else None)
+    if experts is not None and experts.rebased:
+        summary = experts.rebase_summary()
+        log.info("artifact %s: experts re-based on the loaded weights (%d of %d targets changed; singular values "
+                 "moved by up to %.3g relative)", folder, summary["targets_changed"], summary["targets"],
+                 summary["s_rel_change_max"])
+    path = place / "agent.json"
     if not path.is_file():
         return None, experts
     try:

@@ -4,9 +4,20 @@ Input: the one model of the previous phase's artifact. A BitNet artifact (``mode
 is rebuilt from its latent weights (`tasks.inputs.load_input_model`), so its BitLinear weights are stored
 exactly as the ternary codes the layer computes with; anything else is loaded as a Hugging Face causal LM.
 
+When the input carries what phase 7 attached (``experts/``, ``agent.json`` at its root), both travel into the
+compressed folder: ``model/agent.json`` as it was and ``model/experts/`` basis-free (z only; the served agent
+re-bases it on the decoded weights, see ``forge_models.experts.library``). Their bytes count in the folder's
+size and budget. The report measures how far each target's singular values and directions moved and, per
+skill on at most ``eval.max_examples`` held-out examples, the expert's effect on the input vs on the
+compressed model.
+
 Output prefix: ``model/`` — the compressed folder (``config.json``, tokenizer, ``recipe.json``,
-``shard-*.safetensors``; loads with ``forge_models.compression.artifact.load_compressed``), ``phase.json``,
-``report.md`` and ``manifest.json`` (last).
+``shard-*.safetensors``, and ``agent.json`` / ``experts/`` when carried; loads with
+``forge_models.compression.artifact.load_compressed``), ``phase.json``, ``report.md`` and ``manifest.json`` (last).
+
+Cache key: ``previous.digest`` is the sha256 of the input's manifest, which lists every file of the input
+prefix with its sha256 (``experts/*`` and ``agent.json`` included), so a changed library or configuration
+changes the key.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
 from tasks.store import ArtifactRef
 
-COMPRESSION_VERSION = "1"
+COMPRESSION_VERSION = "2"  # 2: carries agent.json and the expert vectors
 EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 
@@ -39,6 +50,31 @@ def folder_bytes(folder: Path, exclude: str | None = None) -> int:
                if p.is_file() and (exclude is None or exclude not in p.relative_to(folder).parts))
 
 
+def input_attachments(model_root: Path, folder: Path) -> tuple[Path | None, Path | None]:
+    """(expert library folder, agent.json) the input carries, each None when absent: at the input prefix's
+    root (phase 7's layout), else in its model folder (a compressed folder's layout)."""
+    for place in (model_root, folder):
+        experts, agent = place / "experts", place / "agent.json"
+        found = (experts if (experts / "manifest.json").is_file() else None, agent if agent.is_file() else None)
+        if any(found):
+            return found
+    return None, None
+
+
+def _effect_lines(effects: dict, metrics: dict) -> list[str]:
+    lines = ["", "Each expert on its own skill (held-out examples, the same for both models; d = expert - base, "
+             "paired; 95% bootstrap):", "",
+             "| skill | n | d on input [95%] | d on compressed [95%] | d compressed - d input [95%] |",
+             "|---|---|---|---|---|"]
+    for k, row in effects.items():
+        cells = []
+        for what in ("d_input", "d_compressed", "d_change"):
+            m = f"experts/{k}/{what}"
+            cells.append(f"{metrics[m]:+.3f} [{metrics[m + '_lo']:+.3f}, {metrics[m + '_hi']:+.3f}]")
+        lines.append(f"| {k} | {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _body(config: ForgeConfig, previous: ArtifactRef):
     def body(ctx: PhaseContext, inputs: list[Path], out_dir: Path) -> PhaseWritten:
         import forge_models  # noqa: F401  (registers Cognate)
@@ -48,6 +84,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.compression.phase import CompressionConfig, CompressionInputs, run, token_blocks
         from forge_models.data import Corpus
         from forge_models.eval import evaluate, paired_metrics
+        from forge_models.adas import AgentConfig
+        from forge_models.experts import load_experts
+        from forge_models.runtime import ArtifactIntegrityError, ConfigError
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
@@ -56,6 +95,17 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         tokenizer = load_tokenizer(folder)
         corpus = Corpus.load(dataset_dir / "corpus")
         cfg = config.compression
+        experts_dir, agent_path = input_attachments(model_root, folder)
+        library = load_experts(experts_dir, model=model) if experts_dir is not None else None
+        agent_text = agent_path.read_text() if agent_path is not None else None
+        if agent_text is not None:  # refused before compute if the served agent could not run it
+            try:
+                agent_cfg = AgentConfig.from_json(agent_text)
+            except ConfigError as exc:
+                raise ArtifactIntegrityError(f"{agent_path}: {exc}") from None
+            missing = sorted(set(agent_cfg.experts) - set(library.skills if library is not None else []))
+            if missing:
+                raise ArtifactIntegrityError(f"{agent_path}: names experts {missing} that the input's library lacks")
         is_bitnet = any(isinstance(m, BitLinear) for m in model.modules())
         added = []
         if is_bitnet and not any(c.get("name") == "ternary" for c in cfg.candidates):
@@ -71,7 +121,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         test = token_blocks(tokenizer, [e.text for e in held_out if not e.source], cfg.seq_len, cfg.test_sequences)
 
         out = run(CompressionInputs(model=model, tokenizer=tokenizer, calib_ids=calib, val_ids=val, test_ids=test,
-                                    out_dir=out_dir / "model"), cfg, ctx)
+                                    out_dir=out_dir / "model", experts=library, agent_config=agent_text), cfg, ctx)
         compressed = out.models["model"]  # reloaded from the written folder: what is stored is what is measured
 
         # The harness on the held-out split, input vs the reloaded artifact, paired on the same examples.
@@ -89,6 +139,12 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             metrics[f"input/{k}"] = float(v)
         for k, v in after.items():
             metrics[f"compressed/{k}"] = float(v)
+
+        carried_lines: list[str] = []
+        details = {k: v for k, v in out.details.items() if k != "recipe"}
+        if library is not None or agent_text is not None:
+            carried_lines = _carried(config, out, metrics, details, library, agent_text, experts_dir, model, compressed,
+                                     tokenizer, held_out, out_dir / "model", ctx)
 
         recipe = json.loads((out_dir / "model" / "recipe.json").read_text())["tensors"]
         by_enc = out.details.get("weights_by_encoding", {})
@@ -125,14 +181,68 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             *[f"| {k} | {v:,} | {v / total_w:.1%} |" for k, v in sorted(by_enc.items(), key=lambda kv: -kv[1])],
             "",
             f"{len(recipe)} tensors encoded; the full per-tensor recipe is `model/recipe.json`.",
+            *carried_lines,
         ]
         return PhaseWritten(
             metrics=metrics, report_md="\n".join(lines) + "\n",
-            params=sum(p.numel() for p in model.parameters()), curves=out.curves,
-            details={k: v for k, v in out.details.items() if k != "recipe"},
+            params=sum(p.numel() for p in model.parameters()), curves=out.curves, details=details,
         )
 
     return body
+
+
+def _carried(config, out, metrics, details, library, agent_text, experts_dir, model, compressed, tokenizer, held_out,
+             folder: Path, ctx: PhaseContext) -> list[str]:
+    """Report lines (and metrics) on what phase 7 attached and this phase carried into ``folder``."""
+    from forge_models.eval import paired_difference
+    from forge_models.experts import load_experts
+    from forge_models.experts.phase import skill_effects
+
+    m = out.metrics
+    lines = ["", "## Carried from phase 7", ""]
+    if agent_text is not None:
+        lines.append(f"- `agent.json` (the chosen agent configuration), copied as it was: "
+                     f"{(folder / 'agent.json').stat().st_size:,} bytes.")
+    if library is None:
+        return lines
+    vec_bytes = folder_bytes(folder / "experts")
+    lines += [
+        f"- `experts/` basis-free: {len(library.skills)} experts ({', '.join(library.skills)}) over "
+        f"{int(m['experts_targets'])} targets, {vec_bytes:,} bytes (the input's library with its fp32 basis: "
+        f"{folder_bytes(experts_dir):,} bytes). Attachments in all: {int(m['bytes_attachments']):,} bytes, "
+        "counted in the folder's size and budget.",
+        f"- **Deviation**: the z vectors were trained on the SVD basis of the uncompressed weights; loading re-bases "
+        f"them on the SVD of the decoded compressed weights. {int(m['experts_targets_changed'])} of "
+        f"{int(m['experts_targets'])} target weights changed; relative change of the singular values "
+        f"||S_compressed - S_input|| / ||S_input|| (over the directions z scales): mean "
+        f"{m['experts_s_rel_change_mean']:.3g}, max {m['experts_s_rel_change_max']:.3g}. Alignment of the singular "
+        f"directions with the trained ones (mean over directions of |u.u'| |v.v'|; 1 = unchanged): mean "
+        f"{m['experts_alignment_mean']:.3f}, lowest target {m['experts_alignment_min']:.3f}.",
+        "", "| target | weights changed | singular values, relative change | direction alignment |",
+        "|---|---|---|---|",
+        *[f"| {n} | {'yes' if r['changed'] else 'no'} | {r['s_rel_change']:.3g} | {r['alignment']:.3f} |"
+          for n, r in details.get("experts_rebase", {}).items()],
+    ]
+    carried = load_experts(folder / "experts", model=compressed)  # the stored vectors on the stored weights
+    n = config.eval.max_examples
+    before = skill_effects(model, tokenizer, library, held_out, config.eval, ctx, n)
+    after = skill_effects(compressed, tokenizer, carried, held_out, config.eval, ctx, n)
+    bs, seed = config.eval.bootstrap_samples, config.eval.bootstrap_seed
+    counts = {}
+    for k, (bi, ei) in before.items():
+        bc, ec = after[k]
+        di, dc = [e - b for e, b in zip(ei, bi)], [e - b for e, b in zip(ec, bc)]
+        for what, (a, b) in {"d_input": (ei, bi), "d_compressed": (ec, bc), "d_change": (dc, di)}.items():
+            d, lo, hi = paired_difference(a, b, bs, seed)
+            metrics.update({f"experts/{k}/{what}": d, f"experts/{k}/{what}_lo": lo, f"experts/{k}/{what}_hi": hi})
+        metrics[f"experts/{k}/n"] = float(len(bi))
+        counts[k] = len(bi)
+    if counts:
+        lines += _effect_lines(counts, metrics)
+    else:
+        lines += ["", f"No held-out ({config.eval.split}) examples of the experts' skills: their effect was not "
+                  "measured."]
+    return lines
 
 
 compression_task = phase_task(

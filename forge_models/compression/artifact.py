@@ -6,6 +6,9 @@ Layout::
     tokenizer files             as ``tokenizer.save_pretrained`` writes them (chat template included)
     recipe.json                 per tensor: encoding, parameters, shape, dtype, shard, bytes, bits/weight
     shard-<group>.safetensors   encoded payloads as ``<tensor>::<field>``; other tensors as ``<tensor>``
+    agent.json, experts/        only when the input carried them (phase 7): the chosen agent configuration, as
+                                it was, and the expert library basis-free (z only; re-based on the decoded
+                                weights at load: ``forge_models.experts.load_experts(folder / "experts", model=m)``)
 
 :func:`load_compressed` builds the architecture from ``config.json``, decodes every tensor to the compute
 dtype and loads the state dict; BitLinear layers (encoded ``ternary`` and flagged ``bitlinear``) become
@@ -29,11 +32,13 @@ from forge_models.runtime import ArtifactIntegrityError
 
 __all__ = [
     "RECIPE_FILE", "FORMAT", "write_shard", "read_shard", "write_recipe", "read_artifact", "install_weights",
-    "load_compressed", "artifact_bytes",
+    "load_compressed", "artifact_bytes", "AGENT_FILE", "EXPERTS_DIR",
 ]
 
 RECIPE_FILE = "recipe.json"
 FORMAT = "forge-compressed-v1"
+AGENT_FILE = "agent.json"
+EXPERTS_DIR = "experts"
 
 
 def shard_name(group: str) -> str:
@@ -75,7 +80,8 @@ def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
 
 
 def artifact_bytes(folder: str | Path) -> dict[str, int]:
-    """Bytes on disk: total, shards (weights) and everything else (config, tokenizer, recipe)."""
+    """Bytes on disk: total, shards (weights) and everything else (config, tokenizer, recipe, agent.json and the
+    expert vectors when carried)."""
     folder = Path(folder)
     files = [p for p in folder.rglob("*") if p.is_file()]
     shards = sum(p.stat().st_size for p in files if p.name.startswith("shard-") and p.suffix == ".safetensors")

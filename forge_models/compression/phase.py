@@ -18,6 +18,15 @@
    working model's, evaluate the test loss; sizes from the files. Fails the gate if the written folder is
    larger than the budget (after rollbacks).
 
+What phase 7 attached travels with the model (``inputs.experts``, ``inputs.agent_config``): ``agent.json`` as it
+was and the expert library **basis-free** (z, trained singular values, metadata; see
+:mod:`forge_models.experts.library`) are written into the folder before step 5, so their bytes come off the
+budget. The library's targets are checked against the input model before any compute (names, shapes, kind,
+and that its weights are the ones z was trained on). After step 7 the stored library is re-based on the
+reloaded model (SVD of the decoded weights) and, per target, the relative change of the singular values and
+the alignment of the singular directions with the trained ones are measured (metrics ``experts_*``, details
+``experts_rebase``).
+
 SeedLM and VPTQ are alternative encodings of a tensor, never stages: no ratio multiplies another.
 """
 
@@ -37,6 +46,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from forge_models.compression.artifact import (
+    AGENT_FILE,
+    EXPERTS_DIR,
     RECIPE_FILE,
     artifact_bytes,
     load_compressed,
@@ -130,6 +141,9 @@ class CompressionInputs:
         val_ids: (n, L) ids (train side, disjoint from calib) for the rollback decisions.
         test_ids: (n, L) held-out ids for the reported metrics only.
         out_dir: the artifact folder to write (must be empty or absent).
+        experts: the expert library trained on ``model`` (an ``ExpertLibrary`` with its basis), carried
+            basis-free into ``out_dir/experts``; None: none.
+        agent_config: the text of the chosen agent configuration (``agent.json``), copied as it is; None: none.
     """
 
     model: nn.Module
@@ -138,6 +152,8 @@ class CompressionInputs:
     val_ids: torch.Tensor
     test_ids: torch.Tensor
     out_dir: Path
+    experts: Any = None
+    agent_config: str | None = None
 
 
 def token_blocks(tokenizer: Any, texts: list[str], seq_len: int, n: int, skip: int = 0) -> torch.Tensor:
@@ -213,6 +229,8 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
         if ids.ndim != 2 or ids.numel() == 0 or ids.dtype != torch.long:
             raise ConfigError(f"{split} must be a non-empty (n, L) int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
     encoders = [make_encoder(s) for s in cfg.candidates]
+    if inputs.experts is not None:
+        _check_experts(inputs.model, inputs.experts)
     t_start = time.perf_counter()
     model = copy.deepcopy(inputs.model).float().to(ctx.device).eval()
     enc_params, owners, plain = _tensors(model, cfg.skip_patterns)
@@ -230,6 +248,12 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
     out.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(str(out / "config.json"))
     inputs.tokenizer.save_pretrained(str(out))
+    if inputs.experts is not None:
+        from forge_models.experts.library import save_expert_vectors
+
+        save_expert_vectors(out / EXPERTS_DIR, inputs.experts)
+    if inputs.agent_config is not None:
+        (out / AGENT_FILE).write_text(inputs.agent_config)
     plain_shard = write_shard(out, "plain", {}, plain)
     write_hf_files(out, plain_shard.name, list(plain))  # from_pretrained loads the folder (compression/hf.py)
 
@@ -358,12 +382,48 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
         "wall_s_total": t_total,
         "groups_rolled_back": float(len(rolled_back)),
     }
-    ctx.tracker.log_metrics(metrics)
     details = {"weights_by_encoding": by_encoding, "rolled_back": rolled_back, "recipe": str(out / RECIPE_FILE)}
+    carried = [p for p in (out / AGENT_FILE, out / EXPERTS_DIR) if p.exists()]
+    metrics["bytes_attachments"] = float(sum(f.stat().st_size for p in carried
+                                             for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()))
+    if inputs.experts is not None:
+        from forge_models.experts.library import load_experts
+
+        rebased = load_experts(out / EXPERTS_DIR, model=reloaded)  # the stored vectors, on the stored weights
+        metrics.update({f"experts_{k}": v for k, v in rebased.rebase_summary().items()})
+        align = {n: _alignment(inputs.experts.bases[n], b) for n, b in rebased.bases.items()}
+        metrics["experts_alignment_mean"] = sum(align.values()) / len(align)
+        metrics["experts_alignment_min"] = min(align.values())
+        details["experts_rebase"] = {n: {"s_rel_change": r.s_rel_change, "changed": r.changed, "alignment": align[n]}
+                                     for n, r in rebased.rebased.items()}
+    ctx.tracker.log_metrics(metrics)
     return PhaseOutput(
         models={"model": reloaded}, tokenizer=inputs.tokenizer, metrics=metrics, details=details,
         curves={"val_loss_after_group": group_losses},
     )
+
+
+def _alignment(old: Any, new: Any) -> float:
+    """Mean over the scaled directions i of ``|u_i . u'_i| * |v_i . v'_i|`` (1: the same directions in the same
+    order; sign-invariant): how well direction i, whose z entry was trained on ``old``, survives in ``new``."""
+    cu = (old.U.float() * new.U.float()).sum(0).abs()
+    cv = (old.Vh.float() * new.Vh.float()).sum(1).abs()
+    return float((cu * cv).mean())
+
+
+def _check_experts(model: nn.Module, lib: Any) -> None:
+    """Refuse (before compute) a library whose targets the model lacks, or that was trained on other weights."""
+    from forge_models.experts.library import check_targets
+    from forge_models.experts.svf import effective_weight, weight_fingerprint
+
+    targets = lib.targets()
+    check_targets(model, targets)
+    modules = dict(model.named_modules())
+    other = [t["name"] for t in targets
+             if weight_fingerprint(effective_weight(modules[t["name"]]).cpu()) != t["fingerprint"]]
+    if other:
+        raise ConfigError(f"the expert library was trained on other weights than the input model's ({len(other)} "
+                          f"targets differ, e.g. {other[0]}); compress the model stored with the library")
 
 
 def _draft_recipe(out: Path, encoded, options, bitlinear, plain) -> None:

@@ -37,7 +37,7 @@ from forge_models.experts.svf import decompose, find_targets, z_count
 from forge_models.experts.train import SKILLS, Skill, skill_examples, train_expert
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput
 
-__all__ = ["ExpertsConfig", "ExpertsInputs", "run", "skill_outcomes"]
+__all__ = ["ExpertsConfig", "ExpertsInputs", "run", "skill_outcomes", "skill_effects"]
 
 
 @dataclass
@@ -60,6 +60,22 @@ def skill_outcomes(model: Any, tokenizer: Any, skill: Skill, examples: Sequence[
     if len(outcomes.get(skill.metric, [])) != len(examples):
         raise ConfigError(f"harness returned no {skill.metric} outcome for every {skill.name} example")
     return outcomes[skill.metric]
+
+
+def skill_effects(model: Any, tokenizer: Any, lib: ExpertLibrary, held_out: Sequence[Example], eval_cfg: EvalConfig,
+                  ctx: PhaseContext, per_skill: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per skill of ``lib`` with examples in ``held_out`` (at most ``per_skill`` each): the per-example outcomes
+    of its harness metric with the base weights and with that skill's expert applied, on the same examples."""
+    out = {}
+    for k in lib.skills:
+        examples = skill_examples(SKILLS[k], held_out)[:per_skill] if k in SKILLS else []
+        if not examples:
+            continue
+        base = skill_outcomes(model, tokenizer, SKILLS[k], examples, eval_cfg, ctx)
+        with lib.apply(model, k):
+            expert = skill_outcomes(model, tokenizer, SKILLS[k], examples, eval_cfg, ctx)
+        out[k] = (base, expert)
+    return out
 
 
 def _interval(values: Sequence[float], cfg: EvalConfig) -> tuple[float, float, float]:

@@ -26,6 +26,15 @@ SVD of the weight the ternary layer really computes with (the dequantised ternar
 **high-precision low-rank side term** on the layer's normalised input, ``y = BitLinear(x) + x_n @ dW^T``:
 the ternary codes are never touched and the stored expert is exactly what runs.
 
+A library may also be **re-based** on other weights of the same layers (:func:`basis_of` on the new effective
+weight, keeping the stored number of directions): the compression phase carries only z and the served agent
+recomputes the basis from the decoded compressed weights (``forge_models.experts.library``). The composition
+is invariant to the sign of a singular pair (``u_i s_i v_i^T = (-u_i) s_i (-v_i)^T``), so the sign choice of
+the SVD routine cannot change an expert (for distinct singular values; within a repeated one the SVD may
+rotate the directions). A ternary target may then be a ``PackedBitLinear`` (the compressed
+model's inference layer): its effective weight is its stored codes divided by its scale, and the side term
+is added in the same way on its normalised input.
+
 Attaching is functional: nothing writes into a base weight. A dense ``nn.Linear`` gets a
 ``torch.nn.utils.parametrize`` parametrisation (``weight`` becomes ``W + dW(mask)``, the original Parameter
 kept untouched); a ``BitLinear`` gets a forward hook adding the side term. Both read the masks from one
@@ -47,8 +56,8 @@ from torch.nn.utils import parametrize
 
 from forge_models.runtime import ConfigError
 
-__all__ = ["TargetBasis", "MaskState", "find_targets", "decompose", "effective_weight", "mask_from_z", "init_z",
-           "svf_delta", "compose", "attached", "weight_fingerprint", "z_count"]
+__all__ = ["TargetBasis", "MaskState", "find_targets", "decompose", "basis_of", "effective_weight", "is_ternary",
+           "mask_from_z", "init_z", "svf_delta", "compose", "attached", "weight_fingerprint", "z_count"]
 
 
 @dataclass
@@ -90,6 +99,17 @@ def _is_bitlinear(module: nn.Module) -> bool:
     return isinstance(module, BitLinear)
 
 
+def _is_packed(module: nn.Module) -> bool:
+    from forge_models.bitnet.layers import PackedBitLinear
+
+    return isinstance(module, PackedBitLinear)
+
+
+def is_ternary(module: nn.Module) -> bool:
+    """A ternary target: a BitLinear (latent weights) or a PackedBitLinear (the compressed model's layer)."""
+    return _is_bitlinear(module) or _is_packed(module)
+
+
 def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the linear layers whose name contains one of ``patterns`` (released code: "mlp")."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p in n for p in patterns)]
@@ -103,7 +123,10 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 matrix the layer computes with: the weight, or for BitLinear the dequantised ternary codes."""
+    """The fp32 matrix the layer computes with: the weight, or for BitLinear / PackedBitLinear the dequantised
+    ternary codes (``q / s_w``; the same bits for a BitLinear and the PackedBitLinear stored from it)."""
+    if _is_packed(module):
+        return module.ternary().float().cpu() / module.weight_scale.float().cpu()
     w = module.weight.detach().float()
     if _is_bitlinear(module):
         from forge_models.bitnet.quant import weight_quant
@@ -120,19 +143,20 @@ def weight_fingerprint(w: torch.Tensor) -> str:
     return hashlib.sha256(w.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+def basis_of(name: str, module: nn.Module, rank: int | None = None) -> TargetBasis:
+    """SVD (fp32, CPU) of one target's effective weight, cut to its top ``rank`` directions (None: all)."""
+    w = effective_weight(module).cpu()
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    k = S.numel() if rank is None else min(int(rank), S.numel())
+    return TargetBasis(name, U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), is_ternary(module),
+                       int(S.numel()), weight_fingerprint(w))
+
+
 def decompose(model: nn.Module, targets: Sequence[str], ternary_rank: int = 16) -> dict[str, TargetBasis]:
     """SVD (fp32, CPU, once) of every target; ternary targets keep their top ``ternary_rank`` directions."""
     modules = dict(model.named_modules())
-    bases = {}
-    for name in targets:
-        module = modules[name]
-        w = effective_weight(module).cpu()
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        ternary = _is_bitlinear(module)
-        k = min(ternary_rank, S.numel()) if ternary else S.numel()
-        bases[name] = TargetBasis(name, U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous(), ternary,
-                                  int(S.numel()), weight_fingerprint(w))
-    return bases
+    return {name: basis_of(name, modules[name], ternary_rank if is_ternary(modules[name]) else None)
+            for name in targets}
 
 
 def z_count(bases: Mapping[str, TargetBasis]) -> int:

@@ -271,3 +271,192 @@ def test_from_pretrained_loads_a_compressed_cognate_model(tmp_path):
     probe = _ids(4, 2, 16)
     with torch.no_grad():
         assert torch.equal(hf(input_ids=probe).logits, load_compressed(out)(input_ids=probe).logits)
+
+
+# ------------------------------------------------------------------ what phase 7 attached travels with the model
+
+
+def _experts_for(model, skills=("arithmetic", "tool")):
+    from forge_models.experts import ExpertLibrary, decompose, find_targets
+
+    bases = decompose(model, find_targets(model, ["mlp"]), ternary_rank=8)
+    g = torch.Generator().manual_seed(5)
+    z = {k: {n: torch.randn(b.rank, generator=g) * 2.0 for n, b in bases.items()} for k in skills}
+    return ExpertLibrary(bases, z, 1.0, {"dispatch": {"method": "exemplar"}})
+
+
+AGENT_JSON = '{"name": "chosen", "experts": {"tool": 1.0}}\n'
+
+
+def test_compressed_folder_carries_agent_json_and_basis_free_experts_counted_in_its_size(tmp_path):
+    from forge_models.experts import save_experts
+
+    model = _tiny()
+    lib = _experts_for(model)
+    spec = {"name": "rtn", "bits": 4, "group": 32}
+    plain = run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "plain"), _single(spec),
+                PhaseContext())
+    out = tmp_path / "c"
+    res = run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out, experts=lib, agent_config=AGENT_JSON),
+              _single(spec), PhaseContext())
+    assert (out / "agent.json").read_text() == AGENT_JSON
+    assert sorted(p.name for p in (out / "experts").iterdir()) == [
+        "experts.json", "experts.safetensors", "manifest.json", "trained_singular_values.safetensors"]
+    assert not list(out.rglob("basis.safetensors"))
+    attached = (out / "agent.json").stat().st_size + sum(p.stat().st_size for p in (out / "experts").iterdir())
+    assert res.metrics["bytes_attachments"] == attached
+    assert res.metrics["bytes_total"] == artifact_bytes(out)["total"] == sum(
+        p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert res.metrics["bytes_total"] - plain.metrics["bytes_total"] == attached  # same weights, plus the attachments
+    save_experts(tmp_path / "with_basis", lib.bases, lib.z, 1.0, {})
+    assert (tmp_path / "with_basis" / "basis.safetensors").stat().st_size > 10 * attached  # what was left behind
+    # The basis moved (4-bit weights) and the phase measured by how much, per target.
+    rebase = res.details["experts_rebase"]
+    assert set(rebase) == set(lib.bases) and all(r["changed"] and 0 < r["s_rel_change"] < 0.5 for r in rebase.values())
+    assert all(0 < r["alignment"] < 1 for r in rebase.values())
+    assert res.metrics["experts_targets_changed"] == res.metrics["experts_targets"] == len(lib.bases)
+    assert res.metrics["experts_s_rel_change_max"] == max(r["s_rel_change"] for r in rebase.values())
+    # A byte budget holds with the attachments in the folder.
+    target = int(res.metrics["bytes_total"]) + 2_000
+    cands = ({"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 32}, spec)
+    run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "b", experts=lib,
+                          agent_config=AGENT_JSON),
+        CompressionConfig(candidates=cands, target_bytes=target, max_loss_increase=100.0), PhaseContext())
+    assert artifact_bytes(tmp_path / "b")["total"] <= target
+
+
+def test_loaded_compressed_artifact_applies_its_rebased_expert_and_restores_the_base(tmp_path):
+    from forge_models.experts import load_experts
+
+    model = _tiny()
+    out = tmp_path / "c"
+    run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out, experts=_experts_for(model)),
+        _single({"name": "rtn", "bits": 8, "group": 32}), PhaseContext())
+    compressed = load_compressed(out)
+    lib = load_experts(out / "experts", model=compressed)
+    assert lib.rebase_summary()["targets_changed"] == len(lib.bases)
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        base = compressed(input_ids=probe).logits
+        with lib.apply(compressed, "arithmetic"):
+            expert = compressed(input_ids=probe).logits
+        after = compressed(input_ids=probe).logits
+    assert (expert - base).abs().max() > 1e-3
+    assert torch.equal(after, base)
+    assert torch.equal(after, load_compressed(out)(input_ids=probe).logits)  # the compressed base, bit for bit
+
+
+def test_a_ternary_model_s_experts_survive_compression_with_an_unmoved_basis(tmp_path):
+    from forge_models.bitnet.convert import convert_to_bitnet
+    from forge_models.experts import load_experts
+
+    model = _tiny()
+    convert_to_bitnet(model)
+    lib = _experts_for(model)
+    out = tmp_path / "bit"
+    cands = ({"name": "ternary", "packing": "2bit"}, {"name": "bf16"})
+    res = run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), out, experts=lib),
+              CompressionConfig(candidates=cands, target_bpw=8.0, max_loss_increase=100.0), PhaseContext())
+    # Ternary codes are stored exactly: the re-based basis is the trained one.
+    assert res.metrics["experts_targets_changed"] == 0 and res.metrics["experts_s_rel_change_max"] == 0.0
+    assert res.metrics["experts_alignment_min"] == pytest.approx(1.0, abs=1e-5)
+    compressed = load_compressed(out)
+    carried = load_experts(out / "experts", model=compressed)
+    probe = _ids(4, 2, 16)
+    with torch.no_grad():
+        plain = model(input_ids=probe).logits
+        with lib.apply(model, "tool"):
+            before = model(input_ids=probe).logits
+        base = compressed(input_ids=probe).logits
+        with carried.apply(compressed, "tool"):
+            after = compressed(input_ids=probe).logits
+    assert (after - base).abs().max() > 1e-3
+    # the same expert's effect, up to the bf16 embedding/head the folder stores (measured: 7% of the effect)
+    assert ((after - base) - (before - plain)).abs().max() < 0.2 * (before - plain).abs().max()
+
+
+@pytest.mark.parametrize("other", [
+    lambda: _tiny().__class__(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    lambda: _tiny(seed=1),  # the same layers, other weights
+])
+def test_compression_refuses_experts_that_do_not_fit_the_model_before_compute(tmp_path, monkeypatch, other):
+    from forge_models.compression import phase
+
+    lib = _experts_for(other())
+    monkeypatch.setattr(phase, "mean_loss", lambda *a, **k: pytest.fail("computed before refusing"))
+    with pytest.raises(ConfigError, match="expert library|trained on other weights"):
+        run(CompressionInputs(_tiny(), _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "x", experts=lib),
+            _single({"name": "bf16"}), PhaseContext())
+    assert not (tmp_path / "x").exists()
+
+
+def _phase7_prefix(tmp_path, experts=True, agent=True):
+    """A dataset folder and a phase-7-like input prefix: model/, experts/ (with its basis), agent.json."""
+    from transformers import AutoModelForCausalLM
+
+    from forge_models.experts import save_experts
+    from tests.factories import corpus_and_tokenizer, make_llama
+
+    corpus, tok = corpus_and_tokenizer(n_examples=300, vocab_size=300)
+    corpus.save(tmp_path / "data" / "corpus")
+    root = tmp_path / "prev"
+    folder = make_llama(root / "model", seed=0, tokenizer=False, vocab_size=len(tok), hidden_size=64,
+                        intermediate_size=128, max_position_embeddings=256)
+    tok.save_pretrained(folder)
+    if experts:
+        lib = _experts_for(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), ("arithmetic", "persona"))
+        save_experts(root / "experts", lib.bases, lib.z, 1.0, {})
+    if agent:
+        (root / "agent.json").write_text('{"name": "chosen", "experts": {"arithmetic": 1.0}}\n')
+    return tmp_path / "data", root
+
+
+def _task_config():
+    from flows.config import load_config
+
+    return load_config("tiny", overrides=[
+        "tracking.enabled=false", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.ppl_max_tokens=1024",
+        "eval.seq_len=32", "compression.seq_len=32", "compression.calib_sequences=8", "compression.val_sequences=4",
+        "compression.test_sequences=4", "compression.max_loss_increase=100.0",
+        "compression.candidates=[{name: rtn, bits: 4, group: 32}]"])
+
+
+@pytest.mark.parametrize("carried", [True, False])
+def test_compression_task_carries_what_phase_7_attached_and_reports_the_moved_basis(tmp_path, carried):
+    from tasks.compression import _body
+    from tasks.store import ArtifactRef
+
+    data, root = _phase7_prefix(tmp_path, experts=carried, agent=carried)
+    prev = ArtifactRef(uri="file:///prev", digest="0" * 64, kind="model", params=0, bytes=0)
+    (tmp_path / "out").mkdir()
+    written = _body(_task_config(), prev)(PhaseContext(seed=0), [data, root], tmp_path / "out")
+    model = tmp_path / "out" / "model"
+    assert (model / "agent.json").is_file() == carried and (model / "experts").is_dir() == carried
+    if not carried:  # nothing attached: nothing changes
+        assert "Carried from phase 7" not in written.report_md and written.metrics["compression/bytes_attachments"] == 0
+        return
+    assert (model / "agent.json").read_bytes() == (root / "agent.json").read_bytes()
+    assert not list(model.rglob("basis.safetensors"))
+    m = written.metrics
+    assert m["compression/experts_targets"] == m["compression/experts_targets_changed"] == 6
+    assert 0 < m["compression/experts_s_rel_change_max"] < 0.5
+    for k in ("arithmetic", "persona"):
+        assert m[f"experts/{k}/n"] >= 1 and f"experts/{k}/d_change" in m
+    report = written.report_md
+    assert "## Carried from phase 7" in report and "| model.layers.1.mlp.down_proj | yes |" in report
+    assert 0 < m["compression/experts_alignment_min"] <= m["compression/experts_alignment_mean"] < 1
+
+
+def test_compression_task_refuses_an_agent_json_naming_experts_the_input_lacks(tmp_path, monkeypatch):
+    from forge_models.compression import phase
+    from forge_models.runtime import ArtifactIntegrityError
+    from tasks.compression import _body
+    from tasks.store import ArtifactRef
+
+    data, root = _phase7_prefix(tmp_path, experts=False, agent=True)
+    monkeypatch.setattr(phase, "mean_loss", lambda *a, **k: pytest.fail("computed before refusing"))
+    prev = ArtifactRef(uri="file:///prev", digest="0" * 64, kind="model", params=0, bytes=0)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArtifactIntegrityError, match=r"agent\.json.*arithmetic"):
+        _body(_task_config(), prev)(PhaseContext(seed=0), [data, root], tmp_path / "out")

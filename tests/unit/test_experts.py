@@ -332,3 +332,140 @@ def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one
         assert out.metrics[f"{k}/d_lo"] <= out.metrics[f"{k}/d"] <= out.metrics[f"{k}/d_hi"]
     assert 0.0 <= out.metrics["dispatch/accuracy"] <= 1.0
     assert json.loads((tmp_path / "lib" / "experts.json").read_text())["dispatch"]["method"] == "exemplar"
+
+
+# ------------------------------------------------------------------ basis-free storage, re-based on the model
+
+
+def _library(model, ternary_rank=16, seed=7):
+    from forge_models.experts import ExpertLibrary
+
+    bases = decompose(model, find_targets(model, ["mlp"]), ternary_rank=ternary_rank)
+    z = {"arithmetic": _random_z(bases, seed=seed), "tool": _random_z(bases, seed=seed + 1)}
+    return ExpertLibrary(bases, z, 1.0, {"note": "kept"})
+
+
+def _ternary_model():
+    from forge_models import bitnet
+
+    model = tiny_llama(seed=3)
+    bitnet.convert_to_bitnet(model, keep_patterns=["lm_head"])
+    return model.eval()
+
+
+def _packed(model):
+    """The model with every BitLinear replaced by the PackedBitLinear the compressed artifact loads."""
+    import copy
+
+    from forge_models.bitnet.layers import BitLinear, PackedBitLinear
+
+    packed = copy.deepcopy(model)
+    for name, module in list(packed.named_modules()):
+        if isinstance(module, BitLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(packed.get_submodule(parent), child, PackedBitLinear.from_bitlinear(module))
+    return packed
+
+
+@pytest.mark.parametrize("kind", ["dense", "ternary", "ternary_packed"])
+def test_basis_free_library_rebased_on_the_same_weights_is_the_trained_expert(tmp_path, kind):
+    from forge_models.experts import save_expert_vectors, svf_delta
+
+    model = tiny_llama(seed=2) if kind == "dense" else _ternary_model()
+    lib = _library(model, ternary_rank=8)
+    target = model if kind != "ternary_packed" else _packed(model)
+    folder = save_expert_vectors(tmp_path / "vec", lib)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "experts.json", "experts.safetensors", "manifest.json", "trained_singular_values.safetensors"]
+    doc = json.loads((folder / "experts.json").read_text())
+    assert doc["storage"] == "vectors" and doc["note"] == "kept"
+    assert [t["fingerprint"] for t in doc["targets"]] == [b.fingerprint for b in lib.bases.values()]
+    with pytest.raises(ConfigError, match="stores no basis"):
+        load_experts(folder)
+    again = load_experts(folder, model=target)
+    assert all(not r.changed and r.s_rel_change == 0.0 for r in again.rebased.values())
+    assert again.rebase_summary()["targets_changed"] == 0
+    for skill in lib.skills:
+        for name, b in lib.bases.items():
+            mask = mask_from_z(lib.z[skill][name], 1.0)
+            assert again.bases[name].ternary == b.ternary
+            assert torch.allclose(svf_delta(again.bases[name], mask), svf_delta(b, mask), atol=1e-5, rtol=0)
+    ids = _ids()
+    with torch.no_grad():
+        base = target(input_ids=ids).logits
+        with lib.apply(model, "tool"):
+            trained = model(input_ids=ids).logits
+        with again.apply(target, "tool"):
+            rebased = target(input_ids=ids).logits
+        assert torch.equal(target(input_ids=ids).logits, base)  # restored bit for bit
+    assert (rebased - base).abs().max() > 1e-3
+    assert torch.allclose(rebased, trained, atol=1e-4, rtol=0)
+    # Saving the re-based library again keeps the trained fingerprints and singular values.
+    save_expert_vectors(tmp_path / "vec2", again)
+    assert json.loads((tmp_path / "vec2" / "experts.json").read_text())["targets"] == doc["targets"]
+
+
+def test_the_composition_does_not_depend_on_the_sign_of_a_singular_pair():
+    from forge_models.experts import TargetBasis, svf_delta
+
+    model = tiny_llama(seed=4)
+    bases = decompose(model, find_targets(model, ["mlp"]))
+    z = _random_z(bases, seed=9)
+    g = torch.Generator().manual_seed(0)
+    for name, b in bases.items():
+        flip = torch.where(torch.rand(b.rank, generator=g) < 0.5, -1.0, 1.0)
+        flipped = TargetBasis(name, b.U * flip, b.S, flip[:, None] * b.Vh, b.ternary, b.full_rank, b.fingerprint)
+        mask = mask_from_z(z[name], 1.0)
+        assert (flip < 0).any()
+        assert torch.allclose(svf_delta(flipped, mask), svf_delta(b, mask), atol=1e-6, rtol=0)
+
+
+def test_basis_free_library_on_other_weights_records_the_moved_basis(tmp_path, caplog):
+    from forge_models.experts import save_expert_vectors
+
+    model = tiny_llama(seed=2)
+    lib = _library(model)
+    save_expert_vectors(tmp_path / "vec", lib)
+    other = tiny_llama(seed=2)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.add_(0.01 * torch.randn_like(other.model.layers[0].mlp.up_proj.weight))
+    with caplog.at_level("WARNING", logger="forge_models.experts"):
+        again = load_experts(tmp_path / "vec", model=other)
+    moved = {n for n, r in again.rebased.items() if r.changed}
+    assert moved == {"model.layers.0.mlp.up_proj"}
+    assert again.rebased["model.layers.0.mlp.up_proj"].s_rel_change > 0
+    assert "re-based on other weights" in caplog.text and "1 of 6 targets" in caplog.text
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda f: (f / "experts.safetensors").write_bytes((f / "experts.safetensors").read_bytes()[:-1] + b"\x00"),
+     "experts.safetensors"),
+    (lambda f: (f / "experts.safetensors").unlink(), "experts.safetensors"),
+    (lambda f: (f / "trained_singular_values.safetensors").unlink(), "trained_singular_values.safetensors"),
+    (lambda f: (f / "manifest.json").unlink(), "manifest.json"),
+])
+def test_a_tampered_or_missing_expert_vector_file_is_refused_naming_it(tmp_path, damage, named):
+    from forge_models.experts import save_expert_vectors
+
+    model = tiny_llama(seed=2)
+    folder = save_expert_vectors(tmp_path / "vec", _library(model))
+    damage(folder)
+    with pytest.raises(ArtifactIntegrityError, match=named.replace(".", r"\.")):
+        load_experts(folder, model=model)
+
+
+@pytest.mark.parametrize("other, problem", [
+    (lambda: tiny_llama(seed=2, num_hidden_layers=1), "no such layer"),
+    (lambda: tiny_llama(seed=2, inter=96), "shape"),
+    (lambda: _ternary_model(), "ternary"),
+])
+def test_a_library_whose_targets_the_model_lacks_is_refused_before_any_svd(tmp_path, monkeypatch, other, problem):
+    from forge_models.experts import library, save_expert_vectors
+
+    folder = save_expert_vectors(tmp_path / "vec", _library(tiny_llama(seed=2)))
+    model = other()
+    calls = []
+    monkeypatch.setattr(library, "basis_of", lambda *a, **k: calls.append(a))
+    with pytest.raises(ConfigError, match=problem):
+        load_experts(folder, model=model)
+    assert calls == []

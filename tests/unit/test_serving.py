@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,3 +284,69 @@ def test_a_forked_child_gets_its_own_torch_thread():
         os._exit(3)  # hung
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ------------------------------------------------------------- a compressed artifact carrying phase 7's attachments
+
+def _compressed_agent_artifact(tmp_path: Path) -> tuple[Path, Any]:
+    """A store prefix whose ``model/`` is a compressed folder carrying agent.json and basis-free experts."""
+    import torch
+
+    from forge_models.compression.phase import CompressionConfig, CompressionInputs, run
+    from forge_models.experts import ExpertLibrary, decompose, find_targets
+    from forge_models.runtime import PhaseContext
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.store import Store
+    from tests.factories import tiny_llama
+
+    model = tiny_llama(seed=0, vocab=64)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", pad_token="t1")
+    bases = decompose(model, find_targets(model, ["mlp"]))
+    g = torch.Generator().manual_seed(1)
+    lib = ExpertLibrary(bases, {"tool": {n: torch.randn(b.rank, generator=g) * 2 for n, b in bases.items()}}, 1.0)
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    prefix = tmp_path / "prefix"
+    run(CompressionInputs(model, tokenizer, ids, ids, ids, prefix / "model", experts=lib,
+                          agent_config=_agent_json(experts={"tool": 1.0})),
+        CompressionConfig(candidates=({"name": "rtn", "bits": 4, "group": 32},), target_bpw=32.0,
+                          max_loss_increase=100.0), PhaseContext())
+    (prefix / "phase.json").write_text(json.dumps({"phase": "compression", "metrics": {}}))
+    store = Store(f"file://{tmp_path}/store")
+    uri = store.uri("final")
+    store.write_prefix(prefix, uri, kind="model")
+    return Path(uri.removeprefix("file://")), lib
+
+
+def test_the_served_agent_loads_a_compressed_artifact_s_experts_rebased(tmp_path):
+    import torch
+
+    folder, _ = _compressed_agent_artifact(tmp_path)
+    agent = Agent.load(folder)
+    assert sorted(agent.attachments) == ["agent.json", "experts"] and agent.agent_config.experts == {"tool": 1.0}
+    assert agent.experts.rebased and agent.experts.rebase_summary()["targets_changed"] == len(agent.experts.bases)
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = agent.model(input_ids=ids).logits
+        with agent.experts.apply(agent.model, "tool"):
+            expert = agent.model(input_ids=ids).logits
+    assert (expert - base).abs().max() > 1e-3
+    applied, apply = [], agent.experts.apply
+    agent.experts.apply = lambda model, *a, **k: applied.append(a) or apply(model, *a, **k)
+    out = agent.reply([{"role": "user", "content": "t1 t2"}], ChatParams(max_tokens=2, tools=False))
+    assert out["custom_outputs"]["agent"] == "chosen" and applied == [("tool",)]
+    with torch.no_grad():
+        assert torch.equal(agent.model(input_ids=ids).logits, base)  # the reply restored the compressed base
+
+
+def test_a_tampered_expert_vector_file_in_a_compressed_artifact_is_refused_naming_it(tmp_path):
+    folder, _ = _compressed_agent_artifact(tmp_path)
+    path = folder / "model" / "experts" / "experts.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match=r"model/experts/experts\.safetensors"):
+        Agent.load(folder)
