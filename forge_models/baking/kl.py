@@ -24,7 +24,7 @@ from forge_models.generation import GenerationConfig, prompt_ids, start_token, u
 from forge_models.runtime import ConfigError
 
 __all__ = ["LogitFn", "Contexts", "token_kl", "kl_from_probs", "context_ids", "sample_trajectories",
-           "eos_mask", "generated_logits", "trajectory_kl", "model_logits", "teacher_logits"]
+           "eos_mask", "generated_logits", "trajectory_kl", "ModelLogits", "model_logits", "teacher_logits"]
 
 LogitFn = Callable[[torch.Tensor], torch.Tensor]
 """``ids (n, L) -> logits (n, L, V)``: a model seen as a function (a PeftModel with or without its adapter)."""
@@ -73,18 +73,46 @@ def context_ids(tokenizer: Any, prompt: str, x: str) -> Contexts:
     return Contexts(prompted, plain)
 
 
+class ModelLogits:
+    """A causal LM seen as a :data:`LogitFn`, which can also decode step by step with its KV cache.
+
+    ``adapter_off``: the PeftModel with its adapter disabled and no gradients (the teacher, as in the paper's
+    code). :func:`sample_trajectories` uses :meth:`step` where the model keeps a KV cache (Llama-family,
+    BitNet-converted Llama), so a trajectory token costs one token's forward instead of the whole sequence's;
+    Cognate has no cache and is recomputed.
+    """
+
+    def __init__(self, model: Any, adapter_off: bool = False) -> None:
+        self.model, self.adapter_off = model, adapter_off
+        config = getattr(model, "config", None)
+        self.cached = bool(getattr(config, "use_cache", False)) and getattr(config, "model_type", "") != "cognate"
+
+    def _forward(self, **kwargs: Any) -> Any:
+        if self.adapter_off:
+            with torch.no_grad(), self.model.disable_adapter():
+                return self.model(**kwargs)
+        return self.model(**kwargs)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(input_ids=ids).logits
+
+    def step(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """Logits of the last position after feeding ``ids`` on top of ``cache`` (None: a new cache)."""
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        # the cache object is filled in place (transformers 5 names the argument ``cache``)
+        return self._forward(input_ids=ids, cache=cache, use_cache=True).logits[:, -1], cache
+
+
 def model_logits(model: Any) -> LogitFn:
-    return lambda ids: model(input_ids=ids).logits
+    return ModelLogits(model)
 
 
 def teacher_logits(peft_model: Any) -> LogitFn:
     """The teacher: the same PeftModel with its adapter disabled, without gradients (the paper's code)."""
-
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), peft_model.disable_adapter():
-            return peft_model(input_ids=ids).logits
-
-    return fn
+    return ModelLogits(peft_model, adapter_off=True)
 
 
 def eos_mask(y: torch.Tensor, eos: set[int]) -> torch.Tensor:
@@ -103,14 +131,21 @@ def sample_trajectories(
 ) -> torch.Tensor:
     """``n`` trajectories of ``length`` tokens sampled at ``temperature`` after ``context``: ``(n, length)``.
 
-    Every step recomputes the whole sequence (Cognate has no KV cache; at these lengths it costs little).
+    A :class:`ModelLogits` over a model with a KV cache decodes one token per step; anything else (Cognate, a
+    plain function) recomputes the whole sequence every step. Same draws from ``generator`` either way.
     Sampling continues past EOS so the batch stays rectangular; :func:`eos_mask` drops those positions.
     """
     ids = torch.tensor([list(context)] * n, dtype=torch.long, device=device)
+    cached = isinstance(logits_fn, ModelLogits) and logits_fn.cached
+    cache, feed = None, ids
     for _ in range(length):
-        logits = logits_fn(ids)[:, -1].float() / temperature
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        if cached:
+            last, cache = logits_fn.step(feed, cache)
+        else:
+            last = logits_fn(ids)[:, -1]
+        nxt = torch.multinomial(torch.softmax(last.float() / temperature, -1), 1, generator=generator)
         ids = torch.cat([ids, nxt], 1)
+        feed = nxt
     return ids[:, len(context):]
 
 

@@ -115,8 +115,8 @@ def _train(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: Phas
         for k in curves:
             curves[k].append((step, float(out[k].detach())))
         ctx.tracker.log_metrics({f"quietstar/{k}": float(out[k].detach()) for k in curves}, step)
-        ctx.tracker.progress(step + 1, cfg.steps, f"loss {float(out['loss']):.4f} |w| {float(out['w_abs']):.4f} "
-                             f"({elapsed / (step + 1):.1f} s/step)")
+        loss, w_abs = float(out["loss"].detach()), float(out["w_abs"].detach())
+        ctx.tracker.progress(step + 1, cfg.steps, f"loss {loss:.4f} |w| {w_abs:.4f} ({elapsed / (step + 1):.1f} s/step)")
     return curves, tokens / elapsed if elapsed else float("nan"), w_first
 
 

@@ -266,3 +266,30 @@ def test_bitnet_bake_is_measured_on_the_stored_packed_and_latent_folder(tmp_path
     assert m["baking/tools/reload_kl_diff"] < 1e-6
     # The stored KL is the merged model's (re-ternarised), not the adapter's: both are reported.
     assert m["baking/tools/kl_merged"] != m["baking/tools/kl_adapter"]
+
+
+def test_cached_trajectory_sampling_draws_what_recomputing_draws():
+    """Llama-family teachers decode trajectories with their KV cache (one token per step after the context);
+    the tokens drawn equal those of recomputing the whole sequence, for the plain model and the teacher."""
+    from peft import LoraConfig, get_peft_model
+
+    from forge_models.baking import ModelLogits
+
+    model = tiny_llama(vocab=64)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    context = (1, 5, 6, 7, 9, 10)
+    for fn in (model_logits(model), teacher_logits(pm)):
+        assert isinstance(fn, ModelLogits) and fn.cached
+        fed = []
+        inner = fn.model.forward
+        fn.model.forward = lambda *a, **kw: (fed.append(kw["input_ids"].shape[1]), inner(*a, **kw))[1]
+        try:
+            y = sample_trajectories(fn, context, 3, 10, 1.0, torch.Generator().manual_seed(4), CTX.device)
+        finally:
+            fn.model.forward = inner
+        assert fed == [len(context)] + [1] * 9  # the context once, then one token per step
+        ref = sample_trajectories(lambda ids: fn(ids), context, 3, 10, 1.0, torch.Generator().manual_seed(4),
+                                  CTX.device)
+        assert torch.equal(y, ref)
+    cognate = ModelLogits(tiny_cognate(vocab=64))
+    assert not cognate.cached  # recomputed: Cognate has no KV cache
