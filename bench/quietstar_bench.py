@@ -138,7 +138,7 @@ def table(pretrain_steps: int, steps: int) -> dict:
         loss.backward()
         opt.step()
     pre_s = time.perf_counter() - t0
-    cfg = QuietStarConfig(steps=steps, eval_examples=48)
+    cfg = QuietStarConfig(steps=steps, eval_examples=48, gen_examples=48)
     ev = EvalConfig(max_examples=48, bootstrap_samples=1000)
     t0 = time.perf_counter()
     out = run(QuietStarInputs(model.eval(), tokenizer, corpus, ev), cfg, PhaseContext(precision="fp32"))

@@ -226,6 +226,20 @@ def _print_summary(result, seconds: float) -> None:
         for m in dict.fromkeys(k.split("/")[1] for k in fits):
             et.add_row(m, *(f"{fits[f'{sp}/{m}/fitness']:.4f}" if f"{sp}/{m}/fitness" in fits else "-" for sp in splits))
         console.print(et)
+    thinking = [(p, pre) for p in result.phases for pre in ("quietstar", "thoughts")
+                if f"{pre}/nll_without" in p.metrics]
+    if thinking:
+        # Quiet-STaR's own measurement, then each later phase's re-measurement on the model it stored.
+        qt = Table(title="with vs without thoughts (held-out; after each phase that carried Quiet-STaR's files)")
+        cols = ("nll_without", "nll_with", "nll_gain", "answer_prob_without", "answer_prob_with", "gen_em_without",
+                "gen_em_with")
+        qt.add_column("phase")
+        for c in cols:
+            qt.add_column(c, justify="right")
+        for p, pre in thinking:
+            ms = p.metrics
+            qt.add_row(p.name, *("-" if ms.get(f"{pre}/{c}") is None else f"{ms[f'{pre}/{c}']:.4f}" for c in cols))
+        console.print(qt)
     if result.test_metrics:
         tt = Table(title="test split (never seen by training or selection)")
         tt.add_column("model")

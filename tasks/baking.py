@@ -4,7 +4,9 @@ Input: the one model of the previous phase's artifact (a BitNet artifact is rebu
 stored again as packed + ``latent/``). Output prefix: ``model/`` (the baked model, the input's format),
 ``halfbake/<prompt>/step-*.safetensors`` (the half-baked LoRA adapters, early-stop checkpoints),
 ``baking_curve.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last). Every KL in the report is
-measured on ``model/`` after reloading it.
+measured on ``model/`` after reloading it. An input carrying Quiet-STaR's files (``quietstar.json``,
+``quietstar_head.safetensors``) gets them copied into ``model/`` and re-measured with vs without thoughts on the
+reloaded baked model (``tasks.thoughts``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from tasks.config import ForgeConfig
 from tasks.inputs import input_model_folder, load_input_model
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
+from tasks import thoughts
 
-BAKING_VERSION = "1"
+BAKING_VERSION = "2"  # 2: Quiet-STaR files carried and re-measured
 MAX_TRAIN_INPUTS = 4096
 
 
@@ -28,7 +31,8 @@ def baking_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef)
     # A prompt given as a file enters the key by its text, so editing the file re-bakes.
     texts = {p.name: p.prompt_text() for p in config.baking.prompts}
     section = json.dumps({"baking": config.baking.model_dump(mode="json"), "texts": texts,
-                          "eval": config.eval.model_dump(mode="json"), "seed": config.seed}, sort_keys=True)
+                          "eval": config.eval.model_dump(mode="json"), "seed": config.seed,
+                          "thoughts": thoughts.key_section(config)}, sort_keys=True)
     return phase_key("baking", BAKING_VERSION, section, [previous.digest], dataset.digest)
 
 
@@ -55,6 +59,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             bitnet_meta = {"packing": packed["packing"], "kept_dtype": packed["kept_dtype"],
                            "keep_patterns": latent_meta["keep_patterns"], "act_norm": latent_meta["act_norm"]}
         tokenizer = load_tokenizer(folder)
+        thought_meta = thoughts.input_thoughts(folder, tokenizer, model)  # refused here, before any compute
         corpus = Corpus.load(dataset_dir / "corpus")
         held_out = corpus.split(config.eval.split)
         # The harness on the input first: the phase bakes the input model in place.
@@ -70,6 +75,14 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         metrics = dict(out.metrics)
         metrics.update({f"input/{k}": float(v) for k, v in before.items()})
         metrics.update({f"baked/{k}": float(v) for k, v in after.items()})
+        thought_lines: list[str] = []
+        if thought_meta is not None:
+            from forge_models.quietstar import copy_thoughts
+
+            copy_thoughts(folder, out_dir / "model")
+            found, thought_lines = thoughts.remeasure(out_dir / "model", out.models["model"], tokenizer, held_out,
+                                                      config, ctx, "baked (reloaded)")
+            metrics.update(found)
         curves = {k: v for k, v in out.curves.items() if k.endswith("/train_kl")}
         if curves:
             loss_curve_png(curves, out_dir / "baking_curve.png", f"Prompt baking of {name}: train KL per token")
@@ -103,7 +116,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "Harness, input vs the reloaded baked model (persona adherence and tool-loop correctness without the "
             "prompt are not measured here yet: they need the system-prompt data and tool runtime of issue 15):", "",
             metrics_table({"before": {"input": before}, "after": {"baked": after}}, list(HEADLINE_METRICS)), "",
-            *difference_lines(after, "baked - input"), "",
+            *difference_lines(after, "baked - input"), "", *thought_lines,
         ]
         return PhaseWritten(metrics=metrics, report_md="\n".join(lines) + "\n", params=int(out.details["params"]),
                             steps_run=c.steps * len(c.prompts), curves=out.curves,

@@ -11,6 +11,11 @@ size and budget. The report measures how far each target's singular values and d
 skill on at most ``eval.max_examples`` held-out examples, the expert's effect on the input vs on the
 compressed model.
 
+When the input model folder carries Quiet-STaR's files (``quietstar.json``, ``quietstar_head.safetensors``, the
+thought ids checked against the tokenizer before compute), both are copied as they are into the compressed folder
+(counted in its size and budget; the mixing head stays float32, the thought rows are compressed with the
+embeddings) and the reloaded compressed model is re-measured with vs without thoughts (``tasks.thoughts``).
+
 Output prefix: ``model/`` — the compressed folder (``config.json``, tokenizer, ``recipe.json``,
 ``shard-*.safetensors``, and ``agent.json`` / ``experts/`` when carried; loads with
 ``forge_models.compression.artifact.load_compressed``), ``phase.json``, ``report.md`` and ``manifest.json`` (last).
@@ -32,15 +37,17 @@ from tasks.inputs import input_model_folder, load_input_model
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task
 from tasks.store import ArtifactRef
+from tasks import thoughts
 
-COMPRESSION_VERSION = "2"  # 2: carries agent.json and the expert vectors
+COMPRESSION_VERSION = "3"  # 2: carries agent.json and the expert vectors; 3: and Quiet-STaR's files, re-measured
 EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 
 def compression_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
     section = json.dumps({"compression": config.compression.model_dump(mode="json"),
                           "eval": config.eval.model_dump(mode="json"), "seed": config.seed,
-                          "precision": config.device.precision}, sort_keys=True)
+                          "precision": config.device.precision, "thoughts": thoughts.key_section(config)},
+                         sort_keys=True)
     return phase_key("compression", COMPRESSION_VERSION, section, [previous.digest], dataset.digest)
 
 
@@ -93,6 +100,12 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         name, folder = input_model_folder(model_root, None, previous.uri, None)
         model, latent_meta = load_input_model(folder)
         tokenizer = load_tokenizer(folder)
+        thought_meta = thoughts.input_thoughts(folder, tokenizer, model)  # refused here, before any compute
+        attachments = {}
+        if thought_meta is not None:
+            from forge_models.quietstar import THOUGHT_FILES
+
+            attachments = {n: (folder / n).read_bytes() for n in THOUGHT_FILES}
         corpus = Corpus.load(dataset_dir / "corpus")
         cfg = config.compression
         experts_dir, agent_path = input_attachments(model_root, folder)
@@ -121,7 +134,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         test = token_blocks(tokenizer, [e.text for e in held_out if not e.source], cfg.seq_len, cfg.test_sequences)
 
         out = run(CompressionInputs(model=model, tokenizer=tokenizer, calib_ids=calib, val_ids=val, test_ids=test,
-                                    out_dir=out_dir / "model", experts=library, agent_config=agent_text), cfg, ctx)
+                                    out_dir=out_dir / "model", experts=library, agent_config=agent_text,
+                                    attachments=attachments), cfg, ctx)
         compressed = out.models["model"]  # reloaded from the written folder: what is stored is what is measured
 
         # The harness on the held-out split, input vs the reloaded artifact, paired on the same examples.
@@ -145,6 +159,12 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         if library is not None or agent_text is not None:
             carried_lines = _carried(config, out, metrics, details, library, agent_text, experts_dir, model, compressed,
                                      tokenizer, held_out, out_dir / "model", ctx)
+
+        thought_lines: list[str] = []
+        if thought_meta is not None:
+            found, thought_lines = thoughts.remeasure(out_dir / "model", compressed, tokenizer, held_out, config, ctx,
+                                                      "compressed (reloaded, decoded)")
+            metrics.update(found)
 
         recipe = json.loads((out_dir / "model" / "recipe.json").read_text())["tensors"]
         by_enc = out.details.get("weights_by_encoding", {})
@@ -182,6 +202,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "",
             f"{len(recipe)} tensors encoded; the full per-tensor recipe is `model/recipe.json`.",
             *carried_lines,
+            *thought_lines,
         ]
         return PhaseWritten(
             metrics=metrics, report_md="\n".join(lines) + "\n",

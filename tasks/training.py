@@ -6,7 +6,9 @@ quantised forward pass and keeps the model ternary; anything else is loaded as a
 
 Output prefix: ``model/`` (a BitNet input is stored packed again, with its new latent weights in
 ``model/latent/``; a full-precision input as a plain Hugging Face folder), ``loss_curve.png``,
-``curriculum.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last).
+``curriculum.png``, ``phase.json``, ``report.md`` and ``manifest.json`` (last). An input carrying Quiet-STaR's
+files (``quietstar.json``, ``quietstar_head.safetensors``) gets them copied into ``model/`` and re-measured with
+vs without thoughts on the stored model, reloaded (``tasks.thoughts``); the loop does not train the thoughts.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from forge_models.eval import difference_lines
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
+from tasks import thoughts
 
-TRAINING_VERSION = "1"
+TRAINING_VERSION = "2"  # 2: Quiet-STaR files carried and re-measured
 EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 
 def training_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
     section = json.dumps({"training": config.training.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
-                          "packing": config.bitnet.packing, "seed": config.seed, "precision": config.device.precision},
-                         sort_keys=True)
+                          "packing": config.bitnet.packing, "seed": config.seed, "precision": config.device.precision,
+                          "thoughts": thoughts.key_section(config)}, sort_keys=True)
     return phase_key("training", TRAINING_VERSION, section, [previous.digest], dataset.digest)
 
 
@@ -69,6 +72,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         name, folder = input_model_folder(model_root, None, previous.uri, None)
         model, latent_meta = load_input_model(folder)
         tokenizer = load_tokenizer(folder)
+        thought_meta = thoughts.input_thoughts(folder, tokenizer, model)  # refused here, before any compute
         corpus = Corpus.load(dataset_dir / "corpus")
         out = training.run(training.TrainingInputs(model=model, tokenizer=tokenizer, corpus=corpus, eval_cfg=config.eval),
                            config.training, ctx)
@@ -80,6 +84,16 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         else:
             trained.save_pretrained(out_dir / "model")
             tokenizer.save_pretrained(out_dir / "model")
+        metrics, thought_lines = dict(out.metrics), []
+        if thought_meta is not None:
+            from forge_models.quietstar import copy_thoughts
+
+            copy_thoughts(folder, out_dir / "model")
+            stored = thoughts.reload_stored(out_dir / "model", ctx.device)  # what is stored is what is measured
+            found, thought_lines = thoughts.remeasure(
+                out_dir / "model", stored, tokenizer, corpus.split(config.eval.split), config, ctx,
+                "trained (packed BitNet)" if latent_meta is not None else "trained")
+            metrics.update(found)
         if out.curves.get("train/loss"):
             loss_curve_png({"train/loss": out.curves["train/loss"], "check/val_loss": out.curves.get("check/val_loss", [])},
                            out_dir / "loss_curve.png", f"Forge training loop on {name}")
@@ -116,8 +130,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         ]
         for rb in out.details.get("rollbacks", []):
             lines.append(f"- rollback: {rb}")
+        lines += thought_lines
         return PhaseWritten(
-            metrics=out.metrics, report_md="\n".join(lines) + "\n", steps_run=int(out.details.get("steps_run", 0)),
+            metrics=metrics, report_md="\n".join(lines) + "\n", steps_run=int(out.details.get("steps_run", 0)),
             curves=out.curves, details={k: v for k, v in out.details.items() if k in ("stages", "rollbacks", "dreams")},
             tables={"stages.json": [{k: v for k, v in s.items() if not isinstance(v, dict)} for s in stages]},
         )

@@ -37,7 +37,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,8 @@ class CompressionInputs:
         experts: the expert library trained on ``model`` (an ``ExpertLibrary`` with its basis), carried
             basis-free into ``out_dir/experts``; None: none.
         agent_config: the text of the chosen agent configuration (``agent.json``), copied as it is; None: none.
+        attachments: other files the folder carries as they are, name -> bytes (e.g. Quiet-STaR's
+            ``quietstar.json`` and float32 mixing head); written first, so they count in the size and budget.
     """
 
     model: nn.Module
@@ -154,6 +156,7 @@ class CompressionInputs:
     out_dir: Path
     experts: Any = None
     agent_config: str | None = None
+    attachments: dict[str, bytes] = field(default_factory=dict)
 
 
 def token_blocks(tokenizer: Any, texts: list[str], seq_len: int, n: int, skip: int = 0) -> torch.Tensor:
@@ -229,6 +232,10 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
         if ids.ndim != 2 or ids.numel() == 0 or ids.dtype != torch.long:
             raise ConfigError(f"{split} must be a non-empty (n, L) int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
     encoders = [make_encoder(s) for s in cfg.candidates]
+    for name in inputs.attachments:
+        if Path(name).name != name or name in ("config.json", RECIPE_FILE, AGENT_FILE, EXPERTS_DIR) \
+                or name.startswith(("shard-", "tokenizer", "model.safetensors")):
+            raise ConfigError(f"attachment {name!r} must be a plain file name that is not one of the artifact's own")
     if inputs.experts is not None:
         _check_experts(inputs.model, inputs.experts)
     t_start = time.perf_counter()
@@ -254,6 +261,8 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
         save_expert_vectors(out / EXPERTS_DIR, inputs.experts)
     if inputs.agent_config is not None:
         (out / AGENT_FILE).write_text(inputs.agent_config)
+    for name, data in inputs.attachments.items():
+        (out / name).write_bytes(data)
     plain_shard = write_shard(out, "plain", {}, plain)
     write_hf_files(out, plain_shard.name, list(plain))  # from_pretrained loads the folder (compression/hf.py)
 
@@ -383,7 +392,7 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
         "groups_rolled_back": float(len(rolled_back)),
     }
     details = {"weights_by_encoding": by_encoding, "rolled_back": rolled_back, "recipe": str(out / RECIPE_FILE)}
-    carried = [p for p in (out / AGENT_FILE, out / EXPERTS_DIR) if p.exists()]
+    carried = [p for p in (out / AGENT_FILE, out / EXPERTS_DIR, *(out / n for n in inputs.attachments)) if p.exists()]
     metrics["bytes_attachments"] = float(sum(f.stat().st_size for p in carried
                                              for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()))
     if inputs.experts is not None:

@@ -6,15 +6,20 @@ from forge_models.quietstar.phase import QuietStarInputs, measure_thoughts, run
 from forge_models.quietstar.thoughts import (
     END,
     START,
+    THOUGHT_FILES,
     MixingHead,
     QuietStar,
     Streams,
     add_thought_tokens,
     advantages,
+    attach_thoughts,
     block_mask,
+    check_thought_ids,
+    copy_thoughts,
     generate_ids,
     load_quietstar,
     quietstar_loss,
+    read_thoughts,
     save_quietstar,
     sequential_hidden,
     stream_hidden,
@@ -22,6 +27,6 @@ from forge_models.quietstar.thoughts import (
     thought_logits,
 )
 
-__all__ = ["END", "START", "MixingHead", "QuietStar", "QuietStarConfig", "QuietStarInputs", "measure_thoughts", "run", "Streams", "add_thought_tokens",
-           "advantages", "block_mask", "generate_ids", "load_quietstar", "quietstar_loss", "save_quietstar",
+__all__ = ["END", "START", "THOUGHT_FILES", "MixingHead", "QuietStar", "QuietStarConfig", "QuietStarInputs", "measure_thoughts", "run", "Streams", "add_thought_tokens",
+           "advantages", "attach_thoughts", "block_mask", "check_thought_ids", "copy_thoughts", "read_thoughts", "generate_ids", "load_quietstar", "quietstar_loss", "save_quietstar",
            "sequential_hidden", "stream_hidden", "talk_targets", "thought_logits"]

@@ -386,24 +386,110 @@ def save_quietstar(qs: QuietStar, tokenizer: Any, out: Path) -> None:
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_quietstar(path: Path, dtype: torch.dtype = torch.float32) -> tuple[QuietStar, Any]:
-    """(QuietStar, tokenizer) from a folder written by :func:`save_quietstar`."""
+THOUGHT_FILES = (META_FILE, HEAD_FILE)
+"""What a Quiet-STaR folder holds besides the plain model: later phases copy both into their output folder."""
+
+
+def read_thoughts(folder: str | Path) -> dict[str, Any] | None:
+    """The stored thought machinery of a model folder: ``quietstar.json`` parsed (``start_id``, ``end_id``,
+    ``config``), or None when the folder holds neither file (a plain model).
+
+    Raises ArtifactIntegrityError when only one of the two files is there or ``quietstar.json`` is not valid.
+    """
+    folder = Path(folder)
+    present = [n for n in THOUGHT_FILES if (folder / n).is_file()]
+    if not present:
+        return None
+    if len(present) != len(THOUGHT_FILES):
+        missing = sorted(set(THOUGHT_FILES) - set(present))
+        raise ArtifactIntegrityError(f"{folder} holds {present} but not {missing}: an incomplete Quiet-STaR folder")
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        ids = int(meta["start_id"]), int(meta["end_id"])
+        QuietStarConfig(**meta["config"])
+    except Exception as exc:  # noqa: BLE001 - malformed JSON, missing keys, an invalid config
+        raise ArtifactIntegrityError(f"{folder / META_FILE} is not a valid Quiet-STaR description: {exc}") from None
+    if ids[0] == ids[1] or min(ids) < 0:
+        raise ArtifactIntegrityError(f"{folder / META_FILE}: invalid thought token ids {ids}")
+    return meta
+
+
+def check_thought_ids(meta: dict[str, Any], tokenizer: Any = None, vocab_rows: int | None = None,
+                      where: str = "quietstar.json") -> None:
+    """Refuse (ArtifactIntegrityError) stored thought ids that the tokenizer's ``<|startthought|>`` /
+    ``<|endthought|>`` do not have, or that the model's embedding matrix (``vocab_rows`` rows) lacks."""
+    ids = (int(meta["start_id"]), int(meta["end_id"]))
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        got = (vocab.get(START), vocab.get(END))
+        if got != ids:
+            raise ArtifactIntegrityError(
+                f"{where} names thought tokens {START}={ids[0]}, {END}={ids[1]}, but the model's tokenizer has "
+                f"{START}={got[0]}, {END}={got[1]}: the tokenizer is not the one Quiet-STaR trained with (a later "
+                "phase must keep phase 3's tokenizer)")
+    if vocab_rows is not None and max(ids) >= vocab_rows:
+        raise ArtifactIntegrityError(f"{where} names thought token id {max(ids)}, but the model's embeddings have "
+                                     f"only {vocab_rows} rows")
+
+
+def attach_thoughts(model: Any, folder: str | Path, tokenizer: Any = None) -> QuietStar:
+    """The thinking model around an already-loaded causal LM, with the thought ids and mixing head stored in
+    ``folder`` (``quietstar.json`` + ``quietstar_head.safetensors``).
+
+    ``model`` is any causal LM of the trained architecture whose vocabulary holds the two thought rows: the
+    plain Hugging Face model, a BitNet-converted one (``BitLinear``), a packed one (``PackedBitLinear``) or a
+    decoded compressed one. Only its trunk forward (embeddings in, a 4-D additive mask, explicit position ids)
+    and its LM head are used. The thought embeddings are the model's **own** rows at the stored ids (what a
+    later phase stored there is what thinks); the mixing head is loaded in float32 as stored. ``tokenizer``
+    (when given) must map the delimiters to the stored ids. Returns the QuietStar in eval mode, on the
+    model's device.
+    """
     from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_thoughts(folder)
+    if meta is None:
+        raise ArtifactIntegrityError(f"{folder} is not a Quiet-STaR folder (no {META_FILE} / {HEAD_FILE})")
+    emb = model.get_input_embeddings().weight
+    check_thought_ids(meta, tokenizer, emb.shape[0], str(folder / META_FILE))
+    cfg = QuietStarConfig(**meta["config"])
+    start, end = int(meta["start_id"]), int(meta["end_id"])
+    with torch.random.fork_rng(devices=[]):  # the head's throw-away initialisation draws no global randomness
+        qs = QuietStar(model, start, end, emb[start].detach().float(), cfg)
+    with torch.no_grad():
+        qs.thought_embed.copy_(emb[[start, end]].detach().float() / cfg.embedding_scale)
+    try:
+        qs.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    except RuntimeError as exc:
+        raise ArtifactIntegrityError(f"{folder / HEAD_FILE} does not fit this model's mixing head: {exc}") from None
+    qs.head.to(emb.device)
+    return qs.eval()
+
+
+def copy_thoughts(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy ``quietstar.json`` and the mixing head (byte for byte: it stays float32, never quantised) from the
+    model folder ``src`` into ``dst``; returns the names copied (none when ``src`` is a plain model)."""
+    import shutil
+
+    if read_thoughts(src) is None:
+        return []
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in THOUGHT_FILES:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return list(THOUGHT_FILES)
+
+
+def load_quietstar(path: Path, dtype: torch.dtype = torch.float32) -> tuple[QuietStar, Any]:
+    """(QuietStar, tokenizer) from a folder written by :func:`save_quietstar` (or carried by a later phase
+    whose folder ``from_pretrained`` loads)."""
     from transformers import AutoModelForCausalLM
 
     import forge_models  # noqa: F401  (registers Cognate)
     from forge_models.tokenizer import load_tokenizer
 
     path = Path(path)
-    if not (path / META_FILE).is_file() or not (path / HEAD_FILE).is_file():
+    if read_thoughts(path) is None:
         raise ArtifactIntegrityError(f"{path} is not a Quiet-STaR folder (no {META_FILE} / {HEAD_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
-    cfg = QuietStarConfig(**meta["config"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
-    emb = model.get_input_embeddings().weight
-    qs = QuietStar(model, meta["start_id"], meta["end_id"], emb[meta["start_id"]].detach().float(), cfg)
-    with torch.no_grad():
-        qs.thought_embed.copy_(emb[[meta["start_id"], meta["end_id"]]].float() / cfg.embedding_scale)
-    qs.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-    return qs, tokenizer
+    return attach_thoughts(model, path, tokenizer), tokenizer
