@@ -366,7 +366,7 @@ def _attachments(folder: Path, model_dir: Path | None = None, model: Any = None)
     """
     from forge_models.adas import AgentConfig
     from forge_models.experts import load_experts
-    from forge_models.runtime import ArtifactIntegrityError, ConfigError
+    from forge_models.runtime import ArtifactIntegrityError
 
     def holds(place: Path) -> bool:
         return (place / "agent.json").is_file() or (place / "experts" / "experts.json").is_file()
@@ -386,13 +386,7 @@ def _attachments(folder: Path, model_dir: Path | None = None, model: Any = None)
     path = place / "agent.json"
     if not path.is_file():
         return None, experts
-    try:
-        cfg = AgentConfig.from_json(path.read_text())
-    except ConfigError as exc:
-        raise ArtifactIntegrityError(f"{path}: {exc}") from None
-    missing = sorted(set(cfg.experts) - set(experts.skills if experts is not None else []))
-    if missing:
-        raise ArtifactIntegrityError(f"{path}: names experts {missing} that the artifact's experts/ library lacks")
+    cfg = AgentConfig.from_artifact(path, experts.skills if experts is not None else [])
     if cfg.thought_budget:
         raise ArtifactIntegrityError(f"{path}: thought_budget {cfg.thought_budget} needs a Quiet-STaR thinker, "
                                      "which the served agent does not have")

@@ -93,7 +93,6 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         from forge_models.eval import evaluate, paired_metrics
         from forge_models.adas import AgentConfig
         from forge_models.experts import load_experts
-        from forge_models.runtime import ArtifactIntegrityError, ConfigError
         from forge_models.tokenizer import load_tokenizer
 
         dataset_dir, model_root = inputs
@@ -111,14 +110,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         experts_dir, agent_path = input_attachments(model_root, folder)
         library = load_experts(experts_dir, model=model) if experts_dir is not None else None
         agent_text = agent_path.read_text() if agent_path is not None else None
-        if agent_text is not None:  # refused before compute if the served agent could not run it
-            try:
-                agent_cfg = AgentConfig.from_json(agent_text)
-            except ConfigError as exc:
-                raise ArtifactIntegrityError(f"{agent_path}: {exc}") from None
-            missing = sorted(set(agent_cfg.experts) - set(library.skills if library is not None else []))
-            if missing:
-                raise ArtifactIntegrityError(f"{agent_path}: names experts {missing} that the input's library lacks")
+        if agent_path is not None:  # refused before compute if the served agent could not run it
+            AgentConfig.from_artifact(agent_path, library.skills if library is not None else [])
         is_bitnet = any(isinstance(m, BitLinear) for m in model.modules())
         added = []
         if is_bitnet and not any(c.get("name") == "ternary" for c in cfg.candidates):

@@ -22,6 +22,7 @@ from tasks.inputs import input_model_folder
 from tasks.config import ForgeConfig
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metrics_table, phase_task
 from tasks.store import ArtifactRef
+from tasks.thoughts import fmt_value, thought_table
 
 QUIETSTAR_VERSION = "1"
 
@@ -31,10 +32,6 @@ def quietstar_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactR
                           "eval": config.eval.model_dump(mode="json"), "seed": config.seed,
                           "precision": config.device.precision}, sort_keys=True)
     return phase_key("quietstar", QUIETSTAR_VERSION, section, [previous.digest], dataset.digest)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _body(config: ForgeConfig, previous: ArtifactRef):
@@ -67,24 +64,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             metrics_table(out.evaluations, list(HEADLINE_METRICS)), "",
             *difference_lines(out.evaluations["after"]["quietstar"], "quietstar - input"), "",
             "With vs without thoughts (held-out, paired bootstrap 95%):", "",
-            "| measure | without | with | gain [95% interval] |", "|---|---|---|---|",
-            f"| next-token NLL, text ({int(m.get('quietstar/n_text', 0))} ex.; gain = without - with) | "
-            f"{_fmt(m.get('quietstar/nll_without'))} | {_fmt(m.get('quietstar/nll_with'))} | "
-            f"{_fmt(m.get('quietstar/nll_gain'))} [{_fmt(m.get('quietstar/nll_gain_lo'))}, "
-            f"{_fmt(m.get('quietstar/nll_gain_hi'))}] |",
-            f"| teacher-forced answer probability, arithmetic ({int(m.get('quietstar/n_arith', 0))} ex.; not "
-            f"generation accuracy) | {_fmt(m.get('quietstar/answer_prob_without'))} | "
-            f"{_fmt(m.get('quietstar/answer_prob_with'))} | {_fmt(m.get('quietstar/answer_prob_gain'))} "
-            f"[{_fmt(m.get('quietstar/answer_prob_gain_lo'))}, {_fmt(m.get('quietstar/answer_prob_gain_hi'))}] |",
-            f"| generated exact match, arithmetic ({int(m.get('quietstar/n_gen', 0))} ex.; greedy, thoughts "
-            f"before every token) | {_fmt(m.get('quietstar/gen_em_without'))} | {_fmt(m.get('quietstar/gen_em_with'))} "
-            f"| {_fmt(m.get('quietstar/gen_em_gain'))} [{_fmt(m.get('quietstar/gen_em_gain_lo'))}, "
-            f"{_fmt(m.get('quietstar/gen_em_gain_hi'))}] |",
-            f"| generation speed, tokens/s (same loop) | {_fmt(m.get('quietstar/gen_tokens_per_s_without'))} | "
-            f"{_fmt(m.get('quietstar/gen_tokens_per_s_with'))} | {_fmt(m.get('quietstar/gen_slowdown'))}x slower "
-            f"with thoughts |",
+            *thought_table(m, "quietstar"),
             "", f"Learning signal: mean |w| of the mixing head {m.get('quietstar/w_abs_step0', 0.0):.4f} at step 0 "
-            f"(zero-initialised), {_fmt(m.get('quietstar/w_abs_heldout'))} on held-out text after training.",
+            f"(zero-initialised), {fmt_value(m.get('quietstar/w_abs_heldout'))} on held-out text after training.",
             f"Training throughput: {m.get('quietstar/train_tokens_per_s', float('nan')):.1f} tokens/s.",
         ]
         return PhaseWritten(metrics=m, report_md="\n".join(lines) + "\n", params=int(out.details["params"]),

@@ -81,12 +81,12 @@ def remeasure(folder: Path, model: Any, tokenizer: Any, held: Sequence[Any], con
         f"thinks {cfg.thought_tokens} tokens. Not trained further here: the mixing head is phase 3's. Held-out "
         f"**{config.eval.split}**, paired bootstrap 95%:", "",
         *thought_table(metrics, "thoughts"),
-        "", f"Mean |w| of the mixing head on held-out text: {_fmt(metrics.get('thoughts/w_abs_heldout'))}.",
+        "", f"Mean |w| of the mixing head on held-out text: {fmt_value(metrics.get('thoughts/w_abs_heldout'))}.",
     ]
     return metrics, lines
 
 
-def _fmt(v: float | None) -> str:
+def fmt_value(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
@@ -96,16 +96,16 @@ def thought_table(m: dict[str, float], prefix: str) -> list[str]:
     rows = ["| measure | without | with | gain [95% interval] |", "|---|---|---|---|"]
     if g("nll_without") is not None:
         rows.append(f"| next-token NLL, text ({int(g('n_text') or 0)} ex.; gain = without - with) | "
-                    f"{_fmt(g('nll_without'))} | {_fmt(g('nll_with'))} | {_fmt(g('nll_gain'))} "
-                    f"[{_fmt(g('nll_gain_lo'))}, {_fmt(g('nll_gain_hi'))}] |")
+                    f"{fmt_value(g('nll_without'))} | {fmt_value(g('nll_with'))} | {fmt_value(g('nll_gain'))} "
+                    f"[{fmt_value(g('nll_gain_lo'))}, {fmt_value(g('nll_gain_hi'))}] |")
     if g("answer_prob_without") is not None:
         rows.append(f"| teacher-forced answer probability, arithmetic ({int(g('n_arith') or 0)} ex.; not generation "
-                    f"accuracy) | {_fmt(g('answer_prob_without'))} | {_fmt(g('answer_prob_with'))} | "
-                    f"{_fmt(g('answer_prob_gain'))} [{_fmt(g('answer_prob_gain_lo'))}, {_fmt(g('answer_prob_gain_hi'))}] |")
+                    f"accuracy) | {fmt_value(g('answer_prob_without'))} | {fmt_value(g('answer_prob_with'))} | "
+                    f"{fmt_value(g('answer_prob_gain'))} [{fmt_value(g('answer_prob_gain_lo'))}, {fmt_value(g('answer_prob_gain_hi'))}] |")
     if g("gen_em_without") is not None:
         rows += [f"| generated exact match, arithmetic ({int(g('n_gen') or 0)} ex.; greedy, thoughts before every "
-                 f"token) | {_fmt(g('gen_em_without'))} | {_fmt(g('gen_em_with'))} | {_fmt(g('gen_em_gain'))} "
-                 f"[{_fmt(g('gen_em_gain_lo'))}, {_fmt(g('gen_em_gain_hi'))}] |",
-                 f"| generation speed, tokens/s (same loop) | {_fmt(g('gen_tokens_per_s_without'))} | "
-                 f"{_fmt(g('gen_tokens_per_s_with'))} | {_fmt(g('gen_slowdown'))}x slower with thoughts |"]
+                 f"token) | {fmt_value(g('gen_em_without'))} | {fmt_value(g('gen_em_with'))} | {fmt_value(g('gen_em_gain'))} "
+                 f"[{fmt_value(g('gen_em_gain_lo'))}, {fmt_value(g('gen_em_gain_hi'))}] |",
+                 f"| generation speed, tokens/s (same loop) | {fmt_value(g('gen_tokens_per_s_without'))} | "
+                 f"{fmt_value(g('gen_tokens_per_s_with'))} | {fmt_value(g('gen_slowdown'))}x slower with thoughts |"]
     return rows

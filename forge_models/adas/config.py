@@ -10,13 +10,14 @@ stores and what the served agent runs.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from pathlib import Path
+from typing import Iterable, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from forge_models.adas.rules import EXTRACTORS, TOOLS
 from forge_models.config import Frozen
-from forge_models.runtime import ConfigError
+from forge_models.runtime import ArtifactIntegrityError, ConfigError
 
 PROMPT_STYLES = ("plain", "cot")
 """``plain``: the question's prompt as is. ``cot``: zero-shot chain of thought (Kojima et al. 2022): the
@@ -104,6 +105,19 @@ class AgentConfig(Frozen):
             return cls.model_validate_json(text)
         except ValueError as exc:
             raise ConfigError(f"not a valid agent configuration: {exc}") from exc
+
+    @classmethod
+    def from_artifact(cls, path: Path, skills: Iterable[str]) -> "AgentConfig":
+        """The ``agent.json`` stored in an artifact, checked against the expert ``skills`` stored beside it:
+        ArtifactIntegrityError naming the file when it does not parse or names an expert the library lacks."""
+        try:
+            cfg = cls.from_json(Path(path).read_text())
+        except ConfigError as exc:
+            raise ArtifactIntegrityError(f"{path}: {exc}") from None
+        missing = sorted(set(cfg.experts) - set(skills))
+        if missing:
+            raise ArtifactIntegrityError(f"{path}: names experts {missing} that the artifact's experts/ library lacks")
+        return cfg
 
     def calls_per_question(self) -> int:
         """Model calls of one question without tools (with tools: up to votes * (max_tool_calls + 1))."""
