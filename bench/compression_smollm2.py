@@ -9,6 +9,7 @@ artifact folder; every perplexity is measured on the folder reloaded with ``load
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part seedlm # SeedLM on one tensor (CPU timing)
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part baselines  # HQQ 4-bit, bitsandbytes NF4
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part nf4 [--budgets 75]  # our NF4, + chooser
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part grid [--budgets 75,60,50]  # exact Q4_1 grid
     PYTHONPATH=$PWD python bench/compression_smollm2.py --plot                          # PNG curve from the JSON results
 """
 
@@ -122,7 +123,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4"], default="rtn")
+    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4", "grid"], default="rtn")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
@@ -182,6 +183,19 @@ def main():
             for mb in [int(b) for b in args.budgets.split(",")] if args.budgets != "none" else []:
                 res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
                 rows.append(record(f"chooser (bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
+                json.dump(rows, open(out_file, "w"), indent=1)
+        elif args.part == "grid":  # the linears' own Q4_1 grid recovered exactly; the chooser with it as a candidate
+            res, wall = compress(model, tok, calib, val, test, [{"name": "grid"}, {"name": "nf4", "block": 64}],
+                                 tmp / "grid", target_bpw=32.0)
+            rows.append(record("grid where exact (linears), NF4 b64 elsewhere (embedding)", res, wall, ref, test))
+            json.dump(rows, open(out_file, "w"), indent=1)
+            cands = [{"name": "grid"}, {"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 128},
+                     {"name": "rtn", "bits": 6, "group": 128}, {"name": "rtn", "bits": 5, "group": 128},
+                     {"name": "nf4", "block": 32}, {"name": "nf4", "block": 64}, {"name": "nf4", "block": 128},
+                     {"name": "rtn", "bits": 3, "group": 32, "sym": False}, {"name": "rtn", "bits": 2, "group": 64, "sym": False}]
+            for mb in [int(b) for b in args.budgets.split(",")] if args.budgets != "none" else []:
+                res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
+                rows.append(record(f"chooser (grid/bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "baselines":
             rows += baselines(model, tok, test, ref, tmp)
@@ -329,7 +343,7 @@ def plot():
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
-    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4"):
+    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4", "grid"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import lzma
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from forge_models.compression import ENCODERS, make_encoder
 from forge_models.compression.bitpack import pack_bits, unpack_bits
+from forge_models.compression.rans import rans_decode, rans_encode
 from forge_models.compression.seedlm import TAPS, SeedLM, lfsr_period, lfsr_states, seed_bank, seedlm_search
 from forge_models.compression.vptq import gptq_vq, nearest, proxy_error, vptq_bits
 from forge_models.runtime import ArtifactIntegrityError, ConfigError
@@ -70,7 +73,7 @@ def test_decode_shape_dtype_and_payload_bits(spec):
 
 
 def test_registry_and_bad_specs():
-    assert {"bf16", "rtn", "nf4", "ternary", "seedlm", "vptq"} <= set(ENCODERS)
+    assert {"bf16", "rtn", "nf4", "ternary", "seedlm", "vptq", "grid"} <= set(ENCODERS)
     with pytest.raises(ConfigError):
         make_encoder({"name": "nope"})
     with pytest.raises(ConfigError):
@@ -140,6 +143,138 @@ def test_ternary_is_exact_for_bitnet_weights_and_entropy_coding_is_lossless():
     assert torch.equal(enc.decode(e), q.float() / s)
     e2 = make_encoder({"name": "ternary", "packing": "2bit", "entropy": False}).encode(w)
     assert torch.equal(make_encoder({"name": "ternary", "packing": "2bit", "entropy": False}).decode(e2), q.float() / s)
+
+
+# ------------------------------------------------------------------------------------------- grid
+
+
+def q4_1_tensor(rows: int, cols: int, seed: int = 0, group: int = 32) -> torch.Tensor:
+    """A tensor as ggml quantises Q4_1 and a GGUF reader dequantises it: codes from the float32 min and
+    d = (max - min) / 15, stored fp16 d and m, then w = q * d + m in float32."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    b = w.view(rows, cols // group, group)
+    lo = b.amin(-1, keepdim=True)
+    d32 = (b.amax(-1, keepdim=True) - lo) / 15
+    q = torch.floor((b - lo) / d32 + 0.5).clamp(0, 15)
+    return (q * d32.half().float() + lo.half().float()).reshape(rows, cols)
+
+
+def test_grid_recovers_a_q4_1_tensor_bit_for_bit_below_five_bits():
+    w = q4_1_tensor(48, 256)
+    for entropy in (True, False):
+        enc = make_encoder({"name": "grid", "bits": 4, "group": 32, "entropy": entropy})
+        e = enc.encode(w)
+        assert torch.equal(enc.decode(e).view(torch.int32), w.view(torch.int32))  # every weight, every bit
+        assert e.bits_per_weight <= 5.0 + 16 / w.numel()  # 4-bit codes + fp16 d and m per 32 + 2 form bytes
+        if not entropy:
+            assert 8 * e.nbytes == enc.payload_bits((48, 256))  # raw form: exactly the stated bits
+    # a constant block (d = 0) is on the grid too
+    w2 = w.clone()
+    w2[0, :32] = w2[0, 0]
+    assert torch.equal(enc.decode(enc.encode(w2)), w2)
+
+
+def test_grid_declines_a_tensor_that_is_not_on_its_grid():
+    from forge_models.compression.encoders import NotApplicable
+
+    enc = make_encoder({"name": "grid"})
+    with pytest.raises(NotApplicable, match="fp16"):
+        enc.encode(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))  # minima are not fp16 values
+    w = q4_1_tensor(8, 64)
+    w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))  # one weight one ulp off the grid (not the block min)
+    if w[3, 5] == w[3].view(2, 32)[0].min():
+        w[3, 5] += 0.5
+    with pytest.raises(NotApplicable, match="1 of 16 blocks"):
+        enc.encode(w)
+    with pytest.raises(NotApplicable, match="multiple of group"):
+        make_encoder({"name": "grid", "group": 48}).encode(q4_1_tensor(8, 64))
+
+
+def test_grid_corrupted_stream_is_an_integrity_error():
+    enc = make_encoder({"name": "grid"})
+    e = enc.encode(q4_1_tensor(64, 512, seed=1))
+    assert e.meta == {"codes_form": 2, "stats_form": 1}  # rANS codes; LZMA d/m (fp16 exponents repeat)
+    good = dict(e.tensors)
+    e.tensors["stats"] = good["stats"][:-7].clone()
+    with pytest.raises(ArtifactIntegrityError, match="grid d/m"):
+        enc.decode(e)
+    e.tensors["stats"] = good["stats"]
+    bad = good["codes"].clone()
+    bad[-5] ^= 0x10  # one bit of one rANS word
+    e.tensors["codes"] = bad
+    with pytest.raises(ArtifactIntegrityError, match="rANS"):
+        enc.decode(e)
+    e.tensors["codes"] = good["codes"][:-4].clone()
+    with pytest.raises(ArtifactIntegrityError, match="rANS"):
+        enc.decode(e)
+
+
+def test_grid_context_coding_beats_order0_on_codes_whose_distribution_follows_the_zero_point():
+    # Peaked weights (Laplace, like trained layers): the codes crowd around each block's zero point, which
+    # an outlier on one side moves; coding each code under its block's zero point must use that.
+    torch.manual_seed(3)
+    w = q4_1_tensor_from(torch.distributions.Laplace(0.0, 0.02).sample((256, 256)))
+    enc = make_encoder({"name": "grid"})
+    e = enc.encode(w)
+    q = torch.tensor(rans_decode(e.tensors["codes"].numpy().tobytes()[1:], enc._contexts(*_dm(e, 256 * 8))))
+    p = torch.bincount(q, minlength=16).double() / q.numel()
+    order0 = float(-(p[p > 0] * p[p > 0].log2()).sum()) * q.numel() / 8
+    assert e.tensors["codes"].numel() < 0.97 * order0  # context coding below the order-0 entropy bound
+    assert torch.equal(enc.decode(e), w)
+
+
+def _dm(e, nb):
+    stats = lzma.decompress(e.tensors["stats"].numpy().tobytes()[1:]) if e.meta["stats_form"] == 1 \
+        else e.tensors["stats"].numpy().tobytes()[1:]
+    st = torch.frombuffer(bytearray(stats), dtype=torch.float16).float()
+    return st[:nb], st[nb:]
+
+
+def q4_1_tensor_from(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """``w`` quantised to Q4_1 and dequantised, as ggml does it."""
+    rows, cols = w.shape
+    b = w.view(rows, cols // group, group)
+    lo = b.amin(-1, keepdim=True)
+    d32 = (b.amax(-1, keepdim=True) - lo) / 15
+    q = torch.floor((b - lo) / d32 + 0.5).clamp(0, 15)
+    return (q * d32.half().float() + lo.half().float()).reshape(rows, cols)
+
+
+# ------------------------------------------------------------------------------------------- rANS
+
+
+@pytest.mark.parametrize("n,contexts", [(1, 1), (7, 2), (4095, 1), (4097, 3), (100_003, 16)])
+def test_rans_roundtrip_and_size_near_the_conditional_entropy(n, contexts):
+    rng = np.random.default_rng(n)
+    ctx = rng.integers(0, contexts, n)
+    probs = rng.dirichlet(np.full(16, 0.3), contexts)
+    sym = (probs.cumsum(1)[ctx] < rng.random((n, 1))).sum(1).clip(0, 15)
+    data = rans_encode(sym, 16, ctx, contexts)
+    assert np.array_equal(rans_decode(data, ctx), sym)
+    joint = np.bincount(ctx * 16 + sym, minlength=contexts * 16).reshape(contexts, 16).astype(float)
+    h = -(joint * np.log2(np.where(joint > 0, joint / joint.sum(1, keepdims=True), 1))).sum() / 8
+    overhead = 20 + 32 * contexts + 8 * max(1, -(-n // 4096)) + 4
+    assert len(data) <= h * 1.01 + overhead + 4 * (n // 4096 + 1)
+
+
+def test_rans_refuses_bad_input_and_detects_corruption():
+    with pytest.raises(ConfigError):
+        rans_encode(np.array([16]), 16)
+    with pytest.raises(ConfigError):
+        rans_encode(np.array([1, 2]), 16, np.array([0]), 1)
+    sym = np.random.default_rng(0).integers(0, 16, 50_000)
+    data = rans_encode(sym, 16)
+    with pytest.raises(ArtifactIntegrityError):
+        rans_decode(data[:10])
+    with pytest.raises(ArtifactIntegrityError):
+        rans_decode(data[:-4])
+    with pytest.raises(ArtifactIntegrityError):
+        rans_decode(data, np.zeros(49_999, np.int64))  # contexts for another count
+    flipped = bytearray(data)
+    flipped[-100] ^= 1
+    with pytest.raises(ArtifactIntegrityError):
+        rans_decode(bytes(flipped))
 
 
 # ------------------------------------------------------------------------------------------- SeedLM

@@ -174,13 +174,63 @@ def test_bitnet_model_ternary_layers_stored_exactly_and_reloaded_as_packed(tmp_p
     assert float(diff) < 1.0  # same model up to the encoding of the (non-ternary) embedding
 
 
+def test_grid_is_chosen_for_linears_on_a_q4_1_grid_and_stores_them_bit_for_bit(tmp_path):
+    from tests.unit.test_compression_encoders import q4_1_tensor
+
+    model = _tiny()
+    with torch.no_grad():
+        for i, lin in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head):
+            lin.weight.copy_(q4_1_tensor(*lin.weight.shape, seed=10 + i))  # as if dequantised from a Q4_1 GGUF
+    cands = ({"name": "grid"}, {"name": "rtn", "bits": 4, "group": 32})
+    # output units: on random tokens a random model's loss does not respond to 4-bit noise (0 nats either way)
+    out = run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "g"),
+              CompressionConfig(candidates=cands, target_bpw=6.0, max_loss_increase=100.0, damage_units="output"),
+              PhaseContext())
+    recipe = json.loads((tmp_path / "g" / "recipe.json").read_text())["tensors"]
+    linears = [n for n in recipe if n != "model.embed_tokens.weight"]
+    assert len(linears) == 14 and all(recipe[n]["encoding"] == "grid" and recipe[n]["damage"] == 0.0 for n in linears)
+    assert recipe["model.embed_tokens.weight"]["encoding"] == "rtn"  # random embedding: grid declined it
+    reloaded = load_compressed(tmp_path / "g")
+    original = dict(model.named_parameters())
+    for n in linears:  # what is stored decodes to the input's weights, every bit
+        assert torch.equal(dict(reloaded.named_parameters())[n], original[n]), n
+    assert out.metrics["reload_max_logit_diff"] <= 1e-4
+
+
+def test_a_candidate_list_that_fits_no_tensor_names_why(tmp_path):
+    inputs = CompressionInputs(_tiny(), _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "n")
+    with pytest.raises(ConfigError, match=r"no candidate applies to .*grid.*not fp16 values"):
+        run(inputs, _single({"name": "grid"}), PhaseContext())
+    assert not (tmp_path / "n" / "recipe.json").exists()
+
+
+def test_the_folder_s_tokenizer_json_is_compact_and_encodes_identically(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["<eos>", "the", "cat", "sat", "on", "mat", "ça", "naïve"] + [f"w{i}" for i in range(120)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    tok.save_pretrained(str(tmp_path / "pretty"))
+    run(CompressionInputs(_tiny(), tok, _ids(1), _ids(2), _ids(3), tmp_path / "c"),
+        _single({"name": "rtn", "bits": 8, "group": 32}), PhaseContext())
+    stored = (tmp_path / "c" / "tokenizer.json").read_text(encoding="utf-8")
+    assert "\n" not in stored and len(stored) < 0.8 * len((tmp_path / "pretty" / "tokenizer.json").read_text())
+    assert json.loads(stored) == json.loads((tmp_path / "pretty" / "tokenizer.json").read_text())
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "c"))
+    text = "the cat sat on the naïve mat ça w7 w119 unknown"
+    assert again(text)["input_ids"] == tok(text)["input_ids"] and again.eos_token_id == 0
+
+
 def test_tied_embedding_damage_is_head_term_plus_lookup_of_calibration_tokens(tmp_path):
     from forge_models.compression.chooser import collect_hessians, output_damage
 
     model = _tiny()
     spec = {"name": "rtn", "bits": 2, "group": 32}
     calib = torch.randint(0, 8, (4, 32), generator=torch.Generator().manual_seed(0))  # only 8 rows looked up
-    run(CompressionInputs(model, _Tok(), calib, _ids(2), _ids(3), tmp_path / "e"), _single(spec), PhaseContext())
+    cfg = CompressionConfig(candidates=(spec,), target_bpw=32.0, max_loss_increase=100.0, damage_units="output")
+    run(CompressionInputs(model, _Tok(), calib, _ids(2), _ids(3), tmp_path / "e"), cfg, PhaseContext())
     damage = json.loads((tmp_path / "e" / "recipe.json").read_text())["tensors"]["model.embed_tokens.weight"]["damage"]
     w = model.model.embed_tokens.weight.detach().float()
     enc = make_encoder(spec)
@@ -190,6 +240,60 @@ def test_tied_embedding_damage_is_head_term_plus_lookup_of_calibration_tokens(tm
     counts = torch.bincount(calib.reshape(-1), minlength=128).double()
     lookup = float((counts / counts.sum() * ((w - dec).double() ** 2).sum(1)).sum())
     assert lookup > 0 and damage == pytest.approx(head + lookup, rel=1e-5)
+
+
+def test_loss_units_make_damages_the_measured_calibration_loss_increase(tmp_path):
+    import copy
+
+    model = _tiny()
+    cands = ({"name": "rtn", "bits": 8, "group": 32}, {"name": "rtn", "bits": 4, "group": 32}, {"name": "rtn", "bits": 2, "group": 32})
+    labels = [make_encoder(c).label() for c in cands]
+    calib = _ids(1)
+    run(CompressionInputs(model, _Tok(), calib, _ids(2), _ids(3), tmp_path / "u"),
+        CompressionConfig(candidates=cands, target_bpw=4.5, max_loss_increase=100.0), PhaseContext())
+    recipe = json.loads((tmp_path / "u" / "recipe.json").read_text())["tensors"]
+    base = mean_loss(model, calib, 4)
+    positive = []
+    for name, r in recipe.items():
+        sc = r["damage_scale"]
+        assert sc["reference"] == labels[2]  # the most damaging candidate is the one measured
+        enc = make_encoder(cands[2])
+        alone = copy.deepcopy(model)
+        p = dict(alone.named_parameters())[name]
+        with torch.no_grad():
+            p.copy_(enc.decode(enc.encode(p.detach().float())))
+        assert sc["loss_increase"] == pytest.approx(mean_loss(alone, calib, 4) - base, rel=1e-4, abs=1e-7)
+        if sc["loss_increase"] > 0:
+            positive.append(sc["scale"])
+            assert "scale_from" not in sc
+        else:  # the loss fell (first-order noise of a random model): the magnitude of its own response
+            assert sc["scale_from"].startswith("|loss_increase|") and sc["scale"] > 0
+    assert len(recipe) == 15 and len(positive) >= 5
+
+
+@pytest.mark.parametrize("units", ["loss", "output"])
+def test_loss_units_choose_the_same_for_a_function_preserving_rescaling(tmp_path, units):
+    """v_proj x 64 and o_proj / 64 compute the same function (powers of two: exact), but v_proj's output
+    error grows 4096x. In nats the choice is unchanged; in raw output units it is not."""
+    a = _tiny()
+    b = _tiny()
+    with torch.no_grad():
+        for layer in b.model.layers:
+            layer.self_attn.v_proj.weight.mul_(64.0)
+            layer.self_attn.o_proj.weight.div_(64.0)
+    probe = _ids(4, 2, 16)
+    assert torch.allclose(a(input_ids=probe).logits, b(input_ids=probe).logits, atol=1e-5)
+    cands = ({"name": "rtn", "bits": 8, "group": 32}, {"name": "rtn", "bits": 4, "group": 32}, {"name": "rtn", "bits": 2, "group": 32})
+    picks = []
+    for tag, m in (("a", a), ("b", b)):
+        run(CompressionInputs(m, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / f"{units}{tag}"),
+            CompressionConfig(candidates=cands, target_bpw=4.0, max_loss_increase=100.0, damage_units=units), PhaseContext())
+        recipe = json.loads((tmp_path / f"{units}{tag}" / "recipe.json").read_text())["tensors"]
+        picks.append({n: r["params"]["bits"] for n, r in recipe.items()})
+    if units == "loss":
+        assert picks[0] == picks[1]
+    else:
+        assert picks[0] != picks[1] and all(picks[1][f"model.layers.{i}.self_attn.v_proj.weight"] == 8 for i in range(2))
 
 
 def test_from_pretrained_loads_the_folder_exactly_as_load_compressed(tmp_path, caplog):
@@ -317,7 +421,7 @@ def test_compressed_folder_carries_agent_json_and_basis_free_experts_counted_in_
     assert res.metrics["experts_targets_changed"] == res.metrics["experts_targets"] == len(lib.bases)
     assert res.metrics["experts_s_rel_change_max"] == max(r["s_rel_change"] for r in rebase.values())
     # A byte budget holds with the attachments in the folder.
-    target = int(res.metrics["bytes_total"]) + 2_000
+    target = int(res.metrics["bytes_total"]) + 3_000  # the recipe's allowance is taken off the budget first
     cands = ({"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 32}, spec)
     run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "b", experts=lib,
                           agent_config=AGENT_JSON),
