@@ -122,7 +122,7 @@ def throughput(positions: int, repeats: int) -> dict:
         "parallel_tokens_per_s": positions / p, "sequential_tokens_per_s": positions / seq, "speedup": seq / p}
 
 
-def table(pretrain_steps: int, steps: int) -> dict:
+def table(pretrain_steps: int, steps: int, trunk_lr_scale: float | None = None) -> dict:
     corpus = build_corpus(DataConfig(seed=1234, synthetic=SyntheticConfig(n_examples=4000, max_operand=20),
                                      validation_percent=10))
     tokenizer = train_bpe([ex.text for ex in corpus.train], 512)
@@ -138,7 +138,8 @@ def table(pretrain_steps: int, steps: int) -> dict:
         loss.backward()
         opt.step()
     pre_s = time.perf_counter() - t0
-    cfg = QuietStarConfig(steps=steps, eval_examples=48, gen_examples=48)
+    scale = {} if trunk_lr_scale is None else {"trunk_lr_scale": trunk_lr_scale}  # None: the config's default
+    cfg = QuietStarConfig(steps=steps, eval_examples=48, gen_examples=48, **scale)
     ev = EvalConfig(max_examples=48, bootstrap_samples=1000)
     t0 = time.perf_counter()
     out = run(QuietStarInputs(model.eval(), tokenizer, corpus, ev), cfg, PhaseContext(precision="fp32"))
@@ -157,6 +158,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--trunk-lr-scale", type=float, default=None)
     a = ap.parse_args()
-    res = throughput(a.positions, a.repeats) if a.what == "throughput" else table(a.pretrain_steps, a.steps)
+    res = throughput(a.positions, a.repeats) if a.what == "throughput" else table(a.pretrain_steps, a.steps, a.trunk_lr_scale)
     print(json.dumps(res, indent=1, default=str))

@@ -24,7 +24,7 @@ from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metric
 from tasks.store import ArtifactRef
 from tasks.thoughts import fmt_value, thought_table
 
-QUIETSTAR_VERSION = "1"
+QUIETSTAR_VERSION = "2"  # 2: trunk_lr_scale, no-thought NLL change measured
 
 
 def quietstar_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
@@ -66,7 +66,11 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "With vs without thoughts (held-out, paired bootstrap 95%):", "",
             *thought_table(m, "quietstar"),
             "", f"Learning signal: mean |w| of the mixing head {m.get('quietstar/w_abs_step0', 0.0):.4f} at step 0 "
-            f"(zero-initialised), {fmt_value(m.get('quietstar/w_abs_heldout'))} on held-out text after training.",
+            f"(zero-initialised), {fmt_value(m.get('quietstar/w_abs_heldout'))} on held-out text after training. "
+            f"No-thought held-out NLL, input -> trained: {fmt_value(m.get('quietstar/plain_nll_before'))} -> "
+            f"{fmt_value(m.get('quietstar/plain_nll_after'))}, change {fmt_value(m.get('quietstar/plain_nll_change'))} "
+            f"[{fmt_value(m.get('quietstar/plain_nll_change_lo'))}, {fmt_value(m.get('quietstar/plain_nll_change_hi'))}] "
+            f"(must not rise).",
             f"Training throughput: {m.get('quietstar/train_tokens_per_s', float('nan')):.1f} tokens/s.",
         ]
         return PhaseWritten(metrics=m, report_md="\n".join(lines) + "\n", params=int(out.details["params"]),

@@ -66,10 +66,20 @@ def run(inputs: QuietStarInputs, cfg: QuietStarConfig, ctx: PhaseContext) -> Pha
     before_out: dict[str, list[float]] = {}
     before = {k: float(v) for k, v in evaluate(model, tokenizer, held, inputs.eval_cfg, ctx, before_out).items()}
     sampler = TokenSampler(train, tokenizer, cfg.data_mix, cfg.seq_len, cfg.batch_size, ctx.seed)
+    texts = _held_texts(tokenizer, held, cfg)
+    plain_before = [_plain_nll(model, ids, ctx.device) for ids in texts]
 
     qs = QuietStar.wrap(model, tokenizer, cfg).to(ctx.device)
     curves, tokens_per_s, w_first = _train(qs, sampler, cfg, ctx)
     qs.eval()
+    # The learning signal's other half: the no-thought model's held-out NLL must not rise (paired, same texts).
+    plain = {}
+    if texts:
+        plain_after = [_plain_nll(qs.model, ids, ctx.device) for ids in texts]
+        d, lo, hi = paired_difference(plain_after, plain_before, inputs.eval_cfg.bootstrap_samples,
+                                      inputs.eval_cfg.bootstrap_seed)
+        plain = {"plain_nll_before": sum(plain_before) / len(texts), "plain_nll_after": sum(plain_after) / len(texts),
+                 "plain_nll_change": d, "plain_nll_change_lo": lo, "plain_nll_change_hi": hi}
 
     after_out: dict[str, list[float]] = {}
     after = {k: float(v) for k, v in evaluate(qs.model, tokenizer, held, inputs.eval_cfg, ctx, after_out).items()}
@@ -77,7 +87,7 @@ def run(inputs: QuietStarInputs, cfg: QuietStarConfig, ctx: PhaseContext) -> Pha
                                 inputs.eval_cfg.bootstrap_seed))
     thoughts = measure_thoughts(qs, tokenizer, held, cfg, ctx, inputs.eval_cfg)
     metrics = {"quietstar/train_tokens_per_s": tokens_per_s, "quietstar/w_abs_step0": w_first,
-               **{f"quietstar/{k}": v for k, v in thoughts.items()}}
+               **{f"quietstar/{k}": v for k, v in {**thoughts, **plain}.items()}}
     for name in ("loss", "ppl"):
         if name in before and name in after:
             metrics[f"input/{name}"], metrics[f"quietstar/{name}"] = before[name], after[name]
@@ -91,11 +101,31 @@ def run(inputs: QuietStarInputs, cfg: QuietStarConfig, ctx: PhaseContext) -> Pha
 
 
 def _train(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: PhaseContext):
-    opt = torch.optim.AdamW(qs.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The thinking parameters (thought embeddings, mixing head) train at lr; the base model's weights at
+    # lr * trunk_lr_scale (0: frozen). Both groups share the warm-up.
+    trunk = list(qs.model.parameters())
+    flags = [p.requires_grad for p in trunk]
+    thinking = [p for n, p in qs.named_parameters() if not n.startswith("model.")]
+    groups = [{"params": thinking, "lr": cfg.lr}]
+    if cfg.trunk_lr_scale > 0:
+        groups.append({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale})
+    else:
+        for p in trunk:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    qs.train()
+    try:
+        return _steps(qs, sampler, cfg, ctx, opt, sched, groups)
+    finally:
+        for p, flag in zip(trunk, flags):
+            p.requires_grad_(flag)
+
+
+def _steps(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: PhaseContext, opt: torch.optim.Optimizer,
+           sched: Any, groups: list[dict]):
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + cfg.seed)
     curves: dict[str, list[tuple[int, float]]] = {k: [] for k in ("loss", "plain_nll", "talk_nll", "w_abs", "reward")}
-    qs.train()
     tokens, elapsed, w_first = 0, 0.0, float("nan")
     for step in range(cfg.steps):
         x = sampler.batch(step).to(ctx.device)
@@ -105,7 +135,7 @@ def _train(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: Phas
         check_finite(out["loss"], step, "quietstar loss")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(qs.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
         opt.step()
         sched.step()
         elapsed += time.perf_counter() - t0
@@ -118,6 +148,21 @@ def _train(qs: QuietStar, sampler: TokenSampler, cfg: QuietStarConfig, ctx: Phas
         loss, w_abs = float(out["loss"].detach()), float(out["w_abs"].detach())
         ctx.tracker.progress(step + 1, cfg.steps, f"loss {loss:.4f} |w| {w_abs:.4f} ({elapsed / (step + 1):.1f} s/step)")
     return curves, tokens / elapsed if elapsed else float("nan"), w_first
+
+
+def _held_texts(tokenizer: Any, held: Sequence[Example], cfg: QuietStarConfig) -> list[list[int]]:
+    """The held-out text examples every NLL comparison uses: their first ``seq_len`` tokens (>= 2 tokens)."""
+    held = without_eval_units(held)  # eval sources are reported per source by the harness, not mixed in here
+    texts = [ex for ex in held if not ex.prompt][: cfg.eval_examples] or list(held[: cfg.eval_examples])
+    ids = [tokenizer.encode(ex.text, add_special_tokens=False)[: cfg.seq_len] for ex in texts]
+    return [i for i in ids if len(i) >= 2]
+
+
+@torch.no_grad()
+def _plain_nll(model: Any, ids: list[int], device: torch.device) -> float:
+    """Mean next-token NLL of ``ids`` under the plain LM (no thoughts, no mixing)."""
+    x = torch.tensor([ids], device=device)
+    return F.cross_entropy(model(input_ids=x).logits[0, :-1].float(), x[0, 1:]).item()
 
 
 @torch.no_grad()
@@ -153,13 +198,9 @@ def measure_thoughts(qs: QuietStar, tokenizer: Any, held: Sequence[Example], cfg
                      ctx: PhaseContext, eval_cfg: EvalConfig) -> dict[str, float]:
     """With vs without thoughts on held-out examples: means, and paired bootstrap intervals of the gain."""
     out: dict[str, float] = {}
-    held = without_eval_units(held)  # eval sources are reported per source by the harness, not mixed in here
-    texts = [ex for ex in held if not ex.prompt][: cfg.eval_examples] or list(held[: cfg.eval_examples])
+    held = without_eval_units(held)
     with_t, without, ws = [], [], []
-    for ex in texts:
-        ids = tokenizer.encode(ex.text, add_special_tokens=False)[: cfg.seq_len]
-        if len(ids) < 2:
-            continue
+    for ids in _held_texts(tokenizer, held, cfg):
         n0, _ = _example_nll(qs, ids, 0, ctx.device)
         n1, w = _example_nll(qs, ids, cfg.thought_tokens, ctx.device)
         without.append(n0), with_t.append(n1), ws.append(w)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from forge_models.config import EvalConfig
+from forge_models.data.stream import TokenSampler
 from forge_models.data.synthetic import Example
 from forge_models.quietstar import QuietStarConfig, QuietStarInputs, generate_ids, load_quietstar, run, save_quietstar
 from forge_models.runtime import ConfigError, PhaseContext
@@ -129,3 +130,56 @@ def test_generated_exact_match_checks_the_answer(data):
         phase.generate_ids = orig
     assert good["gen_em_with"] == good["gen_em_without"] == 1.0 and good["n_gen"] == len(held)
     assert bad["gen_em_with"] == bad["gen_em_without"] == 0.0
+
+
+def test_learning_signal_the_mixing_weight_moves_and_the_no_thought_loss_does_not_rise():
+    """Reference test 5 on a pretrained ~0.12M-parameter model: after the phase |w| is away from 0 and the
+    held-out no-thought loss has not risen. The control shows the test can fail: the same run with the trunk at
+    the full lr (the released single lr, at tiny scale) raises that loss."""
+    corpus, tok = corpus_and_tokenizer(n_examples=600, vocab_size=300)
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(tok), hidden=64, inter=128, max_position_embeddings=256)
+    mix = {"arithmetic": 1.0, "text": 1.0, "narrative": 1.0, "persona": 1.0, "tool": 1.0}
+    sampler = TokenSampler(corpus.train, tok, mix, 48, 8, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(400):
+        x = sampler.batch(step)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ev = EvalConfig(max_examples=24, ppl_max_tokens=2048, max_new_tokens=4, bootstrap_samples=200)
+    cfg = QuietStarConfig(steps=60, batch_size=4, seq_len=32, thought_tokens=2, n_ahead_talk=2, eval_examples=16,
+                          gen_examples=0)
+    loss = {}
+    for scale in (cfg.trunk_lr_scale, 1.0):
+        out = run(QuietStarInputs(model, tok, corpus, ev), cfg.model_copy(update={"trunk_lr_scale": scale}),
+                  PhaseContext(precision="fp32"))
+        loss[scale] = (out.evaluations["before"]["input"]["loss"], out.evaluations["after"]["quietstar"]["loss"])
+        m = out.metrics
+        assert m["quietstar/plain_nll_change_lo"] <= m["quietstar/plain_nll_change"] <= m["quietstar/plain_nll_change_hi"]
+        assert m["quietstar/plain_nll_change"] == pytest.approx(
+            m["quietstar/plain_nll_after"] - m["quietstar/plain_nll_before"], abs=1e-9)
+        if scale == cfg.trunk_lr_scale:
+            assert m["quietstar/plain_nll_change_hi"] < 0.02  # paired, held-out texts: no rise beyond noise
+            assert out.metrics["quietstar/w_abs_step0"] == 0.0
+            assert out.metrics["quietstar/w_abs_heldout"] > 0.02  # the mixing weight moved away from 0
+            assert all(p.requires_grad for p in out.models["model"].model.parameters())  # trunk flags restored
+    before, after = loss[cfg.trunk_lr_scale]
+    assert after <= before, loss  # the no-thought held-out loss did not rise
+    assert loss[1.0][1] > loss[1.0][0] + 0.02, loss  # control: at the full trunk lr it does
+
+
+def test_trunk_lr_scale_zero_trains_only_the_thinking_parameters(data):
+    corpus, tok = data
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(tok), hidden=32, inter=64, max_position_embeddings=256)
+    out = run(QuietStarInputs(model, tok, corpus, EVAL), CFG.model_copy(update={"trunk_lr_scale": 0.0}),
+              PhaseContext(precision="fp32"))
+    qs = out.models["model"]
+    trained = dict(qs.model.named_parameters())
+    for name, p in model.named_parameters():  # the input's weights (the phase trains a copy)
+        # embeddings gained the two thought rows; the original rows, like every other weight, are unchanged
+        assert torch.equal(trained[name][: p.shape[0]], p), name
+    assert not torch.equal(qs.head.net[-1].weight, torch.zeros_like(qs.head.net[-1].weight))  # the head learned
