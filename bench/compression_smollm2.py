@@ -10,6 +10,8 @@ artifact folder; every perplexity is measured on the folder reloaded with ``load
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part baselines  # HQQ 4-bit, bitsandbytes NF4
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part nf4 [--budgets 75]  # our NF4, + chooser
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part grid [--budgets 75,60,50]  # exact Q4_1 grid
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part ecsq [--budgets 75,60,50]  # + entropy-coded SQ
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part ecsqsingle  # ECSQ alone on every tensor
     PYTHONPATH=$PWD python bench/compression_smollm2.py --plot                          # PNG curve from the JSON results
 """
 
@@ -123,7 +125,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4", "grid"], default="rtn")
+    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4", "grid", "ecsq", "ecsqsingle"], default="rtn")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
@@ -196,6 +198,31 @@ def main():
             for mb in [int(b) for b in args.budgets.split(",")] if args.budgets != "none" else []:
                 res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
                 rows.append(record(f"chooser (grid/bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
+                json.dump(rows, open(out_file, "w"), indent=1)
+        elif args.part == "ecsq":  # entropy-coded scalar quantisation (rANS) as a candidate, beside the grid
+            res, wall = compress(model, tok, calib, val, test, [{"name": "grid"}, {"name": "ecsq", "step": 0.2}],
+                                 tmp / "ecsq", target_bpw=32.0)
+            rows.append(record("grid where exact (linears), ECSQ step 0.2 elsewhere (embedding)", res, wall, ref, test))
+            json.dump(rows, open(out_file, "w"), indent=1)
+            cands = [{"name": "grid"}, {"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 128},
+                     *({"name": "ecsq", "step": st} for st in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)),
+                     {"name": "nf4", "block": 32}, {"name": "nf4", "block": 64},
+                     {"name": "rtn", "bits": 3, "group": 32, "sym": False}, {"name": "rtn", "bits": 2, "group": 64, "sym": False}]
+            for mb in [int(b) for b in args.budgets.split(",")] if args.budgets != "none" else []:
+                try:
+                    res, wall = compress(model, tok, calib, val, test, cands, tmp / f"b{mb}", target_bytes=mb * 10**6)
+                except Exception as exc:  # a failed quality gate is a result too
+                    rows.append({"method": f"chooser (grid/ECSQ/bf16/RTN/NF4 candidates) <= {mb} MB",
+                                 "error": f"{type(exc).__name__}: {exc}"})
+                    print(json.dumps(rows[-1]), flush=True)
+                else:
+                    rows.append(record(f"chooser (grid/ECSQ/bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
+                json.dump(rows, open(out_file, "w"), indent=1)
+        elif args.part == "ecsqsingle":  # ECSQ alone on every tensor (the linears re-quantised off their grid)
+            for st in (0.25, 0.5):
+                res, wall = compress(model, tok, calib, val, test, [{"name": "ecsq", "step": st}], tmp / f"e{st}",
+                                     target_bpw=32.0)
+                rows.append(record(f"ECSQ step {st} alone", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "baselines":
             rows += baselines(model, tok, test, ref, tmp)
@@ -343,7 +370,7 @@ def plot():
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
-    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4", "grid"):
+    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4", "grid", "ecsq", "ecsqsingle"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue

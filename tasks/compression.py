@@ -39,7 +39,7 @@ from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_t
 from tasks.store import ArtifactRef
 from tasks import thoughts
 
-COMPRESSION_VERSION = "4"  # 2: carries agent.json and the expert vectors; 3: and Quiet-STaR's files, re-measured; 4: grid encoding, damages in nats, compact tokenizer.json
+COMPRESSION_VERSION = "5"  # 2: carries agent.json and the expert vectors; 3: and Quiet-STaR's files, re-measured; 4: grid encoding, damages in nats, compact tokenizer.json; 5: ECSQ candidates
 EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from forge_models.compression import ENCODERS, make_encoder
 from forge_models.compression.bitpack import pack_bits, unpack_bits
+from forge_models.compression.encoders import NotApplicable
 from forge_models.compression.rans import rans_decode, rans_encode
 from forge_models.compression.seedlm import TAPS, SeedLM, lfsr_period, lfsr_states, seed_bank, seedlm_search
 from forge_models.compression.vptq import gptq_vq, nearest, proxy_error, vptq_bits
@@ -73,7 +74,7 @@ def test_decode_shape_dtype_and_payload_bits(spec):
 
 
 def test_registry_and_bad_specs():
-    assert {"bf16", "rtn", "nf4", "ternary", "seedlm", "vptq", "grid"} <= set(ENCODERS)
+    assert {"bf16", "rtn", "nf4", "ternary", "seedlm", "vptq", "grid", "ecsq"} <= set(ENCODERS)
     with pytest.raises(ConfigError):
         make_encoder({"name": "nope"})
     with pytest.raises(ConfigError):
@@ -242,6 +243,70 @@ def q4_1_tensor_from(w: torch.Tensor, group: int = 32) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- rANS
+
+
+def test_ecsq_round_trip_error_bound_and_size_near_the_code_entropy():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 64)[:, None]
+    w[5] = 0  # an all-zero row codes to zeros
+    enc = make_encoder({"name": "ecsq", "step": 0.25})
+    e = enc.encode(w)
+    assert e.meta == {"codes_form": 2}  # rANS
+    d = enc.decode(e)
+    step = e.tensors["step"].float()
+    assert e.tensors["step"].dtype == torch.float16 and step.shape == (64,)
+    assert torch.equal(d[5], torch.zeros(512))
+    rms = w.pow(2).mean(1).sqrt()
+    live = rms > 0
+    assert torch.allclose(step[live], (0.25 * rms[live]).half().float())
+    # uniform quantiser: every weight within half a step of its row's grid point, and exactly on that grid
+    assert ((d - w).abs() <= step[:, None] / 2 * (1 + 1e-6) + 1e-12).all()
+    q = (d / step[:, None]).round()
+    assert torch.equal(q * step[:, None], d)
+    # the stored size is the codes' order-0 entropy plus the header, table, lane states and steps, nothing else
+    _, counts = torch.unique(q[live].reshape(-1), return_counts=True)
+    p = counts.double() / counts.sum()
+    h_bits = float(-(p * p.log2()).sum()) * w.numel()
+    assert h_bits / 8 < e.nbytes < h_bits / 8 + 2 * 200 + 8 * 8 + 64 * 2 + 64
+    assert enc.decode(e, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_ecsq_beats_nf4_at_fewer_bits_on_normal_weights():
+    """Entropy coding makes the rate follow the step, not a bit width: at no more bits than NF4 b64 the error
+    is well below NF4's (about 0.5x measured; the textbook ECSQ vs fixed-rate gain)."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    nf4, ecsq = make_encoder({"name": "nf4", "block": 64}), make_encoder({"name": "ecsq", "step": 0.25})
+    en, ee = nf4.encode(w), ecsq.encode(w)
+    assert ee.bits_per_weight <= en.bits_per_weight
+    assert _rel(w, ecsq.decode(ee)) < 0.75 * _rel(w, nf4.decode(en))
+    # finer steps cost more bits and less error, monotonically
+    prev_bits, prev_err = 0.0, float("inf")
+    for step in (1.0, 0.5, 0.25, 0.1):
+        e = make_encoder({"name": "ecsq", "step": step}).encode(w)
+        err = _rel(w, make_encoder({"name": "ecsq", "step": step}).decode(e))
+        assert e.bits_per_weight > prev_bits and err < prev_err
+        prev_bits, prev_err = e.bits_per_weight, err
+
+
+def test_ecsq_small_tensor_raw_form_outliers_and_corruption():
+    enc = make_encoder({"name": "ecsq", "step": 0.5})
+    tiny = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    e = enc.encode(tiny)
+    assert e.meta == {"codes_form": 0}  # rANS's table would cost more than 16-bit codes: stored raw
+    assert ((enc.decode(e) - tiny).abs() <= e.tensors["step"].float()[:, None] / 2 + 1e-6).all()
+    spike = torch.randn(4, 4096, generator=torch.Generator().manual_seed(3))
+    spike[0, 0] = 1e5  # the row's RMS is ~1e5 / 64, so a step of 0.001 RMS puts the spike at code ~64000
+    with pytest.raises(NotApplicable, match="codes span"):
+        make_encoder({"name": "ecsq", "step": 0.001}).encode(spike)
+    e = enc.encode(torch.randn(32, 256, generator=torch.Generator().manual_seed(4)))
+    good = dict(e.tensors)
+    e.tensors["codes"] = good["codes"][:-4].clone()
+    with pytest.raises(ArtifactIntegrityError, match="rANS"):
+        enc.decode(e)
+    e.tensors["codes"], e.tensors["step"] = good["codes"], good["step"][:-1].clone()
+    with pytest.raises(ArtifactIntegrityError, match="ecsq steps"):
+        enc.decode(e)
+    with pytest.raises(ConfigError):
+        make_encoder({"name": "ecsq", "step": 0})
 
 
 @pytest.mark.parametrize("n,contexts", [(1, 1), (7, 2), (4095, 1), (4097, 3), (100_003, 16)])
