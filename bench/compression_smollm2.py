@@ -219,7 +219,7 @@ def main():
                     rows.append(record(f"chooser (grid/ECSQ/bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "ecsqsingle":  # ECSQ alone on every tensor (the linears re-quantised off their grid)
-            for st in (0.25, 0.5):
+            for st in (0.2, 0.3, 0.4, 0.5):
                 res, wall = compress(model, tok, calib, val, test, [{"name": "ecsq", "step": st}], tmp / f"e{st}",
                                      target_bpw=32.0)
                 rows.append(record(f"ECSQ step {st} alone", res, wall, ref, test))

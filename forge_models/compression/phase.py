@@ -387,7 +387,7 @@ def run(inputs: CompressionInputs, cfg: CompressionConfig, ctx: PhaseContext) ->
     numel = sum(p.numel() for p in enc_params.values())
     budget = cfg.target_bytes - fixed - header_allowance if cfg.target_bytes else int(cfg.target_bpw * numel / 8)
     loss_scales: dict[str, dict[str, float]] = {}
-    if cfg.damage_units == "loss":
+    if cfg.damage_units == "loss" and len(encoders) > 1:  # one candidate: no choice to rescale, so no loss pass
         loss_scales = _damage_in_nats(model, enc_params, encoders, encoded, options, inputs.calib_ids, cfg, ctx)
     choice = choose(options, budget)
 

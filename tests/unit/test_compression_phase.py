@@ -440,7 +440,8 @@ def test_compressed_folder_carries_agent_json_and_basis_free_experts_counted_in_
     assert res.metrics["experts_targets_changed"] == res.metrics["experts_targets"] == len(lib.bases)
     assert res.metrics["experts_s_rel_change_max"] == max(r["s_rel_change"] for r in rebase.values())
     # A byte budget holds with the attachments in the folder.
-    target = int(res.metrics["bytes_total"]) + 3_000  # the recipe's allowance is taken off the budget first
+    # the recipe's allowance is taken off the budget first; this single-candidate run wrote no damage_scale entries
+    target = int(res.metrics["bytes_total"]) + 6_000
     cands = ({"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 32}, spec)
     run(CompressionInputs(model, _Tok(), _ids(1), _ids(2), _ids(3), tmp_path / "b", experts=lib,
                           agent_config=AGENT_JSON),
