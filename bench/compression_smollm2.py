@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--n-test", type=int, default=12)
+    ap.add_argument("--chooser-only", action="store_true", help="--part ecsq: only the chooser budgets")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.plot:
@@ -200,10 +201,12 @@ def main():
                 rows.append(record(f"chooser (grid/bf16/RTN/NF4 candidates) <= {mb} MB", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "ecsq":  # entropy-coded scalar quantisation (rANS) as a candidate, beside the grid
-            res, wall = compress(model, tok, calib, val, test, [{"name": "grid"}, {"name": "ecsq", "step": 0.2}],
-                                 tmp / "ecsq", target_bpw=32.0)
-            rows.append(record("grid where exact (linears), ECSQ step 0.2 elsewhere (embedding)", res, wall, ref, test))
-            json.dump(rows, open(out_file, "w"), indent=1)
+            if not args.chooser_only:
+                res, wall = compress(model, tok, calib, val, test, [{"name": "grid"}, {"name": "ecsq", "step": 0.2}],
+                                     tmp / "ecsq", target_bpw=32.0)
+                rows.append(record("grid where exact (linears), ECSQ step 0.2 elsewhere (embedding)", res, wall, ref,
+                                   test))
+                json.dump(rows, open(out_file, "w"), indent=1)
             cands = [{"name": "grid"}, {"name": "bf16"}, {"name": "rtn", "bits": 8, "group": 128},
                      *({"name": "ecsq", "step": st} for st in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)),
                      {"name": "nf4", "block": 32}, {"name": "nf4", "block": 64},
@@ -370,7 +373,7 @@ def plot():
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
-    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4", "grid", "ecsq", "ecsqsingle"):
+    for part in ("rtn", "rtn50", "singles", "vptq", "baselines", "nf4", "grid", "ecsq", "ecsq54", "ecsqsingle"):
         f = RESULTS / f"compression_smollm2_{part}.json"
         if not f.exists():
             continue
