@@ -152,13 +152,7 @@ def test_ternary_is_exact_for_bitnet_weights_and_entropy_coding_is_lossless():
 def q4_1_tensor(rows: int, cols: int, seed: int = 0, group: int = 32) -> torch.Tensor:
     """A tensor as ggml quantises Q4_1 and a GGUF reader dequantises it: codes from the float32 min and
     d = (max - min) / 15, stored fp16 d and m, then w = q * d + m in float32."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05
-    b = w.view(rows, cols // group, group)
-    lo = b.amin(-1, keepdim=True)
-    d32 = (b.amax(-1, keepdim=True) - lo) / 15
-    q = torch.floor((b - lo) / d32 + 0.5).clamp(0, 15)
-    return (q * d32.half().float() + lo.half().float()).reshape(rows, cols)
+    return q4_1_tensor_from(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05, group)
 
 
 def test_grid_recovers_a_q4_1_tensor_bit_for_bit_below_five_bits():
@@ -242,9 +236,6 @@ def q4_1_tensor_from(w: torch.Tensor, group: int = 32) -> torch.Tensor:
     return (q * d32.half().float() + lo.half().float()).reshape(rows, cols)
 
 
-# ------------------------------------------------------------------------------------------- rANS
-
-
 def test_ecsq_round_trip_error_bound_and_size_near_the_code_entropy():
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 64)[:, None]
     w[5] = 0  # an all-zero row codes to zeros
@@ -307,6 +298,9 @@ def test_ecsq_small_tensor_raw_form_outliers_and_corruption():
         enc.decode(e)
     with pytest.raises(ConfigError):
         make_encoder({"name": "ecsq", "step": 0})
+
+
+# ------------------------------------------------------------------------------------------- rANS
 
 
 @pytest.mark.parametrize("n,contexts", [(1, 1), (7, 2), (4095, 1), (4097, 3), (100_003, 16)])

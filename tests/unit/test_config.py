@@ -175,3 +175,14 @@ def test_the_docs_read_the_phase_table():
         "docs/phases/README.md drifted from tasks/phases.py: run write_docs_index()"
     for s in ordered():
         assert (root / "docs" / "phases" / f"{s.name}.md").is_file() == s.implemented, s.name
+
+
+def test_this_wave_s_new_settings_are_checked_before_any_compute():
+    """A negative trunk learning-rate scale and a non-positive ECSQ step are refused when the config loads."""
+    from forge_models.runtime import ConfigError
+
+    with pytest.raises(ConfigProblems, match="quietstar.trunk_lr_scale"):
+        load_config("tiny", overrides=["quietstar.trunk_lr_scale=-0.1"])
+    # candidate specs are checked by their encoder as the compression section loads (a ConfigError, as before)
+    with pytest.raises(ConfigError, match="invalid parameters for encoding 'ecsq'"):
+        load_config("tiny", overrides=["compression.candidates=[{name: ecsq, step: 0}]"])
