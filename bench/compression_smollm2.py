@@ -12,6 +12,7 @@ artifact folder; every perplexity is measured on the folder reloaded with ``load
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part grid [--budgets 75,60,50]  # exact Q4_1 grid
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part ecsq [--budgets 75,60,50]  # + entropy-coded SQ
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part ecsqsingle  # ECSQ alone on every tensor
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/compression_smollm2.py --part embedding  # bpw and MSE on the embedding
     PYTHONPATH=$PWD python bench/compression_smollm2.py --plot                          # PNG curve from the JSON results
 """
 
@@ -125,7 +126,7 @@ def record(name, res, wall, ref_losses, test, extra=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4", "grid", "ecsq", "ecsqsingle"], default="rtn")
+    ap.add_argument("--part", choices=["rtn", "singles", "vptq", "seedlm", "baselines", "nf4", "grid", "ecsq", "ecsqsingle", "embedding"], default="rtn")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--budgets", default="75,60,50", help="MB budgets of the chooser (--part rtn)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
@@ -140,9 +141,9 @@ def main():
     model, tok = load()
     print(f"loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     calib, val, test = splits(tok, 8, 1, args.n_test)
-    ref = per_seq_losses(model, test) if args.part != "seedlm" else torch.zeros(1)
+    ref = per_seq_losses(model, test) if args.part not in ("seedlm", "embedding") else torch.zeros(1)
     rows = []
-    if args.part != "seedlm":
+    if args.part not in ("seedlm", "embedding"):
         rows.append({"method": "reference fp32 (dequantised GGUF)", "ppl": math.exp(float(ref.mean())), "test_tokens": int(test.numel())})
         print(json.dumps(rows[0]), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="compress-bench-"))
@@ -227,6 +228,18 @@ def main():
                                      target_bpw=32.0)
                 rows.append(record(f"ECSQ step {st} alone", res, wall, ref, test))
                 json.dump(rows, open(out_file, "w"), indent=1)
+        elif args.part == "embedding":  # the tied embedding alone: stored bits and relative squared error
+            from forge_models.compression import make_encoder
+
+            w = model.model.embed_tokens.weight.detach().float()
+            for spec in ({"name": "nf4", "block": 32}, {"name": "nf4", "block": 64},
+                         *({"name": "ecsq", "step": st} for st in (0.15, 0.2, 0.25, 0.3))):
+                enc = make_encoder(spec)
+                e = enc.encode(w)
+                rel = float(((enc.decode(e) - w) ** 2).mean() / w.var())
+                rows.append({"method": enc.label(), "bpw": e.bits_per_weight, "rel_mse": rel})
+                print(json.dumps(rows[-1]), flush=True)
+            json.dump(rows, open(out_file, "w"), indent=1)
         elif args.part == "baselines":
             rows += baselines(model, tok, test, ref, tmp)
         elif args.part == "vptq":
