@@ -23,7 +23,7 @@ from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metric
 from tasks.store import ArtifactRef
 from tasks import thoughts
 
-BAKING_VERSION = "2"  # 2: Quiet-STaR files carried and re-measured
+BAKING_VERSION = "3"  # 2: Quiet-STaR files carried and re-measured; 3: plain system slot, behaviour checks
 MAX_TRAIN_INPUTS = 4096
 
 
@@ -37,8 +37,11 @@ def baking_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef)
 
 
 def task_inputs(examples) -> list[str]:
-    """The user prompts of answer-checked examples, deduplicated in order (the inputs x baking conditions on)."""
-    return list(dict.fromkeys(e.prompt for e in examples if e.prompt))
+    """The user prompts of answer-checked examples, deduplicated in order (the inputs x baking conditions on).
+    A system dialogue's prompt loses its system line (``User: Q\nAssistant:``): the baked prompt takes that slot."""
+    from forge_models.data.system_prompts import plain_turn
+
+    return list(dict.fromkeys(plain_turn(e.prompt) for e in examples if e.prompt))
 
 
 def _body(config: ForgeConfig, previous: ArtifactRef):
@@ -69,7 +72,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         out = baking.run(baking.BakingInputs(
             model=model, tokenizer=tokenizer, train_inputs=task_inputs(corpus.split("train"))[:MAX_TRAIN_INPUTS],
             heldout_inputs=task_inputs(held_out), out_dir=out_dir / "model", bitnet_meta=bitnet_meta,
-            halfbake_dir=out_dir / "halfbake"), config.baking, ctx)
+            halfbake_dir=out_dir / "halfbake", behaviour_examples=held_out), config.baking, ctx)
         after = evaluate(out.models["model"], tokenizer, held_out, config.eval, ctx, after_o)  # the reloaded model
         after.update(paired_metrics(after_o, before_o, config.eval.bootstrap_samples, config.eval.bootstrap_seed))
         metrics = dict(out.metrics)
@@ -113,8 +116,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "| prompt | prompt tokens | input, unprompted | baked, unprompted | ratio | goal | baked, re-prompted | "
             "half-baked held-out KL by step (vs its own teacher) |",
             "|---|---|---|---|---|---|---|---|", *rows, "",
-            "Harness, input vs the reloaded baked model (persona adherence and tool-loop correctness without the "
-            "prompt are not measured here yet: they need the system-prompt data and tool runtime of issue 15):", "",
+            *behaviour_lines(m, out.details.get("behaviour", {})), "",
+            "Harness, input vs the reloaded baked model (each without any system prompt):", "",
             metrics_table({"before": {"input": before}, "after": {"baked": after}}, list(HEADLINE_METRICS)), "",
             *difference_lines(after, "baked - input"), "", *thought_lines,
         ]
@@ -123,6 +126,35 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
                             details={k: v for k, v in out.details.items() if k != "params"})
 
     return body
+
+
+def behaviour_lines(m: dict[str, float], facts: dict) -> list[str]:
+    """The behaviour table of the report (forge_models.baking.behaviour), or why there is none."""
+    spec = facts.get("spec")
+    if spec is None:
+        return ["Behaviour: not checked (the prompts, joined in order, are not a system prompt of the corpus's "
+                "family, so no checker knows their rules)."]
+    if "baking/behaviour/persona_adherence/n" not in m:
+        return [f"Behaviour: not checked ({facts.get('cases', 0)} held-out system-dialogue questions; need >= 2)."]
+    rows = []
+    for b in ("persona_adherence", "answer_correct", "tool_policy"):
+        k = f"baking/behaviour/{b}"
+        if f"{k}/baked_plain" not in m:
+            continue
+        cells = [f"{m[f'{k}/{r}']:.3f} [{m[f'{k}/{r}_lo']:.3f}, {m[f'{k}/{r}_hi']:.3f}]"
+                 for r in ("input_prompted", "input_plain", "baked_plain")]
+        diffs = [f"{m[d]:+.3f} [{m[d + '_lo']:+.3f}, {m[d + '_hi']:+.3f}]" for d in (
+            f"{k}/input_prompted_minus_input_plain", f"{k}/baked_plain_minus_input_prompted")]
+        rows.append(f"| {b} | {int(m[f'{k}/n'])} | {' | '.join(cells)} | {' | '.join(diffs)} |")
+    goal = m.get("baking/behaviour/goal_met")
+    verdict = ("not decidable: the prompt does not measurably change the input's persona adherence or answers, "
+               "so reaching its level needs no bake" if goal is None else "met" if goal else "not met")
+    return [f"Behaviour on held-out system-dialogue questions (persona {spec['persona']}, tools {spec['tools']}; "
+            "tool loop, greedy; 95% bootstrap intervals; goal: baked without the prompt - input with it has an "
+            "upper end >= 0 for persona adherence and answer correctness, each counted only where the prompt "
+            f"changes the input measurably: {verdict}):", "",
+            "| behaviour | n | input, prompted | input, unprompted | baked, unprompted | prompt effect on input | "
+            "baked - input prompted |", "|---|---|---|---|---|---|---|", *rows]
 
 
 baking_task = phase_task(

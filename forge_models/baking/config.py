@@ -97,6 +97,12 @@ class BakingConfig(Frozen):
         description="The stored (merged, reloaded) model must keep at least this share of the adapter's KL "
                     "reduction, else the phase fails: a merge into ternary weights can erase the bake (the "
                     "quantisation trap) and that must never pass as success.")
+    max_behaviour_inputs: int = Field(
+        48, ge=0, le=100_000,
+        description="Held-out system-dialogue questions the behaviour is checked on (persona rules, tool-loop answers, "
+                    "tool policy: input with the prompts vs the stored model without), when the prompts joined in "
+                    "order form a checkable system prompt (forge_models.baking.behaviour). 0: not checked.")
+    behaviour_max_new_tokens: int = Field(48, ge=8, le=1024, description="Tokens per generation step of those checks.")
     seed: int | None = Field(None, description="Sampling/initialisation seed (None: the run seed).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
 

@@ -57,18 +57,25 @@ def context_ids(tokenizer: Any, prompt: str, x: str) -> Contexts:
     The unprompted one is exactly what inference conditions on (:func:`forge_models.generation.prompt_ids`
     with no system message): with a chat template that is the template without a system message (which
     may differ from an empty one, and some templates insert a default system prompt: that is what
-    inference sees, so it is what the student sees). The prompted one puts ``prompt`` in the system slot;
-    without a chat template it is ``start + ids(prompt + "\\n") + ids(x)``, so the unprompted context
-    minus its start token is a suffix of it. An empty prompt gives identical contexts (nothing to bake).
+    inference sees, so it is what the student sees). The prompted one puts ``prompt`` in the system slot:
+    the template's, or without a template the plain transcript's ``System: prompt`` line (as the tool
+    runtime and the corpus's system dialogues write it): ``start + ids("System: " + prompt + "\n") + ids(x)``,
+    so the unprompted context minus its start token is a suffix of it. A dialogue turn
+    ``"User: Q\nAssistant:"`` is sent to a chat template as the user message ``Q``, as a user would type it.
+    An empty prompt gives identical contexts (nothing to bake).
     """
+    from forge_models.data.system_prompts import SYSTEM_PREFIX, dialogue_question
+
     gen = GenerationConfig()
-    plain = tuple(prompt_ids(tokenizer, x, gen))
+    chat = uses_chat(tokenizer, gen)
+    user = (dialogue_question(x) or x) if chat else x
+    plain = tuple(prompt_ids(tokenizer, user, gen))
     if prompt == "":
         return Contexts(plain, plain)
-    if uses_chat(tokenizer, gen):
-        prompted = tuple(prompt_ids(tokenizer, x, GenerationConfig(system=prompt)))
+    if chat:
+        prompted = tuple(prompt_ids(tokenizer, user, GenerationConfig(system=prompt)))
     else:
-        head = list(tokenizer([prompt + "\n"], add_special_tokens=False)["input_ids"][0])
+        head = list(tokenizer([f"{SYSTEM_PREFIX}{prompt}\n"], add_special_tokens=False)["input_ids"][0])
         prompted = (start_token(tokenizer), *head, *plain[1:])
     return Contexts(prompted, plain)
 

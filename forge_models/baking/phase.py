@@ -20,7 +20,10 @@ Per prompt u, in ``cfg.prompts`` order (sequential baking, B(B(theta, u1), u2)):
 Then the model is stored (``out_dir``: a Hugging Face folder, or a BitNet packed folder + ``latent/``),
 **reloaded**, and the headline KL is measured on the reloaded model, per prompt, against the *input* model
 prompted with that prompt, on held-out inputs with a bootstrap interval. Re-prompting (the baked model with
-u again) is measured too.
+u again) is measured too. When the prompts, joined in order, form a checkable system prompt (a persona and a
+tool sentence of the corpus's family), the behaviour is checked too (:mod:`forge_models.baking.behaviour`):
+persona rules, tool-loop answers and tool policy of the stored model without the prompt against the input with
+it, on held-out system-dialogue questions, with paired intervals.
 
 Deviations: fp32 throughout (no autocast: KLs of 1e-3 and the reload-equality check need it); the target of
 sequential baking is the model after the previous bakes (the paper's B(B(theta, u1), u2)), but the headline is
@@ -40,7 +43,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from forge_models.baking.behaviour import Case, baked_spec, behaviour_cases, compare, run_cases
 from forge_models.baking.config import BakingConfig, BakePrompt, resolve_targets
+from forge_models.data.system_prompts import SystemSpec
 from forge_models.baking.kl import (
     Contexts,
     LogitFn,
@@ -82,6 +87,8 @@ class BakingInputs:
         bitnet_meta: for a BitNet input, how to store it: ``packing``, ``kept_dtype``, ``keep_patterns``,
             ``act_norm`` (those of its input folder).
         halfbake_dir: where the half-baked adapters are written (None: not written).
+        behaviour_examples: held-out corpus examples whose system dialogues give the behaviour checks'
+            questions (:mod:`forge_models.baking.behaviour`; empty: no behaviour checks).
     """
 
     model: Any
@@ -91,6 +98,7 @@ class BakingInputs:
     out_dir: Path
     bitnet_meta: dict[str, Any] | None = None
     halfbake_dir: Path | None = None
+    behaviour_examples: Sequence[Any] = ()
 
 
 def is_bitnet(model: Any) -> bool:
@@ -273,6 +281,16 @@ def _interval_metrics(prefix: str, values: np.ndarray, cfg_seed: int) -> dict[st
     return {prefix: float(values.mean()), f"{prefix}_lo": lo, f"{prefix}_hi": hi}
 
 
+def _behaviour(input_model: Any, stored: Any, tok: Any, cases: Sequence[Case], spec: SystemSpec, cfg: BakingConfig,
+               ctx: PhaseContext, limit: int, seed: int) -> dict[str, float]:
+    """Persona rules, tool-loop answers and tool policy: input with the prompt, input and stored model without."""
+    kw = dict(ctx=ctx, max_new_tokens=cfg.behaviour_max_new_tokens, max_positions=limit)
+    runs = {"input_prompted": run_cases(input_model, tok, cases, spec, prompted=True, **kw),
+            "input_plain": run_cases(input_model, tok, cases, spec, prompted=False, **kw),
+            "baked_plain": run_cases(stored, tok, cases, spec, prompted=False, **kw)}
+    return compare(runs, "baked_plain", "baking/behaviour", seed)
+
+
 def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutput:
     """Bake every prompt of ``cfg.prompts`` in order; store, reload and measure (module docstring).
 
@@ -315,8 +333,15 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
                                       "train_inputs": len(train), "heldout_inputs": len(held),
                                       "dropped_too_long": len(train_x) + len(held_x) - len(train) - len(held)}
     # The final model carries every baked prompt, so its target is the input with all of them in the system
-    # slot (in baking order); with one prompt this is just that prompt.
-    combined = "\n".join(text for _p, text, _t, _h in plans)
+    # slot (in baking order, joined by a space: one system message); with one prompt this is just that prompt.
+    combined = " ".join(text.strip() for _p, text, _t, _h in plans)
+    spec = baked_spec([text for _p, text, _t, _h in plans])
+    trained_on = {x for p in cfg.prompts for x in (p.train_inputs or inputs.train_inputs)}
+    cases = [] if spec is None or not cfg.max_behaviour_inputs else [
+        c for c in behaviour_cases(inputs.behaviour_examples, spec, cfg.max_behaviour_inputs)
+        if f"User: {c.question}\nAssistant:" not in trained_on]
+    details["behaviour"] = {"spec": None if spec is None else {"persona": spec.persona, "tools": list(spec.tools)},
+                            "cases": len(cases)}
     finals = []
     for p, _text, _train, held in plans:
         held_all, _ = _contexts(tok, combined, held_text[p.name], limit, cfg.trajectory_tokens)
@@ -396,6 +421,8 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
                         f"{pre_}/reprompt_logprob_gain": amp, f"{pre_}/reprompt_logprob_gain_lo": alo,
                         f"{pre_}/reprompt_logprob_gain_hi": ahi,
                         f"{pre_}/halfbake_decreasing": float(all(b[1] < a[1] for a, b in zip(half, half[1:])))})
+    if len(cases) >= 2:
+        metrics.update(_behaviour(input_model, stored, tok, cases, spec, cfg, ctx, limit, seed))
     details["params"] = sum(q.numel() for q in stored.parameters())
     del input_model
     return PhaseOutput(models={"model": stored}, tokenizer=tok, metrics=metrics, details=details, curves=curves)

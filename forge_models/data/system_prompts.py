@@ -31,6 +31,7 @@ from forge_models.data.facts import ATTRIBUTES, normalise_key, town_names
 
 SYSTEM_PREFIX, USER_PREFIX, ASSISTANT_PREFIX = "System: ", "\nUser: ", "\nAssistant:"
 _PROMPT_RE = re.compile(r"^System: (.*)\nUser: (.*)\nAssistant:$", re.S)
+_DIALOGUE_RE = re.compile(r"^User: (.*)\nAssistant:$", re.S)
 _ANSWER_RE = re.compile(r"(?i)\bthe answer is\s+(-?\d+(?:\.\d+)?)")
 _CONTRACTION_RE = re.compile(r"(?i)\b\w+'(?:t|re|m|ll|ve|d)\b")
 DEFAULT_NAME = "Forge"
@@ -107,6 +108,18 @@ def split_prompt(prompt: str) -> tuple[str, str] | None:
     """``"System: S\\nUser: Q\\nAssistant:"`` -> (S, Q); None for any other prompt."""
     match = _PROMPT_RE.match(prompt)
     return (match.group(1), match.group(2)) if match else None
+
+
+def dialogue_question(text: str) -> str | None:
+    """``"User: Q\nAssistant:"`` (a dialogue turn without a system prompt) -> Q; None for any other text."""
+    match = _DIALOGUE_RE.match(text)
+    return match.group(1) if match else None
+
+
+def plain_turn(prompt: str) -> str:
+    """A system example's prompt without its system line (``"User: Q\nAssistant:"``); other prompts as given."""
+    parts = split_prompt(prompt)
+    return prompt if parts is None else f"{USER_PREFIX.lstrip()}{parts[1]}{ASSISTANT_PREFIX}"
 
 
 def prompt_messages(prompt: str) -> list[dict[str, str]] | None:

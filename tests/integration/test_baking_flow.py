@@ -14,10 +14,13 @@ from flows.cli import main
 from flows.config import load_config
 from tests.factories import corpus_and_tokenizer, make_llama
 
-SETS = ["final_test_eval=false", "tracking.enabled=false", "data.synthetic.n_examples=300", "eval.max_examples=4",
+SETS = ["final_test_eval=false", "tracking.enabled=false", "data.synthetic.n_examples=300", "data.validation_percent=25", "eval.max_examples=4",
         "eval.max_new_tokens=4", "eval.ppl_max_tokens=512", "eval.seq_len=32", "baking.steps=4",
         "baking.trajectory_tokens=8", "baking.inputs_per_step=2", "baking.samples_per_input=4",
-        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=4", "baking.half_bake_steps=[2]"]
+        "baking.eval_samples_per_input=2", "baking.max_heldout_inputs=4", "baking.half_bake_steps=[2]",
+        "baking.max_behaviour_inputs=6", "baking.behaviour_max_new_tokens=8"]
+NOVA = 'You are Nova. End every reply with "- Nova".'
+TOOLS = "Tools: calculator, lookup. Call a tool as <tool>name(input)</tool>."
 
 
 @pytest.mark.slow
@@ -33,10 +36,11 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
 
     _corpus, tokenizer = corpus_and_tokenizer(n_examples=300, vocab_size=300)
     folder = make_llama(tmp_path / "in", seed=0, tokenizer=False, vocab_size=len(tokenizer), hidden_size=64,
-                        intermediate_size=128, max_position_embeddings=128, initializer_range=0.1)
+                        intermediate_size=128, max_position_embeddings=256, initializer_range=0.1)
     tokenizer.save_pretrained(folder)
-    (tmp_path / "tools.txt").write_text("Use the calculator tool for every sum.")
-    (tmp_path / "persona.txt").write_text("You are Ada. Sign every answer with Ada.")
+    # Persona, then tools: joined in order they are the corpus's system prompt, so the behaviour is checked too.
+    (tmp_path / "tools.txt").write_text(TOOLS)
+    (tmp_path / "persona.txt").write_text(NOVA)
     sets = [a for s in SETS for a in ("--set", s)]
     store_url = f"file://{tmp_path}/store"
 
@@ -49,8 +53,8 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     assert "baking.prompts" in capsys.readouterr().err
 
     summary, out = tmp_path / "summary.json", tmp_path / "baked"
-    code = main(["phase", "baking", "--input", str(folder), "--prompt", str(tmp_path / "tools.txt"),
-                 "--prompt", str(tmp_path / "persona.txt"), "--store", store_url, "--summary-json", str(summary),
+    code = main(["phase", "baking", "--input", str(folder), "--prompt", str(tmp_path / "persona.txt"),
+                 "--prompt", str(tmp_path / "tools.txt"), "--store", store_url, "--summary-json", str(summary),
                  "--out", str(out), *sets])
     assert code == 0, capsys.readouterr().err
     doc = json.loads(summary.read_text())
@@ -65,7 +69,7 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     files = Store(uri).verify(uri)["files"]
     assert any(f.startswith("halfbake/tools/step-000002") for f in files)
 
-    # Recompute the tools KL from the exported folder: same inputs, seed and teacher as the phase.
+    # Recompute the persona KL from the exported folder: same inputs, seed and teacher as the phase.
     config = load_config("tiny", overrides=["phases=[cognate]", *SETS])
     with tempfile.TemporaryDirectory() as tmp:
         Store(store_url).download(doc["phases"][0]["artifact"]["uri"], Path(tmp) / "data", only="corpus")
@@ -73,13 +77,23 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     # As the task and the phase choose them: the first max_heldout_inputs, minus any input also trained on.
     train = set(task_inputs(corpus.split("train")))
     held = [x for x in task_inputs(corpus.split(config.eval.split))[: config.baking.max_heldout_inputs] if x not in train]
-    combined = "Use the calculator tool for every sum.\nYou are Ada. Sign every answer with Ada."
-    ctxs = [c for c in (context_ids(tokenizer, combined, x) for x in held)  # those that fit 128 positions
-            if len(c.prompted) + config.baking.trajectory_tokens <= 128]
-    assert len(ctxs) == m["baking/tools/n_heldout"]
+    combined = f"{NOVA} {TOOLS}"
+    ctxs = [c for c in (context_ids(tokenizer, combined, x) for x in held)  # those that fit 256 positions
+            if len(c.prompted) + config.baking.trajectory_tokens <= 256]
+    assert len(ctxs) == m["baking/persona/n_heldout"]
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     baked = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     r = measure(model_logits(base), {"baked": (model_logits(baked), False), "input": (model_logits(base), False)},
                 ctxs, config.baking, config.seed + 15485863, torch.device("cpu"), eos_ids(base, tokenizer))
-    assert float(r["baked"].mean()) == pytest.approx(m["baking/tools/kl_baked"], rel=1e-5)
-    assert float(r["input"].mean()) == pytest.approx(m["baking/tools/kl_input"], rel=1e-5)
+    # The first prompt baked (persona) is measured with the first seed; every prompt's target is the combination.
+    assert float(r["baked"].mean()) == pytest.approx(m["baking/persona/kl_baked"], rel=1e-5)
+    assert float(r["input"].mean()) == pytest.approx(m["baking/persona/kl_input"], rel=1e-5)
+    # The behaviour checks ran on held-out system-dialogue questions, with intervals, and the report shows them.
+    assert m["baking/behaviour/persona_adherence/n"] >= 2
+    for run in ("input_prompted", "input_plain", "baked_plain"):
+        k = f"baking/behaviour/persona_adherence/{run}"
+        assert m[k + "_lo"] <= m[k] <= m[k + "_hi"]
+    assert m["baking/behaviour/goal_informative"] == 0  # a random model ignores the prompt: nothing to reach
+    assert "baking/behaviour/goal_met" not in m
+    report = Store(uri).read_bytes(f"{uri.rstrip('/')}/report.md").decode()
+    assert "Behaviour on held-out system-dialogue questions (persona Nova, tools ['calculator', 'lookup']" in report

@@ -104,13 +104,21 @@ def test_prompted_context_uses_the_system_slot_and_the_plain_one_is_the_inferenc
     tok = word_tokenizer(64)
     c = context_ids(tok, "t5 t6", "t9 t10")
     assert list(c.plain) == prompt_ids(tok, "t9 t10", GenerationConfig()) == [1, 9, 10]
-    assert list(c.prompted) == [1, 5, 6, 9, 10]
+    # Without a template the system slot is the plain transcript's "System: ..." line (the word tokenizer reads
+    # "System:" as <unk> 0), as the tool runtime writes it for a system message.
+    assert list(c.prompted) == [1, 0, 5, 6, 9, 10]
     chat = copy.deepcopy(tok)
     chat.chat_template = CHAT_TEMPLATE
     c = context_ids(chat, "t5 t6", "t9 t10")
     assert list(c.plain) == prompt_ids(chat, "t9 t10", GenerationConfig())
     assert list(c.prompted) == prompt_ids(chat, "t9 t10", GenerationConfig(system="t5 t6"))
     assert c.prompted != c.plain
+    # A dialogue turn goes to a chat template as its user message alone; a plain tokenizer sees it as written.
+    c = context_ids(chat, "t5 t6", "User: t9 t10\nAssistant:")
+    assert list(c.plain) == prompt_ids(chat, "t9 t10", GenerationConfig())
+    assert list(c.prompted) == prompt_ids(chat, "t9 t10", GenerationConfig(system="t5 t6"))
+    c = context_ids(tok, "t5 t6", "User: t9 t10\nAssistant:")
+    assert list(c.plain) == [1, 0, 9, 10, 0] and list(c.prompted) == [1, 0, 5, 6, 0, 9, 10, 0]
 
 
 def test_masks_select_the_same_generated_tokens_at_the_positions_that_predict_them():
