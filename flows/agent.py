@@ -170,11 +170,16 @@ class Deadline:
         object.__setattr__(self, "forwards", 0)
 
     def __call__(self, *args, **kwargs):
+        self.check()
+        return self._model(*args, **kwargs)
+
+    def check(self) -> None:
+        """Raise OverBudget once the deadline has passed (called per forward pass, and per token by generators
+        that run the model's trunk directly, e.g. Quiet-STaR's thought decoder)."""
         if time.monotonic() > self._deadline:
             raise OverBudget(f"request exceeded its time budget of {self._budget_s:g} s after "
                              f"{self.forwards} forward passes; cut off (ask for fewer max_tokens or a larger timeout_s)")
         object.__setattr__(self, "forwards", self.forwards + 1)
-        return self._model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
@@ -185,11 +190,12 @@ class Agent:
 
     def __init__(self, model: Any, tokenizer: Any, folder: Path, digest: str, device: torch.device,
                  limits: ServingLimits, precision: str = "fp32", attachments: dict[str, Any] | None = None,
-                 name: str = "agent-forge", agent_config: Any = None, experts: Any = None):
+                 name: str = "agent-forge", agent_config: Any = None, experts: Any = None, thinker: Any = None):
         self.model, self.tokenizer, self.folder, self.digest = model, tokenizer, folder, digest
         self.device, self.limits, self.precision, self.name = device, limits, precision, name
         self.attachments = attachments or {}
         self.agent_config, self.experts = agent_config, experts  # AgentConfig / ExpertLibrary, or None
+        self.thinker = thinker  # QuietStar when agent.json asks for a thought budget, else None
         # Our own models (Cognate and its descendants) have no chat template: they were trained on the corpus's
         # transcript lines ("User: ...\nAssistant:"), so messages are rendered that way (the tool runtime's plain
         # format) and an answer ends at its line.
@@ -230,9 +236,19 @@ class Agent:
         model.eval()
         tokenizer = load_tokenizer(models[0])
         agent_config, experts = _attachments(folder, models[0], model)
-        found = (["agent.json"] if agent_config is not None else []) + (["experts"] if experts is not None else [])
+        thinker = None
+        if agent_config is not None and agent_config.thought_budget:
+            from forge_models.quietstar import attach_thoughts, read_thoughts
+
+            if read_thoughts(models[0]) is None:
+                raise ArtifactIntegrityError(
+                    f"{folder}: agent.json asks for thought_budget {agent_config.thought_budget}, but the model folder "
+                    f"{models[0].name}/ has no Quiet-STaR files (quietstar.json, quietstar_head.safetensors)")
+            thinker = attach_thoughts(model, models[0], tokenizer)
+        found = (["agent.json"] if agent_config is not None else []) + (["experts"] if experts is not None else []) \
+            + (["quietstar"] if thinker is not None else [])
         return cls(model, tokenizer, folder, manifest["digest"], dev, limits or ServingLimits(), precision,
-                   {k: True for k in found}, name, agent_config, experts)
+                   {k: True for k in found}, name, agent_config, experts, thinker)
 
     def effective(self, params: ChatParams) -> ChatParams:
         """The request's parameters with what it left open filled from agent.json (else: tools on, greedy)."""
@@ -337,10 +353,17 @@ class Agent:
         gen = GenerationConfig(max_new_tokens=max_tokens, temperature=params.temperature, batch_size=1,
                                chat=self.chat, stop=() if self.chat else ("\n",))
         ctx = PhaseContext(device=self.device, seed=seed, precision=self.precision)
+        budget = self.agent_config.thought_budget if self.agent_config is not None else 0
+        generate_fn = None
+        if budget:  # Quiet-STaR: every token after a thought; the deadline is checked per token
+            from forge_models.quietstar.generation import thought_generate
+
+            generate_fn = thought_generate(self.thinker, budget, step_hook=getattr(model, "check", None))
         if params.tools:
             # The tool loop: max_tokens bounds each generation step; the time budget bounds the whole turn.
             turn = run_agent(model, self.tokenizer, msgs, registry=registry, gen=gen,
-                             max_tool_calls=max_tool_calls, device=self.device, seed=seed, ctx=ctx)
+                             max_tool_calls=max_tool_calls, device=self.device, seed=seed, ctx=ctx,
+                             generate_fn=generate_fn)
             calls = [{"name": c.name, "arguments": c.arguments, "result": c.result, "ok": c.ok, "error": c.error}
                      for c in turn.tool_calls]
             return {"answer": turn.answer, "prompt_tokens": turn.prompt_tokens,
@@ -348,7 +371,7 @@ class Agent:
                     "finish": None}  # the loop does not report why its last step ended
         generator = torch.Generator().manual_seed(seed) if params.temperature > 0 else None
         prompt = msgs if self.chat else render_plain(msgs)
-        g = generate(model, self.tokenizer, [prompt], gen, ctx, generator=generator)[0]
+        g = (generate_fn or generate)(model, self.tokenizer, [prompt], gen, ctx, generator=generator)[0]
         return {"answer": g.text if self.chat else g.text.strip(), "prompt_tokens": g.prompt_tokens,
                 "completion_tokens": len(g.token_ids), "tool_calls": [],
                 "finish": "length" if g.finish == "length" else "stop"}
@@ -387,8 +410,5 @@ def _attachments(folder: Path, model_dir: Path | None = None, model: Any = None)
     if not path.is_file():
         return None, experts
     cfg = AgentConfig.from_artifact(path, experts.skills if experts is not None else [])
-    if cfg.thought_budget:
-        raise ArtifactIntegrityError(f"{path}: thought_budget {cfg.thought_budget} needs a Quiet-STaR thinker, "
-                                     "which the served agent does not have")
     log.info("artifact %s: serving agent configuration %s", folder, cfg.to_json())
     return cfg, experts

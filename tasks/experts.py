@@ -19,11 +19,12 @@ from pathlib import Path
 from forge_models.runtime import PhaseContext
 from tasks.cache import phase_key
 from tasks.config import ForgeConfig
+from tasks import thoughts
 from tasks.inputs import input_model_folder, load_input_model
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task, prefect_artifact
 from tasks.store import ArtifactRef
 
-EXPERTS_VERSION = "2"  # 2: optional ADAS search, agent.json
+EXPERTS_VERSION = "3"  # 2: optional ADAS search, agent.json; 3: thought budgets searched with Quiet-STaR
 
 
 def experts_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
@@ -84,6 +85,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         model, latent_meta = load_input_model(folder)
         model.to(ctx.device)
         tokenizer = load_tokenizer(folder)
+        thought_meta = thoughts.input_thoughts(folder, tokenizer, model)  # refused here, before any compute
         corpus = Corpus.load(dataset_dir / "corpus")
         shutil.copytree(folder, out_dir / "model")  # the base weights are the input's, byte for byte
         out = run(ExpertsInputs(model, tokenizer, corpus, config.eval, out_dir / "experts"), config.experts, ctx)
@@ -95,7 +97,14 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             from forge_models.experts import load_experts
             from forge_models.experts.agent import search_agent
 
-            found = search_agent(model, tokenizer, load_experts(out_dir / "experts"), corpus, config.experts.adas, ctx)
+            thinker = None
+            if thought_meta is not None:  # Quiet-STaR: thought budgets are searched
+                from forge_models.experts.agent import QuietStarThinker
+                from forge_models.quietstar import attach_thoughts
+
+                thinker = QuietStarThinker(attach_thoughts(model, folder, tokenizer))
+            found = search_agent(model, tokenizer, load_experts(out_dir / "experts"), corpus, config.experts.adas, ctx,
+                                 thinker=thinker, max_thought_budget=config.experts.adas.max_thought_budget)
             # Written before the manifest (phase_task writes it last), so agent.json is covered by it.
             (out_dir / "agent.json").write_text(found.chosen.to_json() + "\n")
             adas_metrics = found.metrics()

@@ -244,7 +244,8 @@ class ScriptedLM(torch.nn.Module):
 CALCULATOR_CALL = "<tool>calculator(3 + 4)</tool>"
 
 
-def agent_artifact(store_url: str, name: str = "final", extra: dict[str, str] | None = None) -> str:
+def agent_artifact(store_url: str, name: str = "final", extra: dict[str, str] | None = None,
+                   thoughts: bool = False) -> str:
     """A tiny final artifact in the store as the pipeline leaves it (``model/`` + phase.json, manifest last),
     whose model always calls the calculator: a real 1-layer Llama that loads with ``from_pretrained``.
 
@@ -253,7 +254,9 @@ def agent_artifact(store_url: str, name: str = "final", extra: dict[str, str] | 
     ends with ``Assistant:``) it writes the one token ``<tool>calculator(3 + 4)</tool>``, then EOS. So on
     the tool loop it calls the calculator at every step until the runtime's call limit stops it; with tools
     off it answers with the call text. Like our own models its tokenizer has no chat template. ``extra``:
-    more files at the artifact's root (e.g. ``agent.json``), covered by the manifest.
+    more files at the artifact's root (e.g. ``agent.json``), covered by the manifest. ``thoughts``: the model
+    folder is made a Quiet-STaR one (two thought tokens added, zero-init mixing head: thinking leaves its
+    predictions as they were).
     """
     import json
     import tempfile
@@ -288,6 +291,11 @@ def agent_artifact(store_url: str, name: str = "final", extra: dict[str, str] | 
         fast.add_tokens([CALCULATOR_CALL])  # matched whole, before the whitespace split
         assert fast.convert_tokens_to_ids(CALCULATOR_CALL) == call
         fast.save_pretrained(folder)
+        if thoughts:
+            from forge_models.quietstar import QuietStar, QuietStarConfig, save_quietstar
+
+            torch.manual_seed(0)
+            save_quietstar(QuietStar.wrap(model, fast, QuietStarConfig(thought_tokens=2)).float().eval(), fast, folder)
         (Path(tmp) / "phase.json").write_text(json.dumps({"phase": "training", "metrics": {}}))
         for rel, text in (extra or {}).items():
             (Path(tmp) / rel).write_text(text)

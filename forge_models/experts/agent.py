@@ -10,7 +10,9 @@ to the ADAS client protocols, and the search itself on the corpus' held-out spli
 - :class:`ExpertsClient` is ``adas.ModelClient`` plus ``tool_loop`` over :func:`forge_models.tools.run_agent_batch`
   (the same runtime the served agent uses), with the expert applied around the whole loop.
 - Fitness uses the **validation** split only; the test split goes through :class:`HeldOutSplits`, read once
-  by :func:`final_comparison` after the search. The thought budget is fixed to 0 (no Quiet-STaR head here).
+  by :func:`final_comparison` after the search.
+- :class:`QuietStarThinker`: when the model carries Quiet-STaR's files, configs with a thought budget run
+  (plain generation and the tool loop alike); without them the space holds budget 0 only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 
+from forge_models.adas.client import Completion
 from forge_models.adas import (
     AgentConfig, HeldOutSplits, ModelClient, Question, SearchConfig, SearchResult, ToolRun, final_comparison,
     questions_from_examples, search, seed_agents,
@@ -35,7 +38,8 @@ from forge_models.generation import GenerationConfig
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tools import default_registry, run_agent_batch
 
-__all__ = ["AgentSearchOutcome", "ExpertsClient", "LibraryApplier", "balanced_questions", "search_agent"]
+__all__ = ["AgentSearchOutcome", "ExpertsClient", "LibraryApplier", "QuietStarThinker", "balanced_questions",
+           "search_agent"]
 
 KINDS = ("arithmetic", "tool", "persona", "narrative")
 
@@ -56,13 +60,37 @@ class LibraryApplier:
         return self.library.apply(model, alpha=dict(weights))
 
 
+class QuietStarThinker:
+    """ADAS' ``ThoughtGenerator`` over a Quiet-STaR model: each generated token is predicted after a thought of
+    the config's budget (:func:`forge_models.quietstar.generation.thought_generate`)."""
+
+    def __init__(self, qs: Any) -> None:
+        self.qs = qs
+
+    def generate_fn(self, budget: int):
+        from forge_models.quietstar.generation import thought_generate
+
+        return thought_generate(self.qs, budget)
+
+    def __call__(self, model, tokenizer, prompts, budget, cfg, ctx, gen) -> list[Completion]:
+        outs = self.generate_fn(budget)(model, tokenizer, list(prompts), cfg, ctx, generator=gen)
+        return [Completion(o.text, o.prompt_tokens, len(o.token_ids)) for o in outs]
+
+
 class ExpertsClient(ModelClient):
-    """``ModelClient`` whose tool loop is the project's tool runtime (``forge_models.tools``)."""
+    """``ModelClient`` whose tool loop is the project's tool runtime (``forge_models.tools``), with the thought
+    budget when the client has a :class:`QuietStarThinker`."""
 
     def tool_loop(self, prompts, *, tools, max_tool_calls, temperature, max_new_tokens, seed, thought_budget, expert,
                   stop) -> list[ToolRun]:
+        generate_fn = None
         if thought_budget:
-            raise ConfigError("the tool runtime has no thought budget (no Quiet-STaR head)")
+            if self.thinker is None or thought_budget > self.max_thought_budget:
+                raise ConfigError(f"thought_budget {thought_budget} is beyond this client's {self.max_thought_budget}"
+                                  + (" (no Quiet-STaR head)" if self.thinker is None else ""))
+            if not isinstance(self.thinker, QuietStarThinker):
+                raise ConfigError("a thought budget in the tool loop needs a QuietStarThinker")
+            generate_fn = self.thinker.generate_fn(thought_budget)
         registry = default_registry().subset(tools)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=tuple(stop),
                                batch_size=self.batch_size)
@@ -75,7 +103,7 @@ class ExpertsClient(ModelClient):
         with scope:
             turns = run_agent_batch(self.model, self.tokenizer, list(prompts), registry=registry, gen=gen,
                                     max_tool_calls=max_tool_calls, seed=int(seed), ctx=self.ctx,
-                                    max_positions=self.max_positions)
+                                    max_positions=self.max_positions, generate_fn=generate_fn)
         runs = []
         for p, t in zip(prompts, turns):
             # The extraction rules read what followed the prompt (model text and the runtime's tool lines).
@@ -133,8 +161,11 @@ class AgentSearchOutcome:
 
 
 def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Corpus, cfg: AgentSearchConfig,
-                 ctx: PhaseContext, *, batch_size: int = 16) -> AgentSearchOutcome:
-    """Search agent designs on the validation split, then compare winner, seeds and plain model on the test split."""
+                 ctx: PhaseContext, *, batch_size: int = 16, thinker: QuietStarThinker | None = None,
+                 max_thought_budget: int = 0) -> AgentSearchOutcome:
+    """Search agent designs on the validation split, then compare winner, seeds and plain model on the test split.
+    With a ``thinker`` (the model carries Quiet-STaR's thought machinery) the space includes thought budgets up to
+    ``max_thought_budget``."""
     val_all = questions_from_examples("validation", corpus.split("validation"), KINDS)
     val_prompts = {q.prompt for q in val_all}
     test_raw = questions_from_examples("test", corpus.split("test"), KINDS)
@@ -147,7 +178,8 @@ def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Cor
         raise ConfigError(f"experts.adas: the corpus has {len(validation)} validation and {len(test)} test questions "
                           "with checkable answers; the search needs both")
     splits = HeldOutSplits(validation, test)
-    client = ExpertsClient(model, tokenizer, ctx, batch_size=batch_size, experts=LibraryApplier(library))
+    client = ExpertsClient(model, tokenizer, ctx, batch_size=batch_size, experts=LibraryApplier(library),
+                           thinker=thinker, max_thought_budget=max_thought_budget if thinker is not None else 0)
     search_cfg = SearchConfig(generations=cfg.generations, population=cfg.population, max_questions=None,
                               bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
                               space={"max_new_tokens": (cfg.max_new_tokens,)})

@@ -43,8 +43,8 @@ class AgentSearchConfig(Frozen):
     On by default with a small budget: 4 seeds + 2 x 3 designs on 40 validation questions, then the final
     comparison on 80 test questions, took 21 s on the tiny preset's Cognate trunk (533k parameters, one thread
     of the shared 2-core CPU; docs/adas.md). Larger models or budgets cost proportionally more; set
-    ``enabled=false`` to skip it. The thought budget is not a field: it is searched only when the model has a Quiet-STaR
-    head, which the phase's input (a plain model folder) never has, so it is fixed to 0.
+    ``enabled=false`` to skip it. Thought budgets are searched only when the input model carries Quiet-STaR's files
+    (``quietstar.json`` + head); without them the budget is 0.
     """
 
     enabled: bool = Field(True, description="Run the agent search and store the chosen configuration as agent.json.")
@@ -58,6 +58,9 @@ class AgentSearchConfig(Frozen):
     )
     bootstrap_samples: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples of each interval.")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per model call of every design.")
+    max_thought_budget: int = Field(
+        8, ge=0, le=64, description="Largest Quiet-STaR thought budget searched (budgets 0, 2, 4, 8 up to this) when "
+                                    "the input model carries Quiet-STaR's files; ignored without them.")
     seed: int = Field(0, description="Seeds the proposer, every design's decoding and the bootstrap.")
 
 

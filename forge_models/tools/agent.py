@@ -33,11 +33,11 @@ still running generating in the same call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from forge_models.generation import GenerationConfig, Prompt, generate, start_token, uses_chat
+from forge_models.generation import Generation, GenerationConfig, Prompt, generate, start_token, uses_chat
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tools.registry import CALL_CLOSE, CALL_OPEN, ToolCall, ToolRegistry, find_calls, parse_call
 
@@ -78,11 +78,12 @@ def run_agent(
     device: torch.device | str = "cpu",
     seed: int = 0,
     ctx: PhaseContext | None = None,
+    generate_fn: Callable[..., list[Generation]] | None = None,
 ) -> AgentTurn:
     """Run one episode (see the module docstring); the model must already be on ``device``."""
     return run_agent_batch(
         model, tokenizer, [prompt], registry=registry, gen=gen, max_tool_calls=max_tool_calls,
-        device=device, seed=seed, ctx=ctx,
+        device=device, seed=seed, ctx=ctx, generate_fn=generate_fn,
     )[0]
 
 
@@ -109,9 +110,12 @@ def run_agent_batch(
     seed: int = 0,
     ctx: PhaseContext | None = None,
     max_positions: int | None = None,
+    generate_fn: Callable[..., list[Generation]] | None = None,
 ) -> list[AgentTurn]:
     """:func:`run_agent` for many prompts, in the same order. ``ctx`` (device, precision) overrides ``device``;
-    ``max_positions`` overrides the model config's ``max_position_embeddings`` (as in ``generate``)."""
+    ``max_positions`` overrides the model config's ``max_position_embeddings`` (as in ``generate``);
+    ``generate_fn`` (``generate``'s signature) replaces the generator, e.g. Quiet-STaR's
+    :func:`forge_models.quietstar.generation.thought_generate` for a thought budget."""
     if max_tool_calls < 0:
         raise ConfigError(f"max_tool_calls must be >= 0, got {max_tool_calls}")
     if not prompts:
@@ -127,7 +131,8 @@ def run_agent_batch(
         if not active:
             break
         contexts = [_context_ids(tokenizer, e, chat) for e in active]
-        outs = generate(model, tokenizer, contexts, step_cfg, ctx, generator=generator, max_positions=max_positions)
+        outs = (generate_fn or generate)(model, tokenizer, contexts, step_cfg, ctx, generator=generator,
+                                         max_positions=max_positions)
         for e, g in zip(active, outs):
             e.completion_tokens += len(g.token_ids)
             text = g.text

@@ -239,6 +239,32 @@ def test_an_agent_json_needing_what_the_artifact_lacks_is_refused(tmp_path):
         Agent.load(folder)
 
 
+def test_a_thought_budget_is_served_with_the_quietstar_files_and_refused_without(tmp_path, monkeypatch):
+    from forge_models.quietstar import generation
+    from tests.factories import agent_artifact
+
+    cfg = {"agent.json": _agent_json(thought_budget=2, tools=("calculator",))}
+    bare = Path(agent_artifact(f"file://{tmp_path}/s0", extra=cfg).removeprefix("file://"))
+    with pytest.raises(ArtifactIntegrityError, match=r"thought_budget 2.*no Quiet-STaR files"):
+        Agent.load(bare)
+
+    calls = []
+    real = generation.thought_generate
+    monkeypatch.setattr(generation, "thought_generate",
+                        lambda qs, budget, step_hook=None: calls.append((budget, step_hook)) or real(qs, budget, step_hook))
+    thinking = Agent.load(Path(agent_artifact(f"file://{tmp_path}/s1", extra=cfg, thoughts=True).removeprefix("file://")))
+    assert "quietstar" in thinking.attachments
+    question = [{"role": "user", "content": "What is 3 plus 4?"}]
+    out = thinking.reply(question, ChatParams(max_tokens=4))
+    # Every step went through the thought decoder with the configured budget and the request's deadline check;
+    # the zero-init mixing head leaves the hand-set model's call as it was, so the loop ran it.
+    assert calls and all(b == 2 and hook is not None for b, hook in calls)
+    assert out["custom_outputs"]["tool_calls"] and out["custom_outputs"]["tool_calls"][0]["result"] == "7"
+    # Over its time budget, the thought decoder is cut off too (it runs the trunk, not model.__call__).
+    with pytest.raises(OverBudget):
+        thinking.reply(question, ChatParams(max_tokens=4, timeout_s=1e-9))
+
+
 def test_every_torch_call_of_the_agent_runs_on_one_thread_whatever_thread_asks(artifact, monkeypatch):
     """A web server answers on a pool of threads; loading and generation all run on the one torch thread
     (`flows.agent.on_torch_thread`: a second OpenMP team in the process slowed SmolLM2 decoding 0.59 -> 0.98 s)."""
