@@ -42,6 +42,8 @@ def seed_agents(caps: Capabilities) -> list[AgentConfig]:
     ]
     if "calculator" in caps.tools:
         seeds.append(AgentConfig(name="tools-first", tools=("calculator",), max_tool_calls=2))
+    if caps.max_thought_budget > 0:  # a Quiet-STaR model: thinking as its designers use it
+        seeds.append(AgentConfig(name="quiet-star", thought_budget=min(4, caps.max_thought_budget)))
     return seeds
 
 

@@ -122,3 +122,35 @@ def test_the_served_agent_applies_the_configured_expert_and_restores_the_base(se
     assert answer(AgentConfig(name="tool", experts={"tool": 1.0})) != base  # the expert changes the reply
     assert answer(AgentConfig(name="base")) == base  # and the base weights came back
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_quietstar_model_gets_its_thought_budget_searched(one_thread, tmp_path):
+    """With a thinker the space holds thought budgets: the thinking seed is evaluated through the thought
+    decoder, and the test comparison covers it; without one every design has budget 0."""
+    from forge_models.experts.agent import QuietStarThinker
+    from forge_models.quietstar import QuietStar, QuietStarConfig
+
+    corpus, tok = corpus_and_tokenizer(n_examples=300, vocab_size=300)
+    torch.manual_seed(0)
+    qs = QuietStar.wrap(tiny_llama(vocab=len(tok), max_position_embeddings=256), tok,
+                        QuietStarConfig(thought_tokens=2)).float().eval()
+    bases = decompose(qs.model, find_targets(qs.model, ["mlp"]))
+    save_experts(tmp_path / "experts", bases, {"tool": _z(bases, 2)}, 1.0, {})
+    cfg = AgentSearchConfig(enabled=True, generations=0, validation_questions=8, test_questions=8,
+                            bootstrap_samples=200, max_new_tokens=4, max_thought_budget=4)
+    class Counting(QuietStarThinker):
+        budgets: list[int] = []
+
+        def generate_fn(self, budget):
+            self.budgets.append(budget)
+            return super().generate_fn(budget)
+
+    thinker = Counting(qs)
+    out = search_agent(qs.model, tok, load_experts(tmp_path / "experts"), corpus, cfg, CTX,
+                       thinker=thinker, max_thought_budget=cfg.max_thought_budget)
+    by_name = {e.name: e for e in out.result.archive}
+    assert by_name["quiet-star"].config.thought_budget == 4
+    assert thinker.budgets and set(thinker.budgets) == {4}  # it really went through the thought decoder
+    assert "quiet-star" in {r["name"] for r in out.comparison}
+    plain = search_agent(qs.model, tok, load_experts(tmp_path / "experts"), corpus, cfg, CTX)  # no thinker
+    assert all(e.config.thought_budget == 0 for e in plain.result.archive)
