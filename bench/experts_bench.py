@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for the figures.")
     ap.add_argument("--cem-shots", type=int, default=0,
                     help="Few-shot mixing: validation examples per skill for CEM (0: skip the CEM measurement).")
+    ap.add_argument("--dispatchers", default="exemplar,oracle",
+                    help="First passes measured (each re-runs the cross table: on SmolLM2 give one).")
     ap.add_argument("--cem-population", type=int, default=32)
     ap.add_argument("--cem-iterations", type=int, default=50)
     args = ap.parse_args()
@@ -56,6 +58,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    print(f"{time.strftime('%H:%M:%S')} loaded {args.model}", flush=True)
     tok = load_tokenizer(args.model)
     corpus = Corpus.load(Path(args.corpus))
     ctx = PhaseContext(device=torch.device("cpu"), seed=args.seed, precision="fp32")
@@ -77,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_experts(Path(tmp) / "lib", bases, z, cfg.max_mult, {})
         lib = load_experts(Path(tmp) / "lib")  # measured as stored
-        for dispatch in ("exemplar", "oracle"):
+        for dispatch in args.dispatchers.split(","):
             m, details = evaluate_library(model, tok, lib, corpus.test, eval_cfg, ctx, per_skill=cfg.eval_examples,
                                           dispatch=dispatch, exemplars=exemplars, margin=cfg.dispatch_margin)
             results[dispatch] = {"metrics": m, "details": details}
@@ -106,7 +109,7 @@ def main() -> None:
            "results": results, "cem": cem_results,
            "cem_settings": {"shots": args.cem_shots, "population": args.cem_population,
                             "iterations": args.cem_iterations, "elite": 0.2}, "wall_s": time.perf_counter() - t0, "threads": args.threads}
-    m = results["exemplar"]["metrics"]
+    m = next(iter(results.values()))["metrics"]
     print(f"\nparams {params:,}; z per expert {z_count(bases):,} ({z_count(bases) / params:.3%})")
     print("| skill | n | base | expert | d [95%] |")
     for k in cfg.skills:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from forge_models.eval import difference_lines
 from forge_models.runtime import PhaseContext
@@ -39,7 +40,7 @@ from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_t
 from tasks.store import ArtifactRef
 from tasks import thoughts
 
-COMPRESSION_VERSION = "5"  # 2: carries agent.json and the expert vectors; 3: and Quiet-STaR's files, re-measured; 4: grid encoding, damages in nats, compact tokenizer.json; 5: ECSQ candidates
+COMPRESSION_VERSION = "6"  # 2: carries agent.json and the expert vectors; 3: and Quiet-STaR's files, re-measured; 4: grid encoding, damages in nats, compact tokenizer.json; 5: ECSQ candidates; 6: baked behaviour re-measured
 EVAL_COLUMNS = list(HEADLINE_METRICS)
 
 
@@ -158,6 +159,8 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             found, thought_lines = thoughts.remeasure(out_dir / "model", compressed, tokenizer, held_out, config, ctx,
                                                       "compressed (reloaded, decoded)")
             metrics.update(found)
+        found, behaviour_lines = baked_behaviour(config, model, compressed, tokenizer, held_out, ctx)
+        metrics.update(found)
 
         recipe = json.loads((out_dir / "model" / "recipe.json").read_text())["tensors"]
         by_enc = out.details.get("weights_by_encoding", {})
@@ -196,6 +199,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             f"{len(recipe)} tensors encoded; the full per-tensor recipe is `model/recipe.json`.",
             *carried_lines,
             *thought_lines,
+            *behaviour_lines,
         ]
         return PhaseWritten(
             metrics=metrics, report_md="\n".join(lines) + "\n",
@@ -203,6 +207,39 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         )
 
     return body
+
+
+def baked_behaviour(config: ForgeConfig, model: Any, compressed: Any, tokenizer: Any, held_out, ctx: PhaseContext
+                    ) -> tuple[dict[str, float], list[str]]:
+    """Phase 6's behaviour checks re-measured on the final artifact (issue: "after phase 8, the baked behaviour is
+    re-measured"): the compression input and the reloaded compressed model, both without any prompt, on the
+    held-out system-dialogue questions, paired. Only when the run baked a checkable system prompt."""
+    from forge_models.baking.behaviour import BEHAVIOURS, baked_spec, behaviour_cases, compare, run_cases
+
+    c = config.baking
+    if "baking" not in config.phases or not c.prompts or not c.max_behaviour_inputs:
+        return {}, []
+    spec = baked_spec([p.prompt_text() for p in c.prompts])
+    if spec is None:
+        return {}, ["", "Baked behaviour: not re-measured (the baked prompts are not a checkable system prompt)."]
+    cases = behaviour_cases(held_out, spec, c.max_behaviour_inputs)
+    if len(cases) < 2:
+        return {}, ["", f"Baked behaviour: not re-measured ({len(cases)} held-out system-dialogue questions)."]
+    kw = dict(ctx=ctx, max_new_tokens=c.behaviour_max_new_tokens)
+    runs = {"input_plain": run_cases(model, tokenizer, cases, spec, prompted=False, **kw),
+            "compressed_plain": run_cases(compressed, tokenizer, cases, spec, prompted=False, **kw)}
+    found = compare(runs, "compressed_plain", "compression/behaviour", config.eval.bootstrap_seed)
+    rows = []
+    for b in BEHAVIOURS:
+        k = f"compression/behaviour/{b}"
+        if f"{k}/compressed_plain" in found:
+            d = f"{k}/compressed_plain_minus_input_plain"
+            rows.append(f"| {b} | {int(found[k + '/n'])} | {found[k + '/input_plain']:.3f} | "
+                        f"{found[k + '/compressed_plain']:.3f} | {found[d]:+.3f} [{found[d + '_lo']:+.3f}, "
+                        f"{found[d + '_hi']:+.3f}] |")
+    return found, ["", f"Baked behaviour, re-measured without any prompt (persona {spec.persona}, tools "
+                       f"{list(spec.tools)}; held-out system-dialogue questions, tool loop, greedy; 95% intervals):", "",
+                   "| behaviour | n | input | compressed | compressed - input |", "|---|---|---|---|---|", *rows]
 
 
 def _carried(config, out, metrics, details, library, agent_text, experts_dir, model, compressed, tokenizer, held_out,

@@ -97,3 +97,43 @@ def test_a_behaviour_the_prompt_does_not_change_cannot_meet_the_goal_for_free():
     r = compare({"input_prompted": zeros, "input_plain": zeros, "baked_plain": zeros}, "baked_plain", "p", seed=0)
     assert r["p/persona_adherence/informative"] == 0.0 and r["p/goal_informative"] == 0.0
     assert "p/goal_met" not in r
+
+
+def test_the_final_artifact_re_measures_the_baked_behaviour(tmp_path, monkeypatch):
+    """Phase 8's task re-runs the checks on its input and on the reloaded compressed model (both unprompted),
+    paired; only when the run baked a checkable system prompt."""
+    from flows.config import load_config
+    from forge_models.data import build_corpus
+    from tasks.compression import baked_behaviour
+
+    (tmp_path / "nova.txt").write_text(PERSONAS["Nova"].instruction)
+    (tmp_path / "tools.txt").write_text(TOOLS)
+    (tmp_path / "ada.txt").write_text("You are Ada.")
+    prompts = f"baking.prompts=[{{name: nova, file: {tmp_path}/nova.txt}}, {{name: tools, file: {tmp_path}/tools.txt}}]"
+    cfg = load_config("tiny", overrides=["phases=[cognate, baking, compression]", prompts, "baking.input_model=dialog",
+                                         "data.synthetic.n_examples=600", "data.validation_percent=25"])
+    held_out = build_corpus(cfg.data).split("validation")
+    calls = []
+
+    def scripted(model, tokenizer, cases, spec, *, prompted, ctx, max_new_tokens):
+        calls.append((model, prompted, spec))
+        n = len(cases)
+        good = np.ones(n) if model == "input" else (np.arange(n) % 2 == 0).astype(float)
+        return {"persona_adherence": good, "answer_correct": good[:3], "tool_policy": good}
+
+    monkeypatch.setattr(behaviour, "run_cases", scripted)
+    found, lines = baked_behaviour(cfg, "input", "compressed", None, held_out, PhaseContext())
+    assert [(m, p) for m, p, _ in calls] == [("input", False), ("compressed", False)]
+    assert calls[0][2] == SystemSpec("Nova", ("calculator", "lookup"))
+    n = found["compression/behaviour/persona_adherence/n"]
+    assert n >= 2 and found["compression/behaviour/persona_adherence/input_plain"] == 1.0
+    d = "compression/behaviour/persona_adherence/compressed_plain_minus_input_plain"
+    assert found[d] < 0 and found[d + "_hi"] < 0  # half the replies lost the rule: a clear drop
+    assert any("Baked behaviour, re-measured" in line for line in lines)
+
+    assert baked_behaviour(cfg.model_copy(update={"phases": ["cognate", "compression"]}), "input", "c", None,
+                           held_out, PhaseContext()) == ({}, [])
+    ada = load_config("tiny", overrides=["phases=[cognate, baking, compression]", "baking.input_model=dialog",
+                                         f"baking.prompts=[{{name: ada, file: {tmp_path}/ada.txt}}]"])
+    found, lines = baked_behaviour(ada, "input", "c", None, held_out, PhaseContext())
+    assert found == {} and "not a checkable system prompt" in lines[-1]
