@@ -45,6 +45,22 @@ def _verdict(m: dict, key: str) -> str:
     return "within noise" if lo <= 0 <= hi else ("better" if m[key] > 0 else "worse")
 
 
+def _fewshot_lines(m: dict, alphas: dict | None, c) -> list[str]:
+    """The few-shot mixing table (experts.fewshot_shots > 0), or nothing."""
+    if not alphas:
+        return []
+    rows = [f"| {k} | {m[f'{k}/fewshot_score']:.3f} | "
+            + ", ".join(f"{e} {a:.2f}" for e, a in alpha.items()) + f" | {_cell(m, f'{k}/mixture')} | "
+            f"{_cell(m, f'{k}/mixture_minus_base')} ({_verdict(m, f'{k}/mixture_minus_base')}) | "
+            f"{_cell(m, f'{k}/mixture_minus_expert')} ({_verdict(m, f'{k}/mixture_minus_expert')}) |"
+            for k, alpha in alphas.items()]
+    return ["", f"Few-shot mixing: alpha by CEM (population {c.cem_population}, elite {c.cem_elite}, "
+                f"{c.cem_iterations} iterations) on {c.fewshot_shots} train examples per skill, ties broken by the "
+                "log-likelihood of the correct answers; the mixture on the same held-out examples (paired):", "",
+            "| skill | few-shot score | alpha | mixture | mixture - base | mixture - own expert |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def _flat(rows: list[dict]) -> list[dict]:
     """Rows with nested values as JSON text (tables take scalars)."""
     return [{k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v) for k, v in r.items()}
@@ -103,8 +119,13 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
                 from forge_models.quietstar import attach_thoughts
 
                 thinker = QuietStarThinker(attach_thoughts(model, folder, tokenizer))
+            from forge_models.adas import AgentConfig
+
+            mixtures = [AgentConfig(name=f"cem-{k}", experts=alpha)  # the phase's few-shot mixtures, as seeds
+                        for k, alpha in out.details.get("fewshot_alpha", {}).items() if sum(alpha.values()) > 0]
             found = search_agent(model, tokenizer, load_experts(out_dir / "experts"), corpus, config.experts.adas, ctx,
-                                 thinker=thinker, max_thought_budget=config.experts.adas.max_thought_budget)
+                                 thinker=thinker, max_thought_budget=config.experts.adas.max_thought_budget,
+                                 extra_seeds=mixtures)
             # Written before the manifest (phase_task writes it last), so agent.json is covered by it.
             (out_dir / "agent.json").write_text(found.chosen.to_json() + "\n")
             adas_metrics = found.metrics()
@@ -157,6 +178,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "| expert | " + " | ".join(skills) + " |", "|---|" + "---|" * len(skills),
             *[f"| {e} | " + " | ".join(f"{out.details['cross'][e][k]:.3f}" for k in skills) + " |"
               for e in ["base", *skills]],
+            *_fewshot_lines(m, out.details.get("fewshot_alpha"), c),
             *adas_lines,
         ]
         metrics = {f"experts/{k}": float(v) for k, v in m.items()}

@@ -162,10 +162,10 @@ class AgentSearchOutcome:
 
 def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Corpus, cfg: AgentSearchConfig,
                  ctx: PhaseContext, *, batch_size: int = 16, thinker: QuietStarThinker | None = None,
-                 max_thought_budget: int = 0) -> AgentSearchOutcome:
+                 max_thought_budget: int = 0, extra_seeds: Sequence[AgentConfig] = ()) -> AgentSearchOutcome:
     """Search agent designs on the validation split, then compare winner, seeds and plain model on the test split.
     With a ``thinker`` (the model carries Quiet-STaR's thought machinery) the space includes thought budgets up to
-    ``max_thought_budget``."""
+    ``max_thought_budget``. ``extra_seeds`` join the hand-designed ones (e.g. the phase's few-shot mixtures)."""
     val_all = questions_from_examples("validation", corpus.split("validation"), KINDS)
     val_prompts = {q.prompt for q in val_all}
     test_raw = questions_from_examples("test", corpus.split("test"), KINDS)
@@ -184,7 +184,8 @@ def search_agent(model: Any, tokenizer: Any, library: ExpertLibrary, corpus: Cor
                               bootstrap_samples=cfg.bootstrap_samples, seed=cfg.seed,
                               space={"max_new_tokens": (cfg.max_new_tokens,)})
     # Every design (seeds included) gets the configured token limit: the served agent uses it as its default.
-    seeds = [s.model_copy(update={"max_new_tokens": cfg.max_new_tokens}) for s in seed_agents(client.capabilities())]
+    seeds = [s.model_copy(update={"max_new_tokens": cfg.max_new_tokens})
+             for s in [*seed_agents(client.capabilities()), *extra_seeds]]
     with torch.no_grad():
         t0 = time.perf_counter()
         result = search(splits, client, search_cfg, seeds=seeds, tracker=ctx.tracker)

@@ -111,6 +111,15 @@ class ExpertsConfig(Frozen):
     eval_examples: int = Field(
         64, ge=4, le=100_000, description="Held-out examples per skill scored for each comparison."
     )
+    fewshot_shots: int = Field(
+        0, ge=0, le=1024,
+        description="Few-shot mixing (Transformer^2's third strategy): per skill, alpha over the experts by CEM on this "
+                    "many train-split examples of it, then the mixture measured on the held-out ones and offered to "
+                    "the agent search as a seed ('cem-<skill>'). 0: off (CPU: ~5-7 min per skill on the tiny "
+                    "trunk at the defaults below).")
+    cem_population: int = Field(32, ge=2, le=1024, description="CEM candidates per iteration (released: 32).")
+    cem_elite: float = Field(0.2, gt=0, le=1.0, description="CEM elite share refit each iteration (released: 0.2).")
+    cem_iterations: int = Field(50, ge=1, le=10_000, description="CEM iterations (released: 50).")
 
     adas: AgentSearchConfig = Field(
         default_factory=AgentSearchConfig,

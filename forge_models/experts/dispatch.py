@@ -119,32 +119,36 @@ DISPATCHERS: dict[str, Callable[..., list[str]]] = {"exemplar": exemplar_dispatc
 @dataclass(frozen=True)
 class CemResult:
     best: np.ndarray
-    best_score: float
+    best_score: float  # the objective's (first) value at ``best``
     history: list[float]
+    best_key: tuple[float, ...] = ()  # the full value at ``best`` (score, tie-breakers...)
 
 
-def cem(objective: Callable[[np.ndarray], float], dim: int, *, population: int = 32, elite: float = 0.2,
-        iterations: int = 50, low: float = 0.0, high: float = 1.0, seed: int = 0) -> CemResult:
+def cem(objective: Callable[[np.ndarray], float | tuple[float, ...]], dim: int, *, population: int = 32,
+        elite: float = 0.2, iterations: int = 50, low: float = 0.0, high: float = 1.0, seed: int = 0) -> CemResult:
     """Cross-entropy method maximising ``objective`` over [low, high]^dim (released ``optim_modules.CEM``):
     Gaussian proposals clamped to the box, mean/std refit on the top ``elite`` share each iteration, initial
-    mean the box centre and initial std half the range."""
+    mean the box centre and initial std half the range. ``objective`` may return a tuple, compared in order
+    (a few-shot accuracy, then a tie-breaker such as the log-likelihood of the correct answers): with a handful
+    of shots accuracies tie often, and the first of a tie would otherwise win and the elite be arbitrary."""
     if population < 2 or not 0 < elite <= 1 or iterations < 1 or dim < 1:
         raise ConfigError("cem needs population >= 2, 0 < elite <= 1, iterations >= 1, dim >= 1")
     rng = np.random.default_rng(seed)
     mean = np.full(dim, (low + high) / 2)
     std = np.full(dim, (high - low) / 2)
     n_elite = max(1, int(round(population * elite)))
-    best, best_score, history = mean.copy(), -np.inf, []
+    best, best_key, history = mean.copy(), (-np.inf,), []
     for _ in range(iterations):
         cand = np.clip(rng.normal(mean, std, size=(population, dim)), low, high)
-        scores = np.array([objective(c) for c in cand])
-        order = np.argsort(-scores)
+        keys = [tuple(float(v) for v in k) if isinstance(k, tuple) else (float(k),)
+                for k in (objective(c) for c in cand)]
+        order = sorted(range(population), key=lambda i: keys[i], reverse=True)
         top = cand[order[:n_elite]]
-        if scores[order[0]] > best_score:
-            best, best_score = cand[order[0]].copy(), float(scores[order[0]])
+        if keys[order[0]] > best_key:
+            best, best_key = cand[order[0]].copy(), keys[order[0]]
         mean, std = top.mean(0), top.std(0) + 1e-6
-        history.append(best_score)
-    return CemResult(best, best_score, history)
+        history.append(best_key[0])
+    return CemResult(best, best_key[0], history, best_key)
 
 
 def run_grouped(model: Any, bases: Mapping[str, TargetBasis], dispatch: Sequence[str],

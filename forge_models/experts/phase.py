@@ -10,7 +10,10 @@
    with the paired-difference bootstrap interval; every expert on every skill (the mixed set); two-pass
    dispatch on the mixed set (the model itself classifies each prompt; unknown -> base) vs the base and
    the best single expert, paired on the same examples;
-5. parameter overhead: z entries per expert / base parameters.
+5. parameter overhead: z entries per expert / base parameters;
+6. with ``fewshot_shots`` > 0, few-shot mixing: per skill alpha over the experts by CEM on train-split shots
+   (ties broken by the log-likelihood of the correct answers), the mixture measured on the same held-out
+   examples against the base and the skill's own expert (:func:`fewshot_mixtures`).
 
 The model's weights are never changed: the phase's output model is its input, bit for bit.
 """
@@ -37,7 +40,8 @@ from forge_models.experts.svf import decompose, find_targets, z_count
 from forge_models.experts.train import SKILLS, Skill, skill_examples, train_expert
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput
 
-__all__ = ["ExpertsConfig", "ExpertsInputs", "run", "skill_outcomes", "skill_effects"]
+__all__ = ["ExpertsConfig", "ExpertsInputs", "run", "skill_outcomes", "skill_effects", "fewshot_alpha",
+           "fewshot_mixtures", "answer_loglik"]
 
 
 @dataclass
@@ -194,28 +198,82 @@ def run(inputs: ExpertsInputs, cfg: ExpertsConfig, ctx: PhaseContext) -> PhaseOu
         metrics[f"{k}/train_s"] = s
     details.update({"base_params": base_params, "targets": len(bases),
                     "ternary_targets": sum(b.ternary for b in bases.values())})
+    if cfg.fewshot_shots:
+        found, details["fewshot_alpha"] = fewshot_mixtures(model, tok, lib, train, held_out, inputs.eval, ctx, cfg)
+        metrics.update(found)
     return PhaseOutput(models={"model": model}, tokenizer=tok, metrics=metrics, details=details, curves=curves)
+
+
+def answer_loglik(model: Any, tokenizer: Any, skill: Skill, examples: Sequence[Example], eval_cfg: EvalConfig,
+                  ctx: PhaseContext) -> list[float]:
+    """Per example, the summed log-likelihood of its correct answer given its prompt: the labelled choice for the
+    multiple-choice skills, the reference completion (``text`` after ``prompt``) for the generative ones."""
+    import dataclasses
+
+    from forge_models.eval.harness import choice_scores
+
+    if skill.objective == "choice":
+        scores = choice_scores(model, tokenizer, list(examples), eval_cfg, ctx)
+        return [float(s[ex.label]) for s, ex in zip(scores, examples)]
+    refs = [dataclasses.replace(ex, choices=(ex.text[len(ex.prompt):].rstrip("\n"),), label=0) for ex in examples]
+    return [float(s[0]) for s in choice_scores(model, tokenizer, refs, eval_cfg, ctx)]
+
+
+def fewshot_mixtures(model: Any, tokenizer: Any, lib: ExpertLibrary, train: Sequence[Example],
+                     held_out: Sequence[Example], eval_cfg: EvalConfig, ctx: PhaseContext, cfg: ExpertsConfig
+                     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Per skill: alpha by CEM on ``cfg.fewshot_shots`` train examples of it (:func:`fewshot_alpha`), then the
+    mixture vs the base and vs that skill's own expert on the same held-out examples as every other comparison,
+    paired. Returns (metrics ``<skill>/mixture...``, alpha per skill)."""
+    rng = random.Random(ctx.seed)
+    metrics: dict[str, float] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    for i, k in enumerate(lib.skills):
+        pool = skill_examples(SKILLS[k], train)
+        shots = rng.sample(pool, min(cfg.fewshot_shots, len(pool)))
+        t0 = time.perf_counter()
+        alpha, shot_score, calls = fewshot_alpha(model, tokenizer, lib, k, shots, eval_cfg, ctx,
+                                                 population=cfg.cem_population, elite=cfg.cem_elite,
+                                                 iterations=cfg.cem_iterations, seed=ctx.seed * 1000 + i)
+        held = skill_examples(SKILLS[k], held_out)[: cfg.eval_examples]
+        base = skill_outcomes(model, tokenizer, SKILLS[k], held, eval_cfg, ctx)
+        with lib.apply(model, alpha=alpha):
+            mixed = skill_outcomes(model, tokenizer, SKILLS[k], held, eval_cfg, ctx)
+        with lib.apply(model, k):
+            own = skill_outcomes(model, tokenizer, SKILLS[k], held, eval_cfg, ctx)
+        m = {"mixture": _interval(mixed, eval_cfg)}
+        for name, ref in (("base", base), ("expert", own)):
+            m[f"mixture_minus_{name}"] = paired_difference(mixed, ref, eval_cfg.bootstrap_samples,
+                                                           eval_cfg.bootstrap_seed)
+        for name, (v, lo, hi) in m.items():
+            metrics.update({f"{k}/{name}": v, f"{k}/{name}_lo": lo, f"{k}/{name}_hi": hi})
+        metrics.update({f"{k}/fewshot_score": shot_score, f"{k}/fewshot_evaluations": float(calls),
+                        f"{k}/fewshot_s": time.perf_counter() - t0,
+                        **{f"{k}/alpha/{e}": a for e, a in alpha.items()}})
+        alphas[k] = alpha
+    return metrics, alphas
 
 
 def fewshot_alpha(model: Any, tokenizer: Any, lib: ExpertLibrary, skill: str, shots: Sequence[Example],
                   eval_cfg: EvalConfig, ctx: PhaseContext, *, population: int = 32, elite: float = 0.2,
                   iterations: int = 50, seed: int = 0) -> tuple[dict[str, float], float, int]:
     """Few-shot mixing (Transformer^2's third strategy): alpha over the library's experts by CEM, scored by the
-    harness metric of ``skill`` on ``shots`` (a few examples of the target task, never the ones reported).
+    harness metric of ``skill`` on ``shots`` (a few examples of the target task, never the ones reported), ties
+    broken by the mean log-likelihood of the shots' correct answers (as the released code does).
 
-    Returns (alpha, best few-shot score, number of evaluations). Deviation: ties are not broken by the mean
-    log-likelihood of correct answers as in the released code (the first best candidate is kept).
+    Returns (alpha, best few-shot score, number of evaluations).
     """
     from forge_models.experts.dispatch import cem
 
     names = lib.skills
     calls = 0
 
-    def score(a: np.ndarray) -> float:
+    def score(a: np.ndarray) -> tuple[float, float]:
         nonlocal calls
         calls += 1
         with lib.apply(model, alpha={k: float(v) for k, v in zip(names, a)}):
-            return float(np.mean(skill_outcomes(model, tokenizer, SKILLS[skill], shots, eval_cfg, ctx)))
+            acc = float(np.mean(skill_outcomes(model, tokenizer, SKILLS[skill], shots, eval_cfg, ctx)))
+            return acc, float(np.mean(answer_loglik(model, tokenizer, SKILLS[skill], shots, eval_cfg, ctx)))
 
     res = cem(score, len(names), population=population, elite=elite, iterations=iterations, seed=seed)
     return {k: float(v) for k, v in zip(names, res.best)}, res.best_score, calls

@@ -21,6 +21,9 @@ ADAS_SETS = ["experts.adas.enabled=true", "experts.adas.generations=1", "experts
              "experts.adas.validation_questions=8", "experts.adas.test_questions=8",
              "experts.adas.bootstrap_samples=200", "experts.adas.max_new_tokens=6"]
 
+# Few-shot mixing with a token CEM budget: each skill's alpha becomes one more seed of the search.
+FEWSHOT_SETS = ["experts.fewshot_shots=2", "experts.cem_population=2", "experts.cem_iterations=1"]
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 SETS = ["tracking.enabled=false", "data.synthetic.n_examples=400", "eval.max_examples=8", "eval.max_new_tokens=8",
@@ -44,7 +47,7 @@ def test_experts_phase_stores_model_unchanged_a_loadable_library_and_the_chosen_
     summary, out = tmp_path / "summary.json", tmp_path / "final"
     code = main(["phase", "experts", "--input", str(folder), "--store", f"file://{tmp_path}/store",
                  "--summary-json", str(summary), "--out", str(out),
-                 *[a for s in [*SETS, *ADAS_SETS] for a in ("--set", s)],
+                 *[a for s in [*SETS, *ADAS_SETS, *FEWSHOT_SETS] for a in ("--set", s)],
                  "--set", "tracking.enabled=true", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert code == 0, capsys.readouterr().err[-3000:]
     doc = json.loads(summary.read_text())
@@ -75,6 +78,11 @@ def test_experts_phase_stores_model_unchanged_a_loadable_library_and_the_chosen_
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     for key in ("experts/mixed/dispatch", "experts/mixed/dispatch_minus_best_single_lo", "experts/tool/d_hi"):
         assert key in metrics
+    # Few-shot mixing ran per skill: CEM evaluations counted, the mixture measured against base and own expert.
+    for k in SKILLS:
+        assert metrics[f"experts/{k}/fewshot_evaluations"] == 2
+        assert metrics[f"experts/{k}/mixture_minus_base_lo"] <= metrics[f"experts/{k}/mixture_minus_base"]
+        assert f"experts/{k}/mixture_minus_expert_hi" in metrics
 
     _check_adas(doc, out, f"sqlite:///{tmp_path}/mlflow.db")
 
@@ -97,7 +105,7 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     # The search read only validation questions; the test split was read once, afterwards.
     assert details["touched_by_search"] == {"validation": list(range(8)), "test": []}
     assert details["test_touched"] == list(range(8))
-    assert metrics["experts/adas/archive_size"] == 4 + 2
+    assert metrics["experts/adas/archive_size"] == 4 + 4 + 2  # seeds, the four few-shot mixtures, proposals
     assert metrics["experts/adas/test/plain/accuracy_lo"] <= metrics["experts/adas/test/plain/accuracy"]
 
     # ... MLflow tables of the phase's run ...
@@ -106,7 +114,7 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     run_id = json.loads((artifact / "phase.json").read_text())["mlflow_run_id"]
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     assert {"adas_archive.json", "adas_final.json"} <= {f.path for f in mlflow.list_artifacts(run_id)}
-    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 6
+    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 10
 
     # ... and Prefect table artifacts of this run (one row per design / agent).
     from prefect.client.orchestration import get_client
@@ -119,7 +127,8 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     assert found["experts-adas-archive"].type == "table"
     archive = found["experts-adas-archive"].data
     archive = json.loads(archive) if isinstance(archive, str) else archive
-    assert len(archive) == 6 and {r["origin"] for r in archive} >= {"seed"}
+    assert len(archive) == 10 and {r["origin"] for r in archive} >= {"seed"}
+    assert {f"cem-{k}" for k in ("arithmetic", "tool", "persona", "narrative")} <= {r["name"] for r in archive}
 
     # The served agent loads the artifact (model, experts/, agent.json) and runs the chosen configuration.
     agent = Agent.load(artifact)

@@ -180,6 +180,16 @@ def test_cem_reaches_a_planted_optimum():
     assert result.history == sorted(result.history)  # best-so-far never gets worse
 
 
+def test_cem_breaks_ties_of_a_flat_score_by_the_second_value():
+    """A few-shot accuracy is flat over most of the box (8 shots: steps of 1/8); ranked by it alone CEM keeps its
+    first draw, ranked by (accuracy, log-likelihood of the correct answers) it still climbs."""
+    target = np.random.default_rng(7).uniform(0, 1, size=4)
+    flat = cem(lambda a: 1.0, 4, population=32, iterations=50, seed=0)
+    tied = cem(lambda a: (1.0, -float(np.sum((a - target) ** 2))), 4, population=32, iterations=50, seed=0)
+    assert np.abs(flat.best - target).max() > 0.05  # the control: no signal, no progress
+    assert np.abs(tied.best - target).max() < 0.05 and tied.best_score == 1.0 and tied.best_key[0] == 1.0
+
+
 def test_stored_expert_reloads_with_identical_outputs_and_refuses_tampering(tmp_path):
     model = tiny_cognate()
     bases = decompose(model, find_targets(model, ["mlp"]))
