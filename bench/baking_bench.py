@@ -49,7 +49,8 @@ def builtin_prompts() -> dict[str, str]:
     from forge_models.data.system_prompts import PERSONAS, system_prompt
 
     return {"tools": system_prompt(None, ("calculator", "lookup")),
-            **{name.lower(): p.instruction for name, p in PERSONAS.items()}}
+            **{name.lower(): p.instruction for name, p in PERSONAS.items()},
+            **{f"system-{name.lower()}": system_prompt(name, ("calculator", "lookup")) for name in PERSONAS}}
 
 
 @torch.no_grad()
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--behaviour", type=int, default=48, help="Held-out system-dialogue questions checked.")
     ap.add_argument("--compress", type=float, default=0.0, help="ECSQ step: compress the baked model and re-check.")
     ap.add_argument("--n-examples", type=int, default=6000, help="Synthetic corpus size (inputs x).")
+    ap.add_argument("--inputs", choices=["all", "dialogue"], default="all",
+                    help="Inputs x: every kind's user prompt, or only dialogue turns (User: Q / Assistant:).")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--rank", type=int, default=8)
@@ -151,6 +154,11 @@ def main() -> None:
     corpus = build_corpus(DataConfig(seed=1, validation_percent=5, test_percent=15, synthetic=SyntheticConfig(
         n_examples=args.n_examples, kinds={k: 1.0 for k in ("arithmetic", "tool", "persona", "narrative", "system")})))
     train_x, held_x = task_inputs(corpus.train), task_inputs(corpus.validation)
+    if args.inputs == "dialogue":  # the turns a system prompt is about (persona, tool and system dialogues)
+        from forge_models.data.system_prompts import dialogue_question
+
+        train_x = [x for x in train_x if dialogue_question(x) is not None]
+        held_x = [x for x in held_x if dialogue_question(x) is not None]
     texts = builtin_prompts()
     prompts = tuple(BakePrompt(name=n, text=texts[n]) for n in args.prompts.split(","))
     half = tuple(int(s) for s in args.half_bake.split(",") if s)
@@ -197,10 +205,10 @@ def main() -> None:
     for b in ("persona_adherence", "answer_correct", "tool_policy"):
         k = f"baking/behaviour/{b}"
         if f"{k}/baked_plain" in m:
-            d = f"{k}/baked_plain_minus_input_prompted"
+            dk = f"{k}/baked_plain_minus_input_prompted"
             print(f"{b} (n {int(m[k + '/n'])}): input prompted {m[k + '/input_prompted']:.3f}, input plain "
                   f"{m[k + '/input_plain']:.3f}, baked plain {m[k + '/baked_plain']:.3f}; baked - prompted "
-                  f"{m[d]:+.3f} [{m[d + '_lo']:+.3f}, {m[d + '_hi']:+.3f}]")
+                  f"{m[dk]:+.3f} [{m[dk + '_lo']:+.3f}, {m[dk + '_hi']:+.3f}]")
     if result["compressed"]:
         print("compressed:", json.dumps(result["compressed"]["summary"]))
     rt = result["real_text"]
