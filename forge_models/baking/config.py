@@ -8,6 +8,7 @@ Adam lr 2e-3, fresh trajectories every step) rather than the authors' 8B run (r 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -73,6 +74,14 @@ class BakingConfig(Frozen):
     prompts: tuple[BakePrompt, ...] = Field(
         (), description="Prompts baked in this order (sequential baking B(B(theta, u1), u2)): e.g. tools, then "
                         "persona. The phase refuses to run with none.")
+    sequence: Literal["cumulative", "chained"] = Field(
+        "cumulative",
+        description="How several prompts are baked one after another. 'chained' is the paper's B(B(theta, u1), u2): "
+                    "bake k's teacher is the model after bake k-1, prompted with u_k alone. 'cumulative' (default, a "
+                    "deviation): bake k's teacher is the input model prompted with u_1..u_k joined, so the last bake "
+                    "targets exactly what the headline measures (the input with every prompt). On the tiny model "
+                    "chained missed that target (KL ratio 0.82-0.98) where one joint prompt reached 0.23; see "
+                    "docs/phases/baking.md.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter.")
     steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps per prompt (reference toy: 300).")
     lr: float = Field(2e-3, gt=0, le=1.0, description="Adam learning rate (paper 1e-4 at 8B; reference toy 2e-3).")

@@ -200,6 +200,37 @@ def test_phase_bakes_two_prompts_in_sequence_and_measures_the_reloaded_model(tmp
     assert float(abs(fresh["a"] - fresh["b"]).max()) < 1e-6
 
 
+@pytest.mark.parametrize("sequence", ["cumulative", "chained"])
+def test_a_later_bake_s_teacher_follows_the_sequence_setting(tmp_path: Path, monkeypatch, sequence):
+    """Cumulative: bake 2 distils the *input* model prompted with both prompts; chained (the paper's
+    B(B(theta, u1), u2)): the model after bake 1, prompted with prompt 2 alone."""
+    from forge_models.baking import phase
+
+    seen = []
+    real = phase.bake_prompt
+
+    def spy(model, prompt, train, held, cfg, ctx, **kw):
+        seen.append((kw.get("teacher"), held[0]))
+        return real(model, prompt, train, held, cfg, ctx, **kw)
+
+    monkeypatch.setattr(phase, "bake_prompt", spy)
+    tok = word_tokenizer(64)
+    held_x = _inputs(tok, 4, 100)
+    cfg = BakingConfig(prompts=(BakePrompt(name="a", text="t3 t4"), BakePrompt(name="b", text="t7 t8")), steps=2,
+                       trajectory_tokens=4, inputs_per_step=1, samples_per_input=2, eval_samples_per_input=1,
+                       sequence=sequence, max_behaviour_inputs=0)
+    run(BakingInputs(tiny_llama(vocab=64, initializer_range=0.1), tok, _inputs(tok, 10, 0), held_x, tmp_path / "m"),
+        cfg, CTX)
+    assert seen[0][0] is None and seen[0][1] == context_ids(tok, "t3 t4", held_x[0])
+    teacher, ctx2 = seen[1]
+    if sequence == "chained":
+        assert teacher is None and ctx2 == context_ids(tok, "t7 t8", held_x[0])
+    else:
+        assert ctx2 == context_ids(tok, "t3 t4 t7 t8", held_x[0])
+        fresh = tiny_llama(vocab=64, initializer_range=0.1)  # the input's weights, untouched by bake 1
+        assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(), fresh.state_dict().values()))
+
+
 def test_phase_refuses_bad_input_before_training(tmp_path: Path):
     tok = word_tokenizer(64)
     with pytest.raises(ConfigError, match="prompts is empty"):
