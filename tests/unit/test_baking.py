@@ -231,6 +231,22 @@ def test_a_later_bake_s_teacher_follows_the_sequence_setting(tmp_path: Path, mon
         assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(), fresh.state_dict().values()))
 
 
+def test_a_cumulative_bake_that_leaves_no_room_is_refused_before_any_training(tmp_path: Path):
+    """Each prompt fits with the long train inputs alone, both together do not: refused before the first step,
+    nothing written, the input's weights untouched."""
+    tok = word_tokenizer(64)
+    model = tiny_llama(vocab=64, initializer_range=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    long_x = [" ".join(f"t{10 + (i + j) % 50}" for j in range(25)) for i in range(6)]
+    cfg = BakingConfig(prompts=(BakePrompt(name="a", text=" ".join(["t3"] * 20)),
+                                BakePrompt(name="b", text=" ".join(["t4"] * 20))),
+                       steps=2, trajectory_tokens=8, max_behaviour_inputs=0)
+    with pytest.raises(ConfigError, match=r"prompts 1\.\.2 together 0 train"):
+        run(BakingInputs(model, tok, long_x, _inputs(tok, 4, 100), tmp_path / "m"), cfg, CTX)
+    assert not (tmp_path / "m").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_phase_refuses_bad_input_before_training(tmp_path: Path):
     tok = word_tokenizer(64)
     with pytest.raises(ConfigError, match="prompts is empty"):
