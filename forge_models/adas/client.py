@@ -110,6 +110,12 @@ class ModelClient:
         self.max_thought_budget = max_thought_budget
         self.max_positions = max_positions
 
+    def check_thought_budget(self, budget: int) -> None:
+        """Raise ConfigError unless this client can think ``budget`` tokens (a thinker, within its maximum)."""
+        if self.thinker is None or budget > self.max_thought_budget:
+            raise ConfigError(f"thought_budget {budget} is beyond this client's {self.max_thought_budget}"
+                              + (" (no Quiet-STaR head)" if self.thinker is None else ""))
+
     def capabilities(self) -> Capabilities:
         return Capabilities(experts=tuple(self.experts.names) if self.experts else (),
                             max_thought_budget=self.max_thought_budget)
@@ -128,8 +134,7 @@ class ModelClient:
             scope = contextlib.nullcontext()
         with scope:
             if thought_budget:
-                if self.thinker is None or thought_budget > self.max_thought_budget:
-                    raise ConfigError(f"thought_budget {thought_budget} is beyond this client's {self.max_thought_budget}")
+                self.check_thought_budget(thought_budget)
                 return self.thinker(self.model, self.tokenizer, prompts, thought_budget, cfg, self.ctx, gen)
             outs = generate(self.model, self.tokenizer, list(prompts), cfg, self.ctx, generator=gen,
                             max_positions=self.max_positions)

@@ -22,7 +22,6 @@ offered) and ``tool_policy`` (the tools called are exactly the ones the referenc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +38,7 @@ from forge_models.data.system_prompts import (
     split_prompt,
     system_prompt,
 )
+from forge_models.eval.harness import _as_float, _same_number  # the harness' own answer check, shared
 from forge_models.generation import GenerationConfig
 from forge_models.runtime import PhaseContext
 from forge_models.tools import default_registry, run_agent_batch
@@ -94,10 +94,6 @@ def behaviour_cases(examples: Sequence[Any], spec: SystemSpec, limit: int,
     return out
 
 
-def _same_number(found: str | None, expected: str) -> bool:
-    return found is not None and math.isclose(float(found), float(expected), rel_tol=1e-9, abs_tol=1e-9)
-
-
 @torch.no_grad()
 def run_cases(
     model: Any, tokenizer: Any, cases: Sequence[Case], spec: SystemSpec, *, prompted: bool, ctx: PhaseContext,
@@ -114,7 +110,7 @@ def run_cases(
     return {
         "persona_adherence": np.asarray([float(obeys_persona(spec.persona, c.question, t.answer))
                                          for c, t in zip(cases, turns)]),
-        "answer_correct": np.asarray([float(_same_number(final_number(t.answer), c.answer))
+        "answer_correct": np.asarray([float(_same_number(_as_float(final_number(t.answer)), c.answer))
                                       for c, t in zip(cases, turns) if c.answer is not None]),
         "tool_policy": np.asarray([float(tuple(k.name for k in t.tool_calls) == c.calls)
                                    for c, t in zip(cases, turns)]),

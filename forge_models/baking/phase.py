@@ -47,7 +47,7 @@ import torch
 
 from forge_models.baking.behaviour import Case, baked_spec, behaviour_cases, compare, run_cases
 from forge_models.baking.config import BakingConfig, BakePrompt, resolve_targets
-from forge_models.data.system_prompts import SystemSpec
+from forge_models.data.system_prompts import SystemSpec, dialogue_turn
 from forge_models.baking.kl import (
     Contexts,
     LogitFn,
@@ -344,7 +344,7 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
     trained_on = {x for p in cfg.prompts for x in (p.train_inputs or inputs.train_inputs)}
     cases = [] if spec is None or not cfg.max_behaviour_inputs else [
         c for c in behaviour_cases(inputs.behaviour_examples, spec, cfg.max_behaviour_inputs)
-        if f"User: {c.question}\nAssistant:" not in trained_on]
+        if dialogue_turn(c.question) not in trained_on]
     details["behaviour"] = {"spec": None if spec is None else {"persona": spec.persona, "tools": list(spec.tools)},
                             "cases": len(cases)}
     finals = []

@@ -116,10 +116,15 @@ def dialogue_question(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def dialogue_turn(question: str) -> str:
+    """``Q`` -> ``"User: Q\nAssistant:"``: a dialogue turn without a system prompt (inverse of dialogue_question)."""
+    return f"{USER_PREFIX.lstrip()}{question}{ASSISTANT_PREFIX}"
+
+
 def plain_turn(prompt: str) -> str:
     """A system example's prompt without its system line (``"User: Q\nAssistant:"``); other prompts as given."""
     parts = split_prompt(prompt)
-    return prompt if parts is None else f"{USER_PREFIX.lstrip()}{parts[1]}{ASSISTANT_PREFIX}"
+    return prompt if parts is None else dialogue_turn(parts[1])
 
 
 def prompt_messages(prompt: str) -> list[dict[str, str]] | None:

@@ -85,9 +85,7 @@ class ExpertsClient(ModelClient):
                   stop) -> list[ToolRun]:
         generate_fn = None
         if thought_budget:
-            if self.thinker is None or thought_budget > self.max_thought_budget:
-                raise ConfigError(f"thought_budget {thought_budget} is beyond this client's {self.max_thought_budget}"
-                                  + (" (no Quiet-STaR head)" if self.thinker is None else ""))
+            self.check_thought_budget(thought_budget)
             if not isinstance(self.thinker, QuietStarThinker):
                 raise ConfigError("a thought budget in the tool loop needs a QuietStarThinker")
             generate_fn = self.thinker.generate_fn(thought_budget)
