@@ -23,7 +23,8 @@ from tasks.runtime import HEADLINE_METRICS, PhaseWritten, loss_curve_png, metric
 from tasks.store import ArtifactRef
 from tasks import thoughts
 
-BAKING_VERSION = "3"  # 2: Quiet-STaR files carried and re-measured; 3: plain system slot, behaviour checks
+BAKING_VERSION = "4"  # 2: Quiet-STaR files carried and re-measured; 3: plain system slot, behaviour checks;
+# 4: held-out text retention measured against baking.max_text_loss_rise
 MAX_TRAIN_INPUTS = 4096
 
 
@@ -42,6 +43,21 @@ def task_inputs(examples) -> list[str]:
     from forge_models.data.system_prompts import plain_turn
 
     return list(dict.fromkeys(plain_turn(e.prompt) for e in examples if e.prompt))
+
+
+def retention_texts(held_out) -> dict[str, list[str]]:
+    """The held-out text baking must not damage: every held-out-only eval source (real text, ``data.eval_sources``)
+    by name, and the held-out corpus (``heldout_corpus``: the pooled synthetic examples)."""
+    from forge_models.data import is_eval_unit
+
+    texts: dict[str, list[str]] = {}
+    for ex in held_out:
+        if is_eval_unit(ex):
+            texts.setdefault(ex.source, []).append(ex.text)
+    corpus = [ex.text for ex in held_out if not is_eval_unit(ex)]
+    if corpus:
+        texts["heldout_corpus"] = corpus
+    return texts
 
 
 def _body(config: ForgeConfig, previous: ArtifactRef):
@@ -72,7 +88,9 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
         out = baking.run(baking.BakingInputs(
             model=model, tokenizer=tokenizer, train_inputs=task_inputs(corpus.split("train"))[:MAX_TRAIN_INPUTS],
             heldout_inputs=task_inputs(held_out), out_dir=out_dir / "model", bitnet_meta=bitnet_meta,
-            halfbake_dir=out_dir / "halfbake", behaviour_examples=held_out), config.baking, ctx)
+            halfbake_dir=out_dir / "halfbake", behaviour_examples=held_out,
+            retention_texts=retention_texts(held_out), retention_seq_len=config.eval.seq_len,
+            retention_max_tokens=config.eval.ppl_max_tokens), config.baking, ctx)
         after = evaluate(out.models["model"], tokenizer, held_out, config.eval, ctx, after_o)  # the reloaded model
         after.update(paired_metrics(after_o, before_o, config.eval.bootstrap_samples, config.eval.bootstrap_seed))
         metrics = dict(out.metrics)
@@ -117,6 +135,7 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "half-baked held-out KL by step (vs its own teacher) |",
             "|---|---|---|---|---|---|---|---|", *rows, "",
             *behaviour_lines(m, out.details.get("behaviour", {})), "",
+            *retention_lines(m, c.max_text_loss_rise), "",
             "Harness, input vs the reloaded baked model (each without any system prompt):", "",
             metrics_table({"before": {"input": before}, "after": {"baked": after}}, list(HEADLINE_METRICS)), "",
             *difference_lines(after, "baked - input"), "", *thought_lines,
@@ -126,6 +145,24 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
                             details={k: v for k, v in out.details.items() if k != "params"})
 
     return body
+
+
+def retention_lines(m: dict[str, float], bound: float) -> list[str]:
+    """The held-out text table of the report: loss per window, input before vs stored model after, paired."""
+    names = sorted({k.split("/")[2] for k in m if k.startswith("baking/text/") and k.endswith("/loss_rise")})
+    if not names:
+        return ["Held-out text: not measured (no held-out text)."]
+    rows = []
+    for n in names:
+        k = f"baking/text/{n}"
+        rows.append(f"| {n} | {int(m[f'{k}/windows'])} | {m[f'{k}/ppl_before']:.3f} | {m[f'{k}/ppl_after']:.3f} | "
+                    f"{m[f'{k}/loss_rise']:+.4f} [{m[f'{k}/loss_rise_lo']:+.4f}, {m[f'{k}/loss_rise_hi']:+.4f}] | "
+                    f"{'met' if m[f'{k}/goal_met'] else 'not met'} |")
+    return [f"Held-out text (never trained on), loss per window, the input before baking vs the stored model after; "
+            f"95% paired bootstrap interval; goal: upper end of the rise <= {bound} nats/token "
+            "(`baking.max_text_loss_rise`):", "",
+            "| text | windows | perplexity, input | perplexity, baked | loss rise (nats/token) [95%] | goal |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def behaviour_lines(m: dict[str, float], facts: dict) -> list[str]:

@@ -26,9 +26,10 @@ from forge_models.baking.phase import (
     merge_adapter,
     run,
     save_baked,
+    text_retention,
 )
 
 __all__ = ["DEFAULT_TARGETS", "BakePrompt", "BakingConfig", "LoraSettings", "resolve_targets", "Contexts", "context_ids",
            "eos_mask", "generated_logits", "kl_from_probs", "ModelLogits", "model_logits", "sample_trajectories", "teacher_logits",
            "token_kl", "trajectory_kl", "trajectory_logprob", "GOAL_RATIO", "BakingInputs", "bake_prompt", "is_bitnet",
-           "load_baked", "measure", "merge_adapter", "run", "save_baked"]
+           "load_baked", "measure", "merge_adapter", "run", "save_baked", "text_retention"]

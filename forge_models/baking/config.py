@@ -112,6 +112,12 @@ class BakingConfig(Frozen):
                     "tool policy: input with the prompts vs the stored model without), when the prompts joined in "
                     "order form a checkable system prompt (forge_models.baking.behaviour). 0: not checked.")
     behaviour_max_new_tokens: int = Field(48, ge=8, le=1024, description="Tokens per generation step of those checks.")
+    max_text_loss_rise: float = Field(
+        0.20, ge=0.0, le=100.0,
+        description="Stated bound on what baking may cost on held-out text (the issue's real-text perplexity goal): "
+                    "per text (each held-out-only eval source, and the held-out corpus), the upper end of the paired "
+                    "95% interval of stored baked - input loss per window must be <= this many nats/token "
+                    "(0.20 = perplexity x1.22). Reported as met / not met, like the KL goal.")
     seed: int | None = Field(None, description="Sampling/initialisation seed (None: the run seed).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
 

@@ -25,7 +25,9 @@ prompted with that prompt, on held-out inputs with a bootstrap interval. Re-prom
 u again) is measured too. When the prompts, joined in order, form a checkable system prompt (a persona and a
 tool sentence of the corpus's family), the behaviour is checked too (:mod:`forge_models.baking.behaviour`):
 persona rules, tool-loop answers and tool policy of the stored model without the prompt against the input with
-it, on held-out system-dialogue questions, with paired intervals.
+it, on held-out system-dialogue questions, with paired intervals. Held-out text (``inputs.retention_texts``:
+real text held out from training, and the held-out corpus) is scored per window on the input before baking and
+on the stored model after; the rise's paired interval is checked against ``cfg.max_text_loss_rise``.
 
 Deviations: fp32 throughout (no autocast: KLs of 1e-3 and the reload-equality check need it); the default
 "cumulative" sequence (chained baking, the paper's, missed the headline target on the tiny model: each prompt
@@ -38,7 +40,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +61,7 @@ from forge_models.baking.kl import (
     trajectory_kl,
     trajectory_logprob,
 )
+from forge_models.eval.real_text import window_losses
 from forge_models.eval.stats import bootstrap_interval, paired_difference
 from forge_models.generation import eos_ids
 from forge_models.runtime import (
@@ -71,7 +74,7 @@ from forge_models.runtime import (
 )
 
 __all__ = ["BakingInputs", "run", "bake_prompt", "measure", "merge_adapter", "save_baked", "load_baked",
-           "is_bitnet", "GOAL_RATIO"]
+           "is_bitnet", "text_retention", "GOAL_RATIO"]
 
 GOAL_RATIO = 0.4
 """The issue's goal: held-out KL of the stored baked model at most 40% of the unbaked model's."""
@@ -91,6 +94,10 @@ class BakingInputs:
         halfbake_dir: where the half-baked adapters are written (None: not written).
         behaviour_examples: held-out corpus examples whose system dialogues give the behaviour checks'
             questions (:mod:`forge_models.baking.behaviour`; empty: no behaviour checks).
+        retention_texts: named held-out documents (real text such as an eval source, or the held-out corpus)
+            whose per-window loss is measured on the input before baking and on the stored model after, paired
+            (goal: the upper end of the rise <= ``cfg.max_text_loss_rise``); empty: not measured.
+        retention_seq_len / retention_max_tokens: window length and token budget per text.
     """
 
     model: Any
@@ -101,6 +108,9 @@ class BakingInputs:
     bitnet_meta: dict[str, Any] | None = None
     halfbake_dir: Path | None = None
     behaviour_examples: Sequence[Any] = ()
+    retention_texts: dict[str, Sequence[str]] = field(default_factory=dict)
+    retention_seq_len: int = 256
+    retention_max_tokens: int = 4096
 
 
 def is_bitnet(model: Any) -> bool:
@@ -285,6 +295,21 @@ def _interval_metrics(prefix: str, values: np.ndarray, cfg_seed: int) -> dict[st
     return {prefix: float(values.mean()), f"{prefix}_lo": lo, f"{prefix}_hi": hi}
 
 
+def text_retention(prefix: str, before: Sequence[float], after: Sequence[float], bound: float,
+                   seed: int) -> dict[str, float]:
+    """Loss per window before and after baking (same windows), the paired rise with its 95% interval, and the
+    goal: met when the interval's upper end is <= ``bound`` nats/token."""
+    if len(before) != len(after):
+        raise ArtifactIntegrityError(f"{prefix}: {len(before)} windows before baking, {len(after)} after; the "
+                                     "stored model must see the same windows as its input")
+    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    d, lo, hi = paired_difference(a, b, seed=seed)
+    return {f"{prefix}/loss_before": float(b.mean()), f"{prefix}/loss_after": float(a.mean()),
+            f"{prefix}/ppl_before": float(np.exp(b.mean())), f"{prefix}/ppl_after": float(np.exp(a.mean())),
+            f"{prefix}/loss_rise": d, f"{prefix}/loss_rise_lo": lo, f"{prefix}/loss_rise_hi": hi,
+            f"{prefix}/windows": float(len(b)), f"{prefix}/bound": float(bound), f"{prefix}/goal_met": float(hi <= bound)}
+
+
 def _behaviour(input_model: Any, stored: Any, tok: Any, cases: Sequence[Case], spec: SystemSpec, cfg: BakingConfig,
                ctx: PhaseContext, limit: int, seed: int) -> dict[str, float]:
     """Persona rules, tool-loop answers and tool policy: input with the prompt, input and stored model without."""
@@ -367,6 +392,9 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
                                   "trajectory_tokens, or bake with sequence 'chained'")
         bakes.append((train, held))
 
+    # Held-out text before any bake (the bake changes ``model`` in place); after, on the stored model.
+    retention = {name: window_losses(model, tok, docs, inputs.retention_seq_len, inputs.retention_max_tokens, device)
+                 for name, docs in inputs.retention_texts.items()}
     input_model = copy.deepcopy(model).eval()
     for q in input_model.parameters():
         q.requires_grad_(False)
@@ -444,6 +472,10 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
                         f"{pre_}/halfbake_decreasing": float(all(b[1] < a[1] for a, b in zip(half, half[1:])))})
     if len(cases) >= 2:
         metrics.update(_behaviour(input_model, stored, tok, cases, spec, cfg, ctx, limit, seed))
+    for name, before in retention.items():
+        after = window_losses(stored, tok, inputs.retention_texts[name], inputs.retention_seq_len,
+                              inputs.retention_max_tokens, device)
+        metrics.update(text_retention(f"baking/text/{name}", before, after, cfg.max_text_loss_rise, seed))
     details["params"] = sum(q.numel() for q in stored.parameters())
     del input_model
     return PhaseOutput(models={"model": stored}, tokenizer=tok, metrics=metrics, details=details, curves=curves)

@@ -70,6 +70,29 @@ def text_perplexity(model: Any, tokenizer: Any, docs: Sequence[str], cfg: EvalCo
     return {"loss": loss, "ppl": math.exp(loss), "ppl_tokens": float(count)}
 
 
+@torch.no_grad()
+def window_losses(model: Any, tokenizer: Any, docs: Sequence[str], seq_len: int, max_tokens: int,
+                  device: torch.device) -> list[float]:
+    """Mean NLL (nats/token) of every window of ``docs`` (:func:`document_windows`), one window per forward
+    pass in fp32: the unit of a paired before/after interval (the same docs and settings give the same
+    windows for any two models with the same tokenizer and position limit)."""
+    limit = int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or seq_len)
+    windows = document_windows(docs, tokenizer, min(seq_len, limit), max_tokens)
+    if not windows:
+        raise ConfigError("the held-out documents yield no window of 2 or more tokens; their loss is undefined")
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    out: list[float] = []
+    try:
+        for w in windows:
+            ids = torch.tensor([w], device=device)
+            logits = model(input_ids=ids).logits.float()
+            out.append(float(F.cross_entropy(logits[0, :-1], ids[0, 1:])))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def source_name(src: SourceConfig) -> str:
     return Path(src.path.removeprefix("file://")).stem
 

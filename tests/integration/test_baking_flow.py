@@ -41,7 +41,11 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     # Persona, then tools: joined in order they are the corpus's system prompt, so the behaviour is checked too.
     (tmp_path / "tools.txt").write_text(TOOLS)
     (tmp_path / "persona.txt").write_text(NOVA)
-    sets = [a for s in SETS for a in ("--set", s)]
+    # A held-out-only real-text source: the phase reports baking's cost on it (and on the held-out corpus).
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"The {w} walked to the river on day {i} and counted {i * 7 % 13} stones before dusk."
+                                  for i, w in enumerate(["cat", "dog", "fox", "owl", "hen"] * 12)))
+    sets = [a for s in [*SETS, f"data.eval_sources=[{{path: {book}, chunk_chars: 300}}]"] for a in ("--set", s)]
     store_url = f"file://{tmp_path}/store"
 
     # Refused before any compute: --prompt on another phase, a missing file, baking without a prompt.
@@ -97,3 +101,20 @@ def test_baking_phase_bakes_two_prompt_files_and_reports_the_stored_models_kl(pr
     assert "baking/behaviour/goal_met" not in m
     report = Store(uri).read_bytes(f"{uri.rstrip('/')}/report.md").decode()
     assert "Behaviour on held-out system-dialogue questions (persona Nova, tools ['calculator', 'lookup']" in report
+    # Held-out text, per text: the exported (stored) folder's loss per window is what the phase reported "after",
+    # the input folder's is "before", on the held-out units of the real-text source and on the held-out corpus.
+    from forge_models.data import is_eval_unit
+    from forge_models.eval.real_text import window_losses
+
+    held_out = corpus.split(config.eval.split)
+    texts = {"book": [e.text for e in held_out if is_eval_unit(e)],
+             "heldout_corpus": [e.text for e in held_out if not is_eval_unit(e)]}
+    assert texts["book"], "the eval source has held-out units"
+    for name, docs in texts.items():
+        k = f"baking/text/{name}"
+        for model_, key in ((base, "loss_before"), (baked, "loss_after")):
+            w = window_losses(model_, tokenizer, docs, config.eval.seq_len, config.eval.ppl_max_tokens, torch.device("cpu"))
+            assert m[f"{k}/windows"] == len(w)
+            assert m[f"{k}/{key}"] == pytest.approx(sum(w) / len(w), rel=1e-5)
+        assert m[f"{k}/goal_met"] == float(m[f"{k}/loss_rise_hi"] <= 0.2)
+    assert "| book |" in report and "| heldout_corpus |" in report and "baking.max_text_loss_rise" in report

@@ -7,6 +7,7 @@ import copy
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -28,9 +29,11 @@ from forge_models.baking import (
     run,
     sample_trajectories,
     teacher_logits,
+    text_retention,
     trajectory_kl,
 )
-from forge_models.runtime import ConfigError, PhaseContext, QualityGateFailed
+from forge_models.eval.real_text import window_losses
+from forge_models.runtime import ArtifactIntegrityError, ConfigError, PhaseContext, QualityGateFailed
 from tests.factories import tiny_cognate, tiny_llama
 
 CTX = PhaseContext()
@@ -183,8 +186,10 @@ def test_phase_bakes_two_prompts_in_sequence_and_measures_the_reloaded_model(tmp
         prompts=(BakePrompt(name="tools", text="t3 t4 t5 t6"), BakePrompt(name="persona", text="t7 t8 t9")),
         steps=12, lr=2e-3, trajectory_tokens=8, inputs_per_step=2, samples_per_input=4, eval_samples_per_input=2,
         half_bake_steps=(6,))
+    docs = [" ".join(f"t{3 + (5 * i + j) % 60}" for j in range(30)) for i in range(4)]
     out = run(BakingInputs(model, tok, _inputs(tok, 40, 0), _inputs(tok, 8, 100), tmp_path / "model",
-                           halfbake_dir=tmp_path / "halfbake"), cfg, CTX)
+                           halfbake_dir=tmp_path / "halfbake", retention_texts={"held": docs},
+                           retention_seq_len=16, retention_max_tokens=100), cfg, CTX)
     m = out.metrics
     for name in ("tools", "persona"):
         assert m[f"baking/{name}/kl_baked"] < m[f"baking/{name}/kl_input"]
@@ -198,6 +203,29 @@ def test_phase_bakes_two_prompts_in_sequence_and_measures_the_reloaded_model(tmp
     fresh = measure(model_logits(ref), {"a": (model_logits(again), False), "b": (model_logits(out.models["model"]), False)},
                     held, cfg, 5, CTX.device, {2})
     assert float(abs(fresh["a"] - fresh["b"]).max()) < 1e-6
+    # Held-out text: "before" is the input model's loss, "after" the stored folder's, on the same windows.
+    before = window_losses(ref, tok, docs, 16, 100, CTX.device)
+    after = window_losses(again, tok, docs, 16, 100, CTX.device)
+    assert m["baking/text/held/windows"] == len(before) == 7  # 16 + 14 per document, 100 tokens in all
+    assert m["baking/text/held/loss_before"] == pytest.approx(sum(before) / len(before), abs=1e-6)
+    assert m["baking/text/held/loss_after"] == pytest.approx(sum(after) / len(after), abs=1e-6)
+    assert m["baking/text/held/loss_before"] != pytest.approx(m["baking/text/held/loss_after"], abs=1e-6)
+    assert m["baking/text/held/loss_rise_lo"] <= m["baking/text/held/loss_rise"] <= m["baking/text/held/loss_rise_hi"]
+
+
+def test_text_retention_meets_its_bound_within_noise_and_fails_a_clear_rise():
+    rng = np.random.default_rng(0)
+    before = rng.normal(3.0, 0.3, size=40)
+    same = text_retention("t", before, before + rng.normal(0, 0.01, size=40), 0.2, 0)
+    assert same["t/goal_met"] == 1.0 and same["t/loss_rise_lo"] < 0 < same["t/loss_rise_hi"] <= 0.2
+    worse = text_retention("t", before, before + 0.3 + rng.normal(0, 0.01, size=40), 0.2, 0)
+    assert worse["t/goal_met"] == 0.0 and worse["t/loss_rise_lo"] > 0.2
+    assert worse["t/ppl_after"] == pytest.approx(float(np.exp((before + 0.3).mean())), rel=0.02)
+    # A rise whose interval straddles the bound is not met: the upper end decides.
+    edge = text_retention("t", before, before + 0.19 + rng.normal(0, 0.2, size=40), 0.2, 0)
+    assert edge["t/loss_rise_hi"] > 0.2 and edge["t/goal_met"] == 0.0
+    with pytest.raises(ArtifactIntegrityError, match="same windows"):
+        text_retention("t", before, before[:-1], 0.2, 0)
 
 
 @pytest.mark.parametrize("sequence", ["cumulative", "chained"])
