@@ -27,7 +27,8 @@ import torch
 import forge_models  # noqa: F401  (registers Cognate)
 from forge_models.config import EvalConfig
 from forge_models.data import Corpus
-from forge_models.experts import SKILLS, ExpertsConfig, decompose, find_targets, load_experts, save_experts, train_expert
+from forge_models.experts import (SKILLS, ExpertsConfig, decompose, find_targets, load_experts, save_experts,
+                                  skill_with, train_expert)
 from forge_models.experts.phase import evaluate_library, exemplars_for, fewshot_alpha, skill_outcomes
 from forge_models.eval import paired_difference
 from forge_models.experts.train import skill_examples
@@ -53,6 +54,8 @@ def main() -> None:
                     help="First passes measured (each re-runs the cross table: on SmolLM2 give one).")
     ap.add_argument("--cem-population", type=int, default=32)
     ap.add_argument("--cem-iterations", type=int, default=50)
+    ap.add_argument("--objectives", default="",
+                    help="Per generation skill, its objective: e.g. arithmetic=answer,tool=answer (default reinforce).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -62,14 +65,17 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     corpus = Corpus.load(Path(args.corpus))
     ctx = PhaseContext(device=torch.device("cpu"), seed=args.seed, precision="fp32")
-    cfg = ExpertsConfig(skills=args.skills.split(","), steps=args.steps, lr=args.lr, eval_examples=args.eval_examples)
+    objectives = dict(kv.split("=", 1) for kv in args.objectives.split(",") if kv)
+    cfg = ExpertsConfig(skills=args.skills.split(","), steps=args.steps, lr=args.lr, eval_examples=args.eval_examples,
+                        objectives=objectives)
     eval_cfg = EvalConfig(max_new_tokens=32, batch_size=16)
     t0 = time.perf_counter()
     bases = decompose(model, find_targets(model, cfg.targets), cfg.ternary_rank)
     z, logs = {}, {}
     for i, k in enumerate(cfg.skills):
         t1 = time.perf_counter()
-        z[k], log = train_expert(model, tok, bases, SKILLS[k], corpus.train, cfg.settings(), ctx, seed=args.seed * 1000 + i)
+        z[k], log = train_expert(model, tok, bases, skill_with(k, cfg.objectives.get(k)), corpus.train, cfg.settings(), ctx,
+                                 seed=args.seed * 1000 + i)
         first, last = log[: max(1, len(log) // 4)], log[-max(1, len(log) // 4):]
         logs[k] = {"train_s": time.perf_counter() - t1,
                    "reward_first_quarter": sum(e["reward"] for e in first) / len(first),

@@ -155,12 +155,14 @@ def _body(config: ForgeConfig, previous: ArtifactRef):
             "The model's weights are unchanged (its folder is the input's, copied):", "",
             metrics_table({"after": {"model (unchanged)": base_eval}}, list(HEADLINE_METRICS)), "",
             "Each expert on its own skill vs the base, same examples (95% bootstrap; d = paired difference):", "",
-            "| skill | metric | n | base | expert | d = expert - base | verdict |", "|---|---|---|---|---|---|---|",
+            "| skill | metric | objective | n | base | expert | d = expert - base | verdict |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        from forge_models.experts import SKILLS
+        from forge_models.experts import skill_with
 
         for k in skills:
-            lines.append(f"| {k} | {SKILLS[k].metric} | {int(m[f'{k}/n'])} | {_cell(m, f'{k}/base')} | "
+            sk = skill_with(k, c.objectives.get(k))
+            lines.append(f"| {k} | {sk.metric} | {sk.objective} | {int(m[f'{k}/n'])} | {_cell(m, f'{k}/base')} | "
                          f"{_cell(m, f'{k}/expert')} | {_cell(m, f'{k}/d')} | {_verdict(m, f'{k}/d')} |")
         lines += [
             "", f"Mixed set ({int(m['mixed/n'])} examples, every skill; each scored by its own metric). Dispatch "

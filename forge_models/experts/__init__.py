@@ -16,10 +16,10 @@ from forge_models.experts.library import (ExpertLibrary, TargetRebase, check_tar
 from forge_models.experts.phase import ExpertsConfig, ExpertsInputs, evaluate_library, run, skill_outcomes
 from forge_models.experts.svf import (MaskState, TargetBasis, attached, compose, decompose, find_targets,
                                       init_z, mask_from_z, svf_delta, z_count)
-from forge_models.experts.train import SKILLS, Skill, TrainSettings, train_expert
+from forge_models.experts.train import SKILLS, Skill, TrainSettings, reference_reply, skill_with, train_expert
 
 __all__ = ["DISPATCHERS", "UNKNOWN", "cem", "exemplar_dispatch", "mix_masks", "run_grouped", "ExpertLibrary",
            "TargetRebase", "check_targets", "load_experts", "save_expert_vectors", "save_experts", "ExpertsConfig",
            "ExpertsInputs", "evaluate_library", "run", "skill_outcomes", "MaskState", "TargetBasis", "attached",
-           "compose", "decompose", "find_targets", "init_z", "mask_from_z", "svf_delta", "z_count", "SKILLS", "Skill",
+           "compose", "decompose", "find_targets", "init_z", "mask_from_z", "svf_delta", "z_count", "SKILLS", "Skill", "reference_reply", "skill_with",
            "TrainSettings", "train_expert"]

@@ -14,10 +14,14 @@ from pydantic import Field, model_validator
 
 from forge_models.config import Frozen
 
-__all__ = ["AgentSearchConfig", "ExpertsConfig", "SKILL_NAMES", "TrainSettings"]
+__all__ = ["AgentSearchConfig", "ExpertsConfig", "GENERATION_SKILLS", "SKILL_NAMES", "TrainSettings"]
 
 SKILL_NAMES = ("arithmetic", "tool", "persona", "narrative")
 """The skills :data:`forge_models.experts.train.SKILLS` defines (a test keeps the two equal)."""
+
+GENERATION_SKILLS = ("arithmetic", "tool")
+"""The skills whose replies are generated and answer-checked (REINFORCE by default; ``experts.objectives`` may
+switch them to the differentiable ``answer`` objective)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,13 @@ class ExpertsConfig(Frozen):
         default_factory=lambda: ["arithmetic", "tool", "persona", "narrative"],
         description="Skills to train an expert for (arithmetic, tool, persona, narrative).",
     )
+    objectives: dict[str, Literal["reinforce", "answer"]] = Field(
+        default_factory=dict,
+        description="Per generation skill (arithmetic, tool), its objective: 'reinforce' (default; the paper's, "
+                    "+-1 answer-checked rewards of sampled replies) or 'answer' (cross-entropy of the corpus's "
+                    "reference reply, teacher-forced, plus the KL penalty). REINFORCE learns nothing where the base "
+                    "never answers right (every reward -1, every advantage 0), e.g. SmolLM2 on the corpus's "
+                    "arithmetic format; 'answer' is the differentiable objective the issue allows there.")
     targets: list[str] = Field(
         default_factory=lambda: ["mlp"],
         description="Linear layers adapted: those whose name contains one of these (released code: 'mlp').",
@@ -135,6 +146,11 @@ class ExpertsConfig(Frozen):
             raise ValueError("experts.skills lists a skill twice")
         if not self.targets:
             raise ValueError("experts.targets must name at least one pattern")
+        bad = sorted(set(self.objectives) - (set(self.skills) & set(GENERATION_SKILLS)))
+        if bad:
+            raise ValueError(f"experts.objectives: {bad} are not generation skills of experts.skills "
+                             f"{self.skills}; only {list(GENERATION_SKILLS)} choose an objective (persona and "
+                             "narrative are trained by choice cross-entropy)")
         return self
 
     def settings(self) -> "TrainSettings":

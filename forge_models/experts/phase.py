@@ -37,7 +37,7 @@ from forge_models.experts.dispatch import DISPATCHERS, UNKNOWN, run_grouped
 from forge_models.experts.config import ExpertsConfig
 from forge_models.experts.library import ExpertLibrary, load_experts, save_experts
 from forge_models.experts.svf import decompose, find_targets, z_count
-from forge_models.experts.train import SKILLS, Skill, skill_examples, train_expert
+from forge_models.experts.train import SKILLS, Skill, reference_reply, skill_examples, skill_with, train_expert
 from forge_models.runtime import ConfigError, PhaseContext, PhaseOutput
 
 __all__ = ["ExpertsConfig", "ExpertsInputs", "run", "skill_outcomes", "skill_effects", "fewshot_alpha",
@@ -165,6 +165,11 @@ def run(inputs: ExpertsInputs, cfg: ExpertsConfig, ctx: PhaseContext) -> PhaseOu
             raise ConfigError(f"experts.skills: {k!r} has no examples in the train split")
         if not skill_examples(SKILLS[k], held_out):
             raise ConfigError(f"experts.skills: {k!r} has no examples in the {inputs.eval.split} split")
+    skills = {k: skill_with(k, cfg.objectives.get(k)) for k in cfg.skills}
+    for k in cfg.skills:
+        if skills[k].objective == "answer":
+            for ex in skill_examples(skills[k], train):
+                reference_reply(ex)  # a corpus example without a reply is refused here, not mid-training
     t0 = time.perf_counter()
     bases = decompose(model, find_targets(model, cfg.targets), cfg.ternary_rank)
     svd_s = time.perf_counter() - t0
@@ -176,12 +181,12 @@ def run(inputs: ExpertsInputs, cfg: ExpertsConfig, ctx: PhaseContext) -> PhaseOu
             ctx.tracker.log_metrics({f"{k}/train_{n}": v for n, v in stats.items()}, step)
             ctx.tracker.progress(i * cfg.steps + step + 1, len(cfg.skills) * cfg.steps, f"expert {k}")
 
-        z[k], log = train_expert(model, tok, bases, SKILLS[k], train, cfg.settings(), ctx, seed=ctx.seed * 1000 + i,
+        z[k], log = train_expert(model, tok, bases, skills[k], train, cfg.settings(), ctx, seed=ctx.seed * 1000 + i,
                                  on_step=on_step)
         curves[f"{k}/reward"] = [(s, e["reward"]) for s, e in enumerate(log)]
         train_s[k] = time.perf_counter() - t1
     exemplars = exemplars_for(cfg.skills, train, cfg.n_exemplars, ctx.seed)
-    meta = {"skills_info": {k: {"metric": SKILLS[k].metric, "objective": SKILLS[k].objective} for k in cfg.skills},
+    meta = {"skills_info": {k: {"metric": skills[k].metric, "objective": skills[k].objective} for k in cfg.skills},
             "dispatch": {"method": cfg.dispatch, "margin": cfg.dispatch_margin, "exemplars": exemplars},
             "config": cfg.model_dump(mode="json")}
     save_experts(inputs.out_dir, bases, z, cfg.max_mult, meta)

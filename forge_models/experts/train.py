@@ -9,6 +9,8 @@ A skill is a task family the evaluation harness checks (:mod:`forge_models.eval.
 | persona | kind "persona" | ``persona_acc`` | choice cross-entropy (differentiable) |
 | narrative | kind "narrative" | ``narrative_acc`` | choice cross-entropy (differentiable) |
 
+``experts.objectives`` may switch arithmetic or tool to **answer** cross-entropy (:func:`skill_with`).
+
 **REINFORCE** (the paper's objective, Transformer^2 eq. 1): sample ``samples`` replies per prompt at
 ``temperature`` with the expert attached, reward each with the same checker the harness uses (+1 / -1),
 and maximise ``mean((r - b) * log pi_W'(y|x)) - kl_coeff * KL(pi_W' || pi_W)``. Deviation: ``b`` is the
@@ -22,15 +24,24 @@ softmax over those summed log-likelihoods against the label, plus the same KL pe
 choice's tokens. REINFORCE over sampled choices would follow the same gradient in expectation, with more
 variance, so where the task allows the exact gradient we take it (the issue allows it; the paper has no
 multiple-choice experts).
+
+**Answer cross-entropy** (opt-in for arithmetic and tool): the mean negative log-likelihood of the corpus's
+reference reply (the example's text after its prompt), teacher-forced after exactly the prompt generation sees,
+plus the same KL penalty on those positions. REINFORCE with +-1 rewards has zero advantage when every sampled
+reply fails (a base that never produces the corpus's answer format, e.g. SmolLM2-135M on ``The answer is N``):
+no signal at all. The reference reply is a differentiable target there. It is a deviation from the paper (its
+experts are trained by RL only), used where RL cannot start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
@@ -43,7 +54,7 @@ from forge_models.generation import GenerationConfig, generate, prompt_ids
 from forge_models.runtime import ConfigError, PhaseContext, check_finite
 from forge_models.tokenizer import eos_token_id
 
-__all__ = ["Skill", "SKILLS", "TrainSettings", "train_expert", "skill_examples"]
+__all__ = ["Skill", "SKILLS", "TrainSettings", "train_expert", "skill_examples", "skill_with", "reference_reply"]
 
 
 def _arith_reward(reply: str, ex: Example) -> float:
@@ -82,6 +93,29 @@ SKILLS: dict[str, Skill] = {
 """Skills by name (the registry the phase config's ``skills`` refers to)."""
 
 
+def skill_with(name: str, objective: str | None = None) -> Skill:
+    """The registered skill ``name``, with its objective replaced by ``objective`` when given (only a generation
+    skill may take ``answer`` or ``reinforce``; a choice skill keeps ``choice``)."""
+    if name not in SKILLS:
+        raise ConfigError(f"unknown skill {name!r}; choose from {sorted(SKILLS)}")
+    skill = SKILLS[name]
+    if objective is None or objective == skill.objective:
+        return skill
+    if skill.objective == "choice" or objective not in ("reinforce", "answer"):
+        raise ConfigError(f"skill {name!r} ({skill.objective}) cannot be trained with objective {objective!r}")
+    return dataclasses.replace(skill, objective=objective)
+
+
+def reference_reply(ex: Example, stops: Sequence[str] = ()) -> str:
+    """The corpus's reply to ``ex.prompt``: the example's text after its prompt, up to and including the first
+    of ``stops`` (what one model call generates before the harness stops it: a tool reply ends at its call)."""
+    if not ex.prompt or not ex.text.startswith(ex.prompt) or len(ex.text) == len(ex.prompt):
+        raise ConfigError(f"a {ex.kind} example has no reference reply after its prompt: {ex.text[:80]!r}")
+    reply = ex.text[len(ex.prompt):]
+    cuts = [reply.index(st) + len(st) for st in stops if st in reply]
+    return reply[: min(cuts)] if cuts else reply
+
+
 def skill_examples(skill: Skill, examples: Sequence[Example]) -> list[Example]:
     """The examples of ``skill`` a checker can score (prompt and answer, or choices and label)."""
     if skill.objective == "choice":
@@ -113,6 +147,19 @@ def _token_logprobs(model: Any, rows: Sequence[tuple[list[int], int]], pad: int,
         dists.append(d)
         picked.append(d.gather(1, ids[i, pos.cpu()].to(d.device)[:, None]).squeeze(1))
     return picked, dists
+
+
+def _expert_and_base(model: Any, rows: Sequence[tuple[list[int], int]], state: MaskState, masks, pad: int,
+                     ctx: PhaseContext) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The tail tokens' log-probs and log-distributions with the expert (``masks``, differentiable), and the base's
+    log-distributions there (no gradient): what every objective's loss and KL penalty read."""
+    state.masks = None
+    with torch.no_grad(), parametrize.cached():
+        _, base_d = _token_logprobs(model, rows, pad, ctx)
+    state.masks = masks
+    with parametrize.cached():
+        logps, dists = _token_logprobs(model, rows, pad, ctx)
+    return logps, dists, base_d
 
 
 def _kl(adapted: Sequence[torch.Tensor], base: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -171,6 +218,8 @@ def train_expert(
                 if skill.objective == "reinforce":
                     loss, stats = _reinforce_loss(model, tokenizer, skill, batch, state, masks, s, gen_cfg, gen,
                                                   pad, limit, ctx)
+                elif skill.objective == "answer":
+                    loss, stats = _answer_loss(model, tokenizer, skill, batch, state, masks, s, gen_cfg, pad, limit, ctx)
                 else:
                     loss, stats = _choice_loss(model, tokenizer, batch, state, masks, s, pad, limit, ctx)
                 check_finite(loss, step, f"SVF {skill.name} loss")
@@ -210,16 +259,35 @@ def _reinforce_loss(model, tokenizer, skill: Skill, batch, state: MaskState, mas
         return zero, {**stats, "kl": 0.0}
     r = rewards[keep].to(ctx.device)
     advantage = r - r.mean()
-    state.masks = None
-    with torch.no_grad(), parametrize.cached():
-        _, base_d = _token_logprobs(model, rows, pad, ctx)
-    state.masks = masks
-    with parametrize.cached():
-        logps, dists = _token_logprobs(model, rows, pad, ctx)
+    logps, dists, base_d = _expert_and_base(model, rows, state, masks, pad, ctx)
     seq_logp = torch.stack([lp.sum() for lp in logps])
     kl = _kl(dists, base_d)
     loss = -(advantage * seq_logp).mean() + s.kl_coeff * kl
     return loss, {**stats, "kl": float(kl.detach())}
+
+
+def _answer_loss(model, tokenizer, skill: Skill, batch, state: MaskState, masks, s: TrainSettings, gen_cfg, pad, limit, ctx
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    rows = []
+    for ex in batch:
+        ctx_ids = _context(tokenizer, ex, limit, gen_cfg)
+        reply = list(tokenizer(reference_reply(ex, skill.stops), add_special_tokens=False)["input_ids"])
+        if ctx_ids is None or not reply:
+            continue
+        reply = reply[: max(0, limit - len(ctx_ids))]
+        if reply:
+            rows.append((ctx_ids + reply, len(reply)))
+    if not rows:
+        raise ConfigError("answer objective: no training example's prompt and reply fit the model's positions")
+    logps, dists, base_d = _expert_and_base(model, rows, state, masks, pad, ctx)
+    nll = torch.cat(logps).neg().mean()
+    kl = _kl(dists, base_d)
+    # Batch accuracy: every reply token is the expert's argmax under teacher forcing (the reply greedy decoding
+    # would produce, if it stops where the reference does).
+    acc = float(np.mean([bool((d.argmax(-1) == torch.tensor(t[-n:], device=d.device)).all())
+                         for d, (t, n) in zip(dists, rows)]))
+    return nll + s.kl_coeff * kl, {"reward": 2 * acc - 1, "accuracy": acc, "kl": float(kl.detach()),
+                                   "ce": float(nll.detach())}
 
 
 def _choice_rows(tokenizer, ex: Example, limit: int) -> list[tuple[list[int], int]]:
@@ -241,12 +309,7 @@ def _choice_loss(model, tokenizer, batch, state: MaskState, masks, s: TrainSetti
         r = _choice_rows(tokenizer, ex, limit)
         spans.append((len(rows), len(r), ex.label))
         rows.extend(r)
-    state.masks = None
-    with torch.no_grad(), parametrize.cached():
-        _, base_d = _token_logprobs(model, rows, pad, ctx)
-    state.masks = masks
-    with parametrize.cached():
-        logps, dists = _token_logprobs(model, rows, pad, ctx)
+    logps, dists, base_d = _expert_and_base(model, rows, state, masks, pad, ctx)
     scores = [lp.sum() for lp in logps]
     ce, hits, kl_a, kl_b = [], 0, [], []
     for start, n, label in spans:

@@ -12,7 +12,8 @@ from forge_models.config import EvalConfig
 from forge_models.data.synthetic import Example
 from forge_models.experts import (SKILLS, ExpertsConfig, MaskState, Skill, TrainSettings, UNKNOWN, attached, cem,
                                   compose, decompose, find_targets, load_experts, mask_from_z, mix_masks,
-                                  run_grouped, save_experts, train_expert, z_count)
+                                  reference_reply, run_grouped, save_experts, skill_with, train_expert,
+                                  z_count)
 from forge_models.runtime import ArtifactIntegrityError, ConfigError, PhaseContext
 from tests.factories import save_tokenizer, tiny_cognate, tiny_llama
 
@@ -318,6 +319,68 @@ def test_skill_rewards_are_the_harness_checks():
     assert SKILLS["arithmetic"].reward(" The answer is 17.", ex) == -1.0
 
 
+def test_objectives_are_chosen_only_for_generation_skills_of_the_run():
+    assert ExpertsConfig(objectives={"arithmetic": "answer"}).objectives == {"arithmetic": "answer"}
+    with pytest.raises(ValueError, match="not generation skills"):
+        ExpertsConfig(objectives={"persona": "answer"})
+    with pytest.raises(ValueError, match="not generation skills"):
+        ExpertsConfig(skills=["tool"], objectives={"arithmetic": "answer"})
+    with pytest.raises(ValueError):
+        ExpertsConfig(objectives={"arithmetic": "sft"})
+    assert skill_with("arithmetic", "answer").objective == "answer" and SKILLS["arithmetic"].objective == "reinforce"
+    with pytest.raises(ConfigError, match="cannot be trained"):
+        skill_with("narrative", "answer")
+
+
+def test_the_reference_reply_is_what_one_model_call_generates():
+    tool = Example(kind="tool", text="User: q\nAssistant: <tool>calculator(15 - 8)</tool>\nTool: 7\nAssistant: The "
+                                     "answer is 7.\n", prompt="User: q\nAssistant:", answer="7")
+    assert reference_reply(tool, SKILLS["tool"].stops) == " <tool>calculator(15 - 8)</tool>"
+    arith = Example(kind="arithmetic", text="Q: 1+1?\nA: 1 + 1 = 2. The answer is 2.\n", prompt="Q: 1+1?\nA:", answer="2")
+    assert reference_reply(arith, SKILLS["arithmetic"].stops) == " 1 + 1 = 2. The answer is 2.\n"
+    with pytest.raises(ConfigError, match="no reference reply"):
+        reference_reply(Example(kind="arithmetic", text="Q: 1+1?\nA:", prompt="Q: 1+1?\nA:", answer="2"))
+
+
+def _reply_nll(model, tok, examples, bases, z, reply):
+    from forge_models.generation import GenerationConfig, prompt_ids
+
+    state = MaskState()
+    state.masks = None if z is None else {n: mask_from_z(t, 1.0) for n, t in z.items()}
+    total = 0.0
+    with attached(model, bases, state), torch.no_grad():
+        for ex in examples:
+            p = prompt_ids(tok, ex.prompt, GenerationConfig())  # the context generation (and training) sees
+            r = tok(reply, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([p + r])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            total -= float(sum(logp[len(p) + i - 1, t] for i, t in enumerate(r))) / len(r)
+    return total / len(examples)
+
+
+def test_where_every_reward_is_minus_one_reinforce_cannot_move_and_the_answer_objective_learns(tmp_path, one_thread):
+    model, tok, _skill, _ = _toy_setup(tmp_path)
+    reply = " t20 t21 t22"
+    examples = [Example(kind="arithmetic", text=f"t{i} t{i + 2}{reply}", prompt=f"t{i} t{i + 2}", answer="9")
+                for i in range(30, 46)]
+    never = Skill("never", "arithmetic", "arith_em", "reinforce", (), lambda _r, _e: -1.0)  # a base that never succeeds
+    bases = decompose(model, find_targets(model, ["mlp"]))
+    settings = TrainSettings(steps=20, batch_size=8, samples=2, temperature=1.0, max_new_tokens=4, lr=0.1,
+                             kl_coeff=0.0, max_grad_norm=1.0, init_value=0.1, init_std=0.01, max_mult=1.0)
+    z0 = {n: t.clone() for n, t in train_expert(model, tok, bases, never, examples,
+                                                TrainSettings(**{**settings.__dict__, "steps": 1, "lr": 1e-12}),
+                                                CTX, seed=0)[0].items()}
+    z_rl, log = train_expert(model, tok, bases, never, examples, settings, CTX, seed=0)
+    assert all(e["grad_norm"] == 0.0 for e in log)  # constant reward: zero advantage, zero gradient
+    assert all(torch.allclose(z_rl[n], z0[n], atol=1e-9) for n in z0)
+    answer = Skill("never", "arithmetic", "arith_em", "answer", ())
+    z_ce, log = train_expert(model, tok, bases, answer, examples, settings, CTX, seed=0)
+    before = _reply_nll(model, tok, examples, bases, None, reply)
+    after = _reply_nll(model, tok, examples, bases, z_ce, reply)
+    assert after < 0.8 * before, (before, after, [round(e["ce"], 3) for e in log[::5]])
+    assert log[-1]["ce"] < log[0]["ce"]
+
+
 @pytest.mark.parametrize("ternary", [False, True])
 def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one_thread, ternary):
     from forge_models import bitnet
@@ -330,7 +393,9 @@ def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one
         bitnet.convert_to_bitnet(model, keep_patterns=["lm_head"])
         model.eval()
     saved = _state(model)
-    cfg = ExpertsConfig(steps=2, batch_size=2, samples=2, max_new_tokens=4, eval_examples=4, ternary_rank=4)
+    # Tool by the answer objective (the others by their defaults): recorded in the stored library.
+    cfg = ExpertsConfig(steps=2, batch_size=2, samples=2, max_new_tokens=4, eval_examples=4, ternary_rank=4,
+                        objectives={"tool": "answer"})
     eval_cfg = EvalConfig(max_examples=4, max_new_tokens=4, ppl_max_tokens=64, seq_len=32, bootstrap_samples=200)
     out = run(ExpertsInputs(model, tok, corpus, eval_cfg, tmp_path / "lib"), cfg, CTX)
     assert _same_state(model, saved)
@@ -341,7 +406,10 @@ def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one
     for k in cfg.skills:
         assert out.metrics[f"{k}/d_lo"] <= out.metrics[f"{k}/d"] <= out.metrics[f"{k}/d_hi"]
     assert 0.0 <= out.metrics["dispatch/accuracy"] <= 1.0
-    assert json.loads((tmp_path / "lib" / "experts.json").read_text())["dispatch"]["method"] == "exemplar"
+    meta = json.loads((tmp_path / "lib" / "experts.json").read_text())
+    assert meta["dispatch"]["method"] == "exemplar"
+    assert {k: v["objective"] for k, v in meta["skills_info"].items()} == {
+        "arithmetic": "reinforce", "tool": "answer", "persona": "choice", "narrative": "choice"}
 
 
 # ------------------------------------------------------------------ basis-free storage, re-based on the model
