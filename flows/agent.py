@@ -313,7 +313,17 @@ class Agent:
         # Self-consistency only when sampling (a request asking for greedy gets one call).
         votes = cfg.votes if cfg is not None and params.temperature > 0 else 1
         scope = contextlib.nullcontext()
-        if cfg is not None and cfg.experts:
+        routed = None  # the expert two-pass dispatch chose for this request (None: base weights)
+        if cfg is not None and cfg.dispatch:
+            from forge_models.runtime import PhaseContext
+
+            # First pass, on the base weights: the model classifies the user's message by the stored exemplars.
+            ctx = PhaseContext(device=self.device, seed=params.seed, precision=self.precision)
+            label = self.experts.classify(model, self.tokenizer, [msgs[-1]["content"]], ctx)[0]
+            routed = label if label in self.experts.skills else None
+            if routed is not None:
+                scope = self.experts.apply(self.model, routed)
+        elif cfg is not None and cfg.experts:
             weights = cfg.experts
             one = len(weights) == 1 and next(iter(weights.values())) == 1.0
             scope = (self.experts.apply(self.model, next(iter(weights))) if one
@@ -340,7 +350,8 @@ class Agent:
                       "total_tokens": prompt_tokens + completion_tokens},
             "custom_outputs": {"tool_calls": chosen["tool_calls"], "tools": params.tools, "artifact_digest": self.digest,
                                "attachments": sorted(self.attachments),
-                               "agent": cfg.name if cfg is not None else None, "votes": preds if votes > 1 else []},
+                               "agent": cfg.name if cfg is not None else None, "votes": preds if votes > 1 else [],
+                               **({"dispatched_expert": routed} if cfg is not None and cfg.dispatch else {})},
         }
 
     def _one(self, msgs: list[dict[str, str]], params: ChatParams, model: Any, max_tokens: int, seed: int,

@@ -24,7 +24,8 @@ from tasks.inputs import input_model_folder, load_input_model
 from tasks.runtime import HEADLINE_METRICS, PhaseWritten, metrics_table, phase_task, prefect_artifact
 from tasks.store import ArtifactRef
 
-EXPERTS_VERSION = "3"  # 2: optional ADAS search, agent.json; 3: thought budgets searched with Quiet-STaR
+EXPERTS_VERSION = "4"  # 2: optional ADAS search, agent.json; 3: thought budgets searched with Quiet-STaR;
+# 4: dispatch designs (and the expert-dispatch seed) in the search, the archive in the report
 
 
 def experts_key(config: ForgeConfig, dataset: ArtifactRef, previous: ArtifactRef) -> str:
@@ -83,6 +84,12 @@ def _adas_report(found) -> list[str]:
             f"| {row['winner_minus_this']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] | {row['verdict']} "
             f"| {row['calls_per_query']:.2f} | {row['prompt_tokens_per_query'] + row['completion_tokens_per_query']:.0f} "
             f"| {row['seconds_per_query']:.4f} |")
+    lines += ["", "The archive (every design, never pruned; ranked by the bootstrap median on validation):", "",
+              "| # | generation | origin | design | validation fitness | calls/q | tokens/q |", "|---|---|---|---|---|---|---|"]
+    for row in r.rows():
+        lines.append(f"| {row['index']} | {row['generation']} | {row['origin']} | `{row['config_json'] or row['name']}` | "
+                     f"{row['fitness']} | {row['calls_per_query']:.2f} | "
+                     f"{row['prompt_tokens_per_query'] + row['completion_tokens_per_query']:.0f} |")
     return lines
 
 

@@ -46,6 +46,15 @@ class ToolRun:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The first pass of two-pass dispatch for one prompt: the expert chosen (None: base) and what it cost."""
+
+    expert: str | None
+    model_calls: int
+    prompt_tokens: int
+
+
 @runtime_checkable
 class GenerationClient(Protocol):
     """What an agent needs from a model (see the module docstring)."""
@@ -74,6 +83,9 @@ class ExpertApplier(Protocol):
     names: tuple[str, ...]
 
     def applied(self, model: Any, weights: Mapping[str, float]) -> ContextManager[Any]: ...
+
+    # Optional: ``classify(model, tokenizer, prompts, ctx) -> [name or "unknown"]``, the first pass of two-pass
+    # dispatch; an applier with it (and ``can_dispatch`` true) lets the client run ``dispatch`` designs.
 
 
 # (model, tokenizer, prompts, budget, GenerationConfig, ctx, generator) -> Completions with thoughts.
@@ -118,7 +130,18 @@ class ModelClient:
 
     def capabilities(self) -> Capabilities:
         return Capabilities(experts=tuple(self.experts.names) if self.experts else (),
-                            max_thought_budget=self.max_thought_budget)
+                            max_thought_budget=self.max_thought_budget,
+                            dispatch=bool(getattr(self.experts, "can_dispatch", False)))
+
+    def dispatch(self, prompts: Sequence[str]) -> list[Routing]:
+        """The first pass: per prompt, the expert to answer it with (None: the base weights) and its cost."""
+        if not self.capabilities().dispatch:
+            raise ConfigError("dispatch asked of a client without an expert library that can classify")
+        tokens: list[int] = []
+        labels = self.experts.classify(self.model, self.tokenizer, list(prompts), self.ctx, tokens)  # type: ignore[union-attr]
+        calls = len(self.experts.names) + 1  # type: ignore[union-attr]  # the prompt alone, then after each exemplar
+        return [Routing(lab if lab in self.experts.names else None, calls, n)  # type: ignore[union-attr]
+                for lab, n in zip(labels, tokens)]
 
     def generate(self, prompts, *, temperature, max_new_tokens, seed, thought_budget, expert, stop):
         if not prompts:

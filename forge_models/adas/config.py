@@ -38,6 +38,12 @@ class AgentConfig(Frozen):
         description="Expert vectors and their mixture weights in [0, 1] (names from the expert library). Empty: the "
         "base weights; one name with weight 1: that expert; several: a mixture the expert library composes.",
     )
+    dispatch: bool = Field(
+        False,
+        description="Two-pass dispatch (Transformer^2): the model first classifies each question with the expert "
+        "library's stored exemplars, then answers it with that skill's expert (unknown: the base weights). "
+        "Excludes fixed ``experts``.",
+    )
     thought_budget: int = Field(0, ge=0, le=MAX_THOUGHT_BUDGET, description="Quiet-STaR thought tokens per generated token; 0 = no thinking.")
     tools: tuple[str, ...] = Field((), description="Tools of the tool loop (names in adas.rules.TOOLS); empty = no tool loop.")
     max_tool_calls: int = Field(2, ge=1, le=8, description="Most tool calls per question in the tool loop.")
@@ -82,6 +88,8 @@ class AgentConfig(Frozen):
 
     @model_validator(mode="after")
     def _decoding(self) -> "AgentConfig":
+        if self.dispatch and self.experts:
+            raise ValueError(f"dispatch chooses the expert per question; fixed experts {self.experts} contradict it")
         if self.votes > 1 and self.temperature == 0.0:
             raise ValueError(
                 f"self-consistency with {self.votes} votes needs temperature > 0 (greedy decoding would return "
@@ -117,6 +125,8 @@ class AgentConfig(Frozen):
         missing = sorted(set(cfg.experts) - set(skills))
         if missing:
             raise ArtifactIntegrityError(f"{path}: names experts {missing} that the artifact's experts/ library lacks")
+        if cfg.dispatch and not list(skills):
+            raise ArtifactIntegrityError(f"{path}: asks for dispatch but the artifact has no experts/ library")
         return cfg
 
     def calls_per_question(self) -> int:
@@ -130,10 +140,13 @@ class Capabilities(Frozen):
     experts: tuple[str, ...] = Field((), description="Expert names the client can apply (empty: base weights only).")
     max_thought_budget: int = Field(0, ge=0, le=MAX_THOUGHT_BUDGET, description="Largest thought budget it supports (0: no Quiet-STaR head).")
     tools: tuple[str, ...] = Field(tuple(sorted(TOOLS)), description="Tools its tool loop can run.")
+    dispatch: bool = Field(False, description="Whether it can classify questions for two-pass dispatch.")
 
     def check(self, cfg: AgentConfig) -> None:
         """Raise ConfigError naming what ``cfg`` needs that this client lacks."""
         problems = []
+        if cfg.dispatch and not self.dispatch:
+            problems.append("dispatch (client has no expert library with exemplars)")
         missing = sorted(set(cfg.experts) - set(self.experts))
         if missing:
             problems.append(f"experts {missing} (client has {list(self.experts)})")

@@ -89,19 +89,30 @@ def run_agent_config(
     votes: list[list[str | None]] = [[] for _ in questions]
     texts: list[list[str]] = [[] for _ in questions]
     costs = [Cost() for _ in questions]
-    groups: dict[tuple[str, ...], list[int]] = {}
+    experts: list[dict[str, float] | None] = [config.experts or None] * len(questions)
+    if config.dispatch:  # first pass: the model picks each question's expert (the same for every vote)
+        start = time.perf_counter()
+        routes = client.dispatch([q.prompt for q in questions])  # type: ignore[attr-defined]
+        _check_count(routes, questions)
+        share = (time.perf_counter() - start) / len(questions)
+        for i, r in enumerate(routes):
+            experts[i] = {r.expert: 1.0} if r.expert else None
+            costs[i] = costs[i] + Cost(r.model_calls, r.prompt_tokens, 0, share)
+    groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(questions):
-        groups.setdefault(tuple(q.stops), []).append(i)
+        groups.setdefault((tuple(q.stops), tuple(sorted((experts[i] or {}).items()))), []).append(i)
     for v in range(config.votes):
-        for stops, idx in groups.items():
+        for (stops, weights), idx in groups.items():
             prompts = [format_prompt(questions[i], config) for i in idx]
+            group_cfg = config.model_copy(update={"experts": dict(weights), "dispatch": False}) if config.dispatch \
+                else config
             if config.tools:
-                runs, seconds = _tool_runs(client, prompts, config, stops, vote_seed(seed, v))
+                runs, seconds = _tool_runs(client, prompts, group_cfg, stops, vote_seed(seed, v))
             else:
                 start = time.perf_counter()
                 outs = client.generate(prompts, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                        seed=vote_seed(seed, v), thought_budget=config.thought_budget,
-                                       expert=config.experts or None, stop=stops)
+                                       expert=dict(weights) or None, stop=stops)
                 seconds = time.perf_counter() - start
                 _check_count(outs, prompts)
                 runs = [ToolRun(o.text, (), 1, o.prompt_tokens, o.completion_tokens) for o in outs]

@@ -44,6 +44,8 @@ def seed_agents(caps: Capabilities) -> list[AgentConfig]:
         seeds.append(AgentConfig(name="tools-first", tools=("calculator",), max_tool_calls=2))
     if caps.max_thought_budget > 0:  # a Quiet-STaR model: thinking as its designers use it
         seeds.append(AgentConfig(name="quiet-star", thought_budget=min(4, caps.max_thought_budget)))
+    if caps.dispatch:  # an expert library: Transformer^2's two-pass dispatch, as its phase measures it
+        seeds.append(AgentConfig(name="expert-dispatch", dispatch=True))
     return seeds
 
 
@@ -121,12 +123,12 @@ def _options(space: SearchSpace, caps: Capabilities) -> dict[str, list]:
         "max_tool_calls": list(space.max_tool_calls),
         "max_new_tokens": list(space.max_new_tokens),
         "tools": [()] + [(t,) for t in caps.tools] + ([tuple(caps.tools)] if len(caps.tools) > 1 else []),
-        "experts": ["base"] + (["single", "mixture"] if caps.experts else []),
+        "experts": ["base"] + (["single", "mixture"] if caps.experts else []) + (["dispatch"] if caps.dispatch else []),
     }
 
 
 def _draw_experts(kind: str, caps: Capabilities, space: SearchSpace, rng: random.Random) -> dict[str, float]:
-    if kind == "base" or not caps.experts:
+    if kind in ("base", "dispatch") or not caps.experts:
         return {}
     if kind == "single" or len(caps.experts) == 1:
         return {rng.choice(caps.experts): 1.0}
@@ -140,7 +142,14 @@ def _mutate(fields: dict, n: int, space: SearchSpace, caps: Capabilities, rng: r
     out = dict(fields)
     for name in rng.sample(mutable, min(n, len(mutable))):
         value = rng.choice(opts[name])
+        if name == "experts":  # which weights answer: base, one expert, a mixture, or per question (dispatch)
+            out["dispatch"] = value == "dispatch"
         out[name] = _draw_experts(value, caps, space, rng) if name == "experts" else value
+    if out.get("dispatch") and out["experts"]:  # a crossover of a dispatch parent and a fixed-expert parent
+        if rng.random() < 0.5:
+            out["experts"] = {}
+        else:
+            out["dispatch"] = False
     # Keep the decoding consistent: self-consistency needs sampling; sampling alone may keep one vote.
     if out["votes"] > 1 and out["temperature"] == 0.0:
         if rng.random() < 0.5:

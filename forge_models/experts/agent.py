@@ -50,6 +50,11 @@ class LibraryApplier:
     def __init__(self, library: ExpertLibrary) -> None:
         self.library = library
         self.names = tuple(library.skills)
+        self.can_dispatch = bool(self.names) and len(library.exemplars) == len(self.names)
+
+    def classify(self, model: Any, tokenizer: Any, prompts: Sequence[str], ctx: Any,
+                 tokens: list[int] | None = None) -> list[str]:
+        return self.library.classify(model, tokenizer, prompts, ctx, tokens)
 
     def applied(self, model: Any, weights: Mapping[str, float]) -> ContextManager[Any]:
         unknown = sorted(set(weights) - set(self.names))

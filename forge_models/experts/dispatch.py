@@ -32,7 +32,7 @@ from forge_models.experts.svf import MaskState, TargetBasis, attached, mask_from
 from forge_models.runtime import ConfigError, PhaseContext
 from forge_models.tokenizer import eos_token_id
 
-__all__ = ["UNKNOWN", "DISPATCHERS", "exemplar_dispatch", "oracle_dispatch", "mix_masks", "expert_masks", "cem",
+__all__ = ["UNKNOWN", "DISPATCHERS", "classify_prompts", "exemplar_dispatch", "oracle_dispatch", "mix_masks", "expert_masks", "cem",
            "CemResult", "prompt_nll"]
 
 UNKNOWN = "unknown"
@@ -60,8 +60,9 @@ def mix_masks(experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: Mapping[
 
 
 def prompt_nll(model: Any, tokenizer: Any, prefixes: Sequence[str], prompts: Sequence[str], ctx: PhaseContext,
-               batch_size: int = 16) -> list[float]:
-    """Mean NLL (nats/token) of each prompt's tokens given its prefix (EOS-separated, as in training)."""
+               batch_size: int = 16, lengths: list[int] | None = None) -> list[float]:
+    """Mean NLL (nats/token) of each prompt's tokens given its prefix (EOS-separated, as in training).
+    ``lengths``, when given, receives each row's token count (what the forward pass read)."""
     eos = eos_token_id(tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else eos
@@ -72,6 +73,8 @@ def prompt_nll(model: Any, tokenizer: Any, prefixes: Sequence[str], prompts: Seq
         pre = [eos] + (list(tokenizer([prefix], add_special_tokens=False)["input_ids"][0]) + [eos] if prefix else [])
         room = max(1, limit - len(p))
         rows.append((pre[-room:] + p, len(p)))
+    if lengths is not None:
+        lengths.extend(len(t) for t, _ in rows)
     out: list[float] = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -94,12 +97,25 @@ def prompt_nll(model: Any, tokenizer: Any, prefixes: Sequence[str], prompts: Seq
 def exemplar_dispatch(model: Any, tokenizer: Any, examples: Sequence[Example], exemplars: Mapping[str, str],
                       ctx: PhaseContext, margin: float = 0.0) -> list[str]:
     """The skill (or UNKNOWN) of each example, judged by the base model itself (module docstring)."""
-    prompts = [ex.prompt or ex.text for ex in examples]
-    base = prompt_nll(model, tokenizer, [""] * len(prompts), prompts, ctx)
+    return classify_prompts(model, tokenizer, [ex.prompt or ex.text for ex in examples], exemplars, ctx, margin)
+
+
+def classify_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], exemplars: Mapping[str, str],
+                     ctx: PhaseContext, margin: float = 0.0, tokens: list[int] | None = None) -> list[str]:
+    """:func:`exemplar_dispatch` of plain prompt texts (an agent's questions, a served request): the skill whose
+    exemplars make the prompt likeliest, or UNKNOWN when no gain reaches ``margin``. Run on the base weights.
+    ``tokens``, when given, receives per prompt the tokens its 1 + len(exemplars) forward passes read."""
+    if not exemplars:
+        raise ConfigError("dispatch needs exemplars (one text per skill); the library stores none")
+    read: list[list[int]] = [[]]
+    base = prompt_nll(model, tokenizer, [""] * len(prompts), prompts, ctx, lengths=read[0])
     gains = {}
     for skill, text in exemplars.items():
-        nll = prompt_nll(model, tokenizer, [text] * len(prompts), prompts, ctx)
+        read.append([])
+        nll = prompt_nll(model, tokenizer, [text] * len(prompts), prompts, ctx, lengths=read[-1])
         gains[skill] = [b - n for b, n in zip(base, nll)]
+    if tokens is not None:
+        tokens.extend(sum(r[i] for r in read) for i in range(len(prompts)))
     out = []
     for i in range(len(prompts)):
         skill, gain = max(((k, g[i]) for k, g in gains.items()), key=lambda kv: kv[1])

@@ -46,7 +46,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from forge_models.experts.dispatch import expert_masks, mix_masks
+from forge_models.experts.dispatch import classify_prompts, expert_masks, mix_masks
 from forge_models.experts.svf import MaskState, TargetBasis, attached, basis_of, is_ternary
 from forge_models.runtime import ArtifactIntegrityError, ConfigError
 
@@ -132,6 +132,23 @@ class ExpertLibrary:
         if unknown:
             raise ConfigError(f"alpha names experts {unknown} not in this library ({self.skills})")
         return mix_masks(self.z, alpha, self.max_mult)  # type: ignore[arg-type]
+
+    @property
+    def exemplars(self) -> dict[str, str]:
+        """The first pass's exemplar text per skill, as the phase stored them (``experts.json`` ``dispatch``)."""
+        found = (self.meta.get("dispatch") or {}).get("exemplars") or {}
+        return {k: str(v) for k, v in found.items() if k in self.z}
+
+    def classify(self, model: Any, tokenizer: Any, prompts: Sequence[str], ctx: Any,
+                 tokens: list[int] | None = None) -> list[str]:
+        """First pass of two-pass dispatch on ``prompts``: a skill of this library or UNKNOWN (answer with the
+        base), judged by ``model`` with its base weights and the stored exemplars and margin (``tokens``: as
+        :func:`~forge_models.experts.dispatch.classify_prompts`)."""
+        if len(self.exemplars) != len(self.z):
+            raise ConfigError(f"this library stores exemplars for {sorted(self.exemplars)} of its experts "
+                              f"{self.skills}; dispatch needs one per expert")
+        margin = float((self.meta.get("dispatch") or {}).get("margin", 0.0))
+        return classify_prompts(model, tokenizer, prompts, self.exemplars, ctx, margin, tokens)
 
     @contextmanager
     def apply(self, model: Any, skill: str | None = None, alpha: Mapping[str, float] | None = None

@@ -105,7 +105,7 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     # The search read only validation questions; the test split was read once, afterwards.
     assert details["touched_by_search"] == {"validation": list(range(8)), "test": []}
     assert details["test_touched"] == list(range(8))
-    assert metrics["experts/adas/archive_size"] == 4 + 4 + 2  # seeds, the four few-shot mixtures, proposals
+    assert metrics["experts/adas/archive_size"] == 5 + 4 + 2  # seeds (expert-dispatch too), four few-shot mixtures, proposals
     assert metrics["experts/adas/test/plain/accuracy_lo"] <= metrics["experts/adas/test/plain/accuracy"]
 
     # ... MLflow tables of the phase's run ...
@@ -114,7 +114,7 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     run_id = json.loads((artifact / "phase.json").read_text())["mlflow_run_id"]
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     assert {"adas_archive.json", "adas_final.json"} <= {f.path for f in mlflow.list_artifacts(run_id)}
-    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 10
+    assert mlflow.get_run(run_id).data.metrics["experts/adas/archive_size"] == 11
 
     # ... and Prefect table artifacts of this run (one row per design / agent).
     from prefect.client.orchestration import get_client
@@ -127,8 +127,11 @@ def _check_adas(doc: dict, out: Path, mlflow_uri: str) -> None:
     assert found["experts-adas-archive"].type == "table"
     archive = found["experts-adas-archive"].data
     archive = json.loads(archive) if isinstance(archive, str) else archive
-    assert len(archive) == 10 and {r["origin"] for r in archive} >= {"seed"}
-    assert {f"cem-{k}" for k in ("arithmetic", "tool", "persona", "narrative")} <= {r["name"] for r in archive}
+    assert len(archive) == 11 and {r["origin"] for r in archive} >= {"seed"}
+    assert {f"cem-{k}" for k in ("arithmetic", "tool", "persona", "narrative")} | {"expert-dispatch"} <= {
+        r["name"] for r in archive}
+    report = (artifact / "report.md").read_text()
+    assert "The archive (every design, never pruned" in report and '"dispatch": true' in report
 
     # The served agent loads the artifact (model, experts/, agent.json) and runs the chosen configuration.
     agent = Agent.load(artifact)

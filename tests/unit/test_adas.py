@@ -109,7 +109,8 @@ def test_agent_config_json_round_trip_and_refusals():
     with pytest.raises(ConfigError):
         AgentConfig.from_json('{"votes": 5}')  # self-consistency with greedy decoding
     for bad in ({"extraction": "psychic"}, {"tools": ["browser"]}, {"experts": {"math": 1.5}},
-                {"experts": {"math": 0.0}}, {"colour": "red"}, {"thought_budget": -1}):
+                {"experts": {"math": 0.0}}, {"colour": "red"}, {"thought_budget": -1},
+                {"dispatch": True, "experts": {"math": 1.0}}):  # dispatch picks per question: no fixed expert
         with pytest.raises(ConfigError):
             AgentConfig.from_json(json.dumps(bad))
 
@@ -136,6 +137,24 @@ def test_proposer_only_produces_valid_new_configs_within_capabilities():
         archive.append(ArchiveEntry(len(archive), 1, origin, child.name, Fitness(0.5, 0.5, 0.4, 0.6, 10), Cost(1), child))
         kinds.add(("mixture" if len(child.experts) > 1 else "expert" if child.experts else "base", bool(child.tools)))
     assert len(kinds) >= 5  # the proposer explores experts, mixtures and tools, not one corner
+    assert not any(e.config.dispatch for e in archive)  # the client cannot dispatch: never proposed
+    # A client that can dispatch: the seed exists, children dispatch too, and never with fixed experts.
+    caps_d = Capabilities(experts=("math", "dialog"), dispatch=True)
+    seeds = seed_agents(caps_d)
+    assert [s.name for s in seeds if s.dispatch] == ["expert-dispatch"]
+    arch = [ArchiveEntry(i, 0, "seed", s.name, Fitness(0.5, 0.5 + i / 100, 0.4, 0.6, 10), Cost(1), s)
+            for i, s in enumerate(seeds)]
+    seen_d = {e.config.key() for e in arch}
+    rng3 = random.Random(2)
+    dispatching = 0
+    for n in range(200):
+        child = evolve_step(arch, cfg, caps_d, rng3, f"d{n}", seen_d)[0]
+        caps_d.check(child)
+        assert not (child.dispatch and child.experts)
+        dispatching += child.dispatch
+        seen_d.add(child.key())
+        arch.append(ArchiveEntry(len(arch), 1, "mutation", child.name, Fitness(0.5, 0.5, 0.4, 0.6, 10), Cost(1), child))
+    assert 0 < dispatching < 200
     # Without experts or thoughts in the client, none is ever proposed.
     bare = Capabilities()
     rng2 = random.Random(1)
@@ -245,3 +264,13 @@ def test_bootstrap_median_interval_shares_the_harness_interval():
     median, low, high = bootstrap_median_interval(values, 3000, 4)
     assert (low, high) == bootstrap_interval(values, 3000, 4)
     assert low < median < high and abs(median - 0.37) <= 0.02
+
+
+def test_a_stored_dispatch_agent_needs_the_expert_library_beside_it(tmp_path):
+    from forge_models.runtime import ArtifactIntegrityError
+
+    path = tmp_path / "agent.json"
+    path.write_text(AgentConfig(name="d", dispatch=True).to_json())
+    assert AgentConfig.from_artifact(path, ["arithmetic"]).dispatch
+    with pytest.raises(ArtifactIntegrityError, match="agent.json: asks for dispatch"):
+        AgentConfig.from_artifact(path, [])

@@ -40,6 +40,84 @@ def setup(tmp_path_factory):
     return model, tok, corpus, load_experts(folder)
 
 
+@pytest.fixture(scope="module")
+def dispatch_setup(setup, tmp_path_factory):
+    """The same experts, stored with the first pass's exemplars (as the phase stores them)."""
+    from forge_models.experts.phase import exemplars_for
+
+    model, tok, corpus, lib = setup
+    folder = tmp_path_factory.mktemp("dlib") / "experts"
+    exemplars = exemplars_for(["arithmetic", "tool"], corpus.split("train"), 2, 0)
+    save_experts(folder, lib.bases, lib.z, 1.0, {"dispatch": {"method": "exemplar", "margin": 0.0, "exemplars": exemplars}})
+    return model, tok, corpus, load_experts(folder)
+
+
+def test_a_dispatch_agent_answers_each_question_with_the_expert_its_first_pass_chose(dispatch_setup, one_thread):
+    from forge_models.adas import run_agent_config
+    from forge_models.adas.questions import questions_from_examples
+
+    model, tok, corpus, lib = dispatch_setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    client = ExpertsClient(model, tok, CTX, experts=LibraryApplier(lib))
+    assert client.capabilities().dispatch
+    qs = questions_from_examples("validation", corpus.split("validation"), ("arithmetic", "tool", "persona"))[:12]
+    routes = client.dispatch([q.prompt for q in qs])
+    assert [r.expert for r in routes] == [lab if lab in lib.skills else None for lab in lib.classify(
+        model, tok, [q.prompt for q in qs], CTX)]
+    assert all(r.model_calls == 3 and r.prompt_tokens > 0 for r in routes)  # the prompt alone, then per exemplar
+    assert {r.expert for r in routes} == {None, "arithmetic"}  # this seed's first pass splits the set both ways
+    answers = run_agent_config(AgentConfig(name="d", dispatch=True, max_new_tokens=6), client, qs)
+    for expert in {r.expert for r in routes}:  # each group equals that expert (or the base) answering it alone
+        idx = [i for i, r in enumerate(routes) if r.expert == expert]
+        fixed = AgentConfig(name="f", experts={expert: 1.0} if expert else {}, max_new_tokens=6)
+        alone = run_agent_config(fixed, client, [qs[i] for i in idx])
+        assert [answers[i].texts for i in idx] == [a.texts for a in alone]
+        assert all(answers[i].cost.model_calls == 3 + a.cost.model_calls for i, a in zip(idx, alone))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Without exemplars the client cannot dispatch, and a dispatch design is refused before any call.
+    bare = ExpertsClient(model, tok, CTX, experts=LibraryApplier(_plain(dispatch_setup)))
+    assert not bare.capabilities().dispatch
+    with pytest.raises(ConfigError, match="dispatch"):
+        run_agent_config(AgentConfig(name="d", dispatch=True), bare, qs)
+
+
+def _plain(dispatch_setup):
+    from forge_models.experts import ExpertLibrary
+
+    lib = dispatch_setup[3]
+    return ExpertLibrary(lib.bases, lib.z, lib.max_mult, {})
+
+
+def test_the_served_agent_dispatches_each_request_to_the_expert_its_first_pass_chose(dispatch_setup, tmp_path):
+    from flows.agent import Agent, ChatParams, ServingLimits
+
+    model, tok, corpus, lib = dispatch_setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def answer(cfg, text):
+        agent = Agent(model, tok, tmp_path, "digest", torch.device("cpu"), ServingLimits(), agent_config=cfg,
+                      experts=lib)
+        out = agent.reply([{"role": "user", "content": text}], ChatParams(max_tokens=8))
+        return out["choices"][0]["message"]["content"], out["custom_outputs"].get("dispatched_expert", "absent")
+
+    from forge_models.adas.questions import questions_from_examples
+
+    arith = questions_from_examples("validation", corpus.split("validation"), ("arithmetic",))[0].prompt
+    texts = ["What is 2 plus 3?", arith]
+    seen = set()
+    for text in texts:
+        label = lib.classify(model, tok, [text], CTX)[0]
+        expected = label if label in lib.skills else None
+        reply, routed = answer(AgentConfig(name="d", dispatch=True), text)
+        assert routed == expected
+        seen.add(routed)
+        fixed = AgentConfig(name="f", experts={expected: 1.0}) if expected else AgentConfig(name="b")
+        assert reply == answer(fixed, text)[0]
+        assert answer(fixed, text)[1] == "absent"  # only a dispatch agent reports a routing
+    assert seen == {None, "arithmetic"}  # both paths ran: the base for one request, an expert for the other
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_adas_config_is_documented_and_strict():
     assert ExpertsConfig(adas={"enabled": False}).adas.enabled is False
     assert all(f.description for f in AgentSearchConfig.model_fields.values())
