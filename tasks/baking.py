@@ -48,16 +48,13 @@ def task_inputs(examples) -> list[str]:
 def retention_texts(held_out) -> dict[str, list[str]]:
     """The held-out text baking must not damage: every held-out-only eval source (real text, ``data.eval_sources``)
     by name, and the held-out corpus (``heldout_corpus``: the pooled synthetic examples)."""
-    from forge_models.data import is_eval_unit
+    from forge_models.data import is_eval_unit, without_eval_units
 
     texts: dict[str, list[str]] = {}
-    for ex in held_out:
-        if is_eval_unit(ex):
-            texts.setdefault(ex.source, []).append(ex.text)
-    corpus = [ex.text for ex in held_out if not is_eval_unit(ex)]
-    if corpus:
-        texts["heldout_corpus"] = corpus
-    return texts
+    for ex in filter(is_eval_unit, held_out):
+        texts.setdefault(ex.source, []).append(ex.text)
+    corpus = [ex.text for ex in without_eval_units(held_out)]
+    return {**texts, "heldout_corpus": corpus} if corpus else texts
 
 
 def _body(config: ForgeConfig, previous: ArtifactRef):

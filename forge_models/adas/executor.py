@@ -104,15 +104,14 @@ def run_agent_config(
     for v in range(config.votes):
         for (stops, weights), idx in groups.items():
             prompts = [format_prompt(questions[i], config) for i in idx]
-            group_cfg = config.model_copy(update={"experts": dict(weights), "dispatch": False}) if config.dispatch \
-                else config
+            group_cfg = config.model_copy(update={"experts": dict(weights), "dispatch": False})  # this group's weights
             if config.tools:
                 runs, seconds = _tool_runs(client, prompts, group_cfg, stops, vote_seed(seed, v))
             else:
                 start = time.perf_counter()
                 outs = client.generate(prompts, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                        seed=vote_seed(seed, v), thought_budget=config.thought_budget,
-                                       expert=dict(weights) or None, stop=stops)
+                                       expert=group_cfg.experts or None, stop=stops)
                 seconds = time.perf_counter() - start
                 _check_count(outs, prompts)
                 runs = [ToolRun(o.text, (), 1, o.prompt_tokens, o.completion_tokens) for o in outs]

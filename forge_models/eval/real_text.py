@@ -14,9 +14,10 @@ A held-out-only source is never trained on; the caller keeps it out of every tra
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,21 +54,28 @@ def text_perplexity(model: Any, tokenizer: Any, docs: Sequence[str], cfg: EvalCo
     windows = document_windows(docs, tokenizer, min(cfg.seq_len, limit), cfg.ppl_max_tokens)
     if not windows:
         raise ConfigError("the held-out documents yield no window of 2 or more tokens; perplexity is undefined")
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        # One window per forward pass: no padding, so every model sees exactly its unbatched input.
-        for w in windows:
-            ids = torch.tensor([w], device=ctx.device)
-            with ctx.autocast():
-                logits = model(input_ids=ids).logits.float()
-            total += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
-            count += len(w) - 1
-    finally:
-        model.train(was_training)
+    nll = _window_nll(model, windows, ctx.device, ctx.autocast)
+    total, count = sum(nll), sum(len(w) - 1 for w in windows)
     loss = total / count
     return {"loss": loss, "ppl": math.exp(loss), "ppl_tokens": float(count)}
+
+
+def _window_nll(model: Any, windows: Sequence[Sequence[int]], device: torch.device,
+                autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> list[float]:
+    """Summed NLL of each window's tokens but its first, one window per forward pass: no padding, so every
+    model sees exactly its unbatched input. The model's train/eval mode is restored afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    out: list[float] = []
+    try:
+        for w in windows:
+            ids = torch.tensor([list(w)], device=device)
+            with autocast():
+                logits = model(input_ids=ids).logits.float()
+            out.append(float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")))
+    finally:
+        model.train(was_training)
+    return out
 
 
 @torch.no_grad()
@@ -80,17 +88,7 @@ def window_losses(model: Any, tokenizer: Any, docs: Sequence[str], seq_len: int,
     windows = document_windows(docs, tokenizer, min(seq_len, limit), max_tokens)
     if not windows:
         raise ConfigError("the held-out documents yield no window of 2 or more tokens; their loss is undefined")
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    out: list[float] = []
-    try:
-        for w in windows:
-            ids = torch.tensor([w], device=device)
-            logits = model(input_ids=ids).logits.float()
-            out.append(float(F.cross_entropy(logits[0, :-1], ids[0, 1:])))
-    finally:
-        model.train(was_training)
-    return out
+    return [total / (len(w) - 1) for total, w in zip(_window_nll(model, windows, device), windows)]
 
 
 def source_name(src: SourceConfig) -> str:

@@ -50,7 +50,7 @@ class LibraryApplier:
     def __init__(self, library: ExpertLibrary) -> None:
         self.library = library
         self.names = tuple(library.skills)
-        self.can_dispatch = bool(self.names) and len(library.exemplars) == len(self.names)
+        self.can_dispatch = library.can_dispatch
 
     def classify(self, model: Any, tokenizer: Any, prompts: Sequence[str], ctx: Any,
                  tokens: list[int] | None = None) -> list[str]:

@@ -139,12 +139,17 @@ class ExpertLibrary:
         found = (self.meta.get("dispatch") or {}).get("exemplars") or {}
         return {k: str(v) for k, v in found.items() if k in self.z}
 
+    @property
+    def can_dispatch(self) -> bool:
+        """Whether :meth:`classify` can run: an exemplar stored for every expert."""
+        return bool(self.z) and len(self.exemplars) == len(self.z)
+
     def classify(self, model: Any, tokenizer: Any, prompts: Sequence[str], ctx: Any,
                  tokens: list[int] | None = None) -> list[str]:
         """First pass of two-pass dispatch on ``prompts``: a skill of this library or UNKNOWN (answer with the
         base), judged by ``model`` with its base weights and the stored exemplars and margin (``tokens``: as
         :func:`~forge_models.experts.dispatch.classify_prompts`)."""
-        if len(self.exemplars) != len(self.z):
+        if not self.can_dispatch:
             raise ConfigError(f"this library stores exemplars for {sorted(self.exemplars)} of its experts "
                               f"{self.skills}; dispatch needs one per expert")
         margin = float((self.meta.get("dispatch") or {}).get("margin", 0.0))

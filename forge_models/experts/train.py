@@ -270,11 +270,11 @@ def _answer_loss(model, tokenizer, skill: Skill, batch, state: MaskState, masks,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     rows = []
     for ex in batch:
-        ctx_ids = _context(tokenizer, ex, limit, gen_cfg)
-        reply = list(tokenizer(reference_reply(ex, skill.stops), add_special_tokens=False)["input_ids"])
-        if ctx_ids is None or not reply:
+        ctx_ids = _context(tokenizer, ex, limit, gen_cfg)  # None, or shorter than limit
+        if ctx_ids is None:
             continue
-        reply = reply[: max(0, limit - len(ctx_ids))]
+        reply = tokenizer(reference_reply(ex, skill.stops), add_special_tokens=False)["input_ids"]
+        reply = list(reply)[: limit - len(ctx_ids)]
         if reply:
             rows.append((ctx_ids + reply, len(reply)))
     if not rows:
