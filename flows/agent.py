@@ -421,5 +421,8 @@ def _attachments(folder: Path, model_dir: Path | None = None, model: Any = None)
     if not path.is_file():
         return None, experts
     cfg = AgentConfig.from_artifact(path, experts.skills if experts is not None else [])
+    if cfg.dispatch and not experts.can_dispatch:  # from_artifact refused a dispatch config without a library
+        raise ArtifactIntegrityError(f"{path}: asks for dispatch but experts/ stores no first-pass exemplar for "
+                                     f"every expert ({sorted(experts.exemplars)} of {experts.skills})")
     log.info("artifact %s: serving agent configuration %s", folder, cfg.to_json())
     return cfg, experts

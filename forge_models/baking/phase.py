@@ -61,7 +61,7 @@ from forge_models.baking.kl import (
     trajectory_kl,
     trajectory_logprob,
 )
-from forge_models.eval.real_text import window_losses
+from forge_models.eval.real_text import document_windows, window_losses
 from forge_models.eval.stats import bootstrap_interval, paired_difference
 from forge_models.generation import eos_ids
 from forge_models.runtime import (
@@ -362,6 +362,10 @@ def run(inputs: BakingInputs, cfg: BakingConfig, ctx: PhaseContext) -> PhaseOutp
         details["prompts"][p.name] = {"prompt_tokens": len(held[0].prompted) - len(held[0].plain),
                                       "train_inputs": len(train), "heldout_inputs": len(held),
                                       "dropped_too_long": len(train_x) + len(held_x) - len(train) - len(held)}
+    for name, docs in inputs.retention_texts.items():  # refused here, not after the bake
+        if not document_windows(docs, tok, min(inputs.retention_seq_len, limit), inputs.retention_max_tokens):
+            raise ConfigError(f"baking: held-out text {name!r} yields no window of 2 or more tokens; its loss "
+                              "before and after baking is undefined (give it text, or leave it out)")
     # The final model carries every baked prompt, so its target is the input with all of them in the system
     # slot (in baking order, joined by a space: one system message); with one prompt this is just that prompt.
     combined = " ".join(text.strip() for _p, text, _t, _h in plans)

@@ -275,6 +275,20 @@ def test_a_cumulative_bake_that_leaves_no_room_is_refused_before_any_training(tm
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_held_out_text_without_a_window_is_refused_before_any_training(tmp_path: Path):
+    tok = word_tokenizer(64)
+    model = tiny_llama(vocab=64, initializer_range=0.1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = BakingConfig(prompts=(BakePrompt(name="tools", text="t3 t4 t5 t6"),), steps=4, trajectory_tokens=8,
+                       inputs_per_step=2, samples_per_input=2, eval_samples_per_input=2, half_bake_steps=(2,))
+    with pytest.raises(ConfigError, match="held-out text 'empty' yields no window"):
+        run(BakingInputs(model, tok, _inputs(tok, 10, 0), _inputs(tok, 4, 100), tmp_path / "m",
+                         halfbake_dir=tmp_path / "half", retention_texts={"held": ["t3 t4 t5 t6"], "empty": ["t3"]}),
+            cfg, CTX)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "half").exists()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
 def test_phase_refuses_bad_input_before_training(tmp_path: Path):
     tok = word_tokenizer(64)
     with pytest.raises(ConfigError, match="prompts is empty"):

@@ -381,6 +381,26 @@ def test_where_every_reward_is_minus_one_reinforce_cannot_move_and_the_answer_ob
     assert log[-1]["ce"] < log[0]["ce"]
 
 
+def test_an_answer_objective_example_without_a_reply_is_refused_before_any_compute(tmp_path, monkeypatch):
+    import dataclasses
+
+    from forge_models.experts import ExpertsInputs, run
+    from forge_models.experts import phase as phase_mod
+    from tests.factories import corpus_and_tokenizer
+
+    corpus, tok = corpus_and_tokenizer(n_examples=300, vocab_size=300)
+    bad = Example(kind="tool", text="User: what is 2 plus 2?\nAssistant:", prompt="User: what is 2 plus 2?\nAssistant:",
+                  answer="4")
+    corpus = dataclasses.replace(corpus, train=(*corpus.train, bad))
+    model = tiny_llama(vocab=len(tok), max_position_embeddings=256)
+    monkeypatch.setattr(phase_mod, "decompose", lambda *a, **k: pytest.fail("SVD ran before the refusal"))
+    eval_cfg = EvalConfig(max_examples=4, max_new_tokens=4, ppl_max_tokens=64, seq_len=32, bootstrap_samples=200)
+    cfg = ExpertsConfig(skills=["tool"], steps=2, objectives={"tool": "answer"})
+    with pytest.raises(ConfigError, match="no reference reply"):
+        run(ExpertsInputs(model, tok, corpus, eval_cfg, tmp_path / "lib"), cfg, CTX)
+    assert not (tmp_path / "lib").exists()
+
+
 @pytest.mark.parametrize("ternary", [False, True])
 def test_phase_run_stores_a_library_and_leaves_the_model_unchanged(tmp_path, one_thread, ternary):
     from forge_models import bitnet

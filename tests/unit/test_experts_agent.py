@@ -232,3 +232,16 @@ def test_a_quietstar_model_gets_its_thought_budget_searched(one_thread, tmp_path
     assert "quiet-star" in {r["name"] for r in out.comparison}
     plain = search_agent(qs.model, tok, load_experts(tmp_path / "experts"), corpus, cfg, CTX)  # no thinker
     assert all(e.config.thought_budget == 0 for e in plain.result.archive)
+
+
+def test_a_served_dispatch_agent_whose_library_has_no_exemplars_is_refused_at_load(setup, tmp_path):
+    from flows.agent import _attachments
+    from forge_models.runtime import ArtifactIntegrityError
+
+    _model, _tok, _corpus, lib = setup  # stored without the first pass's exemplars
+    save_experts(tmp_path / "experts", lib.bases, lib.z, 1.0, {})
+    (tmp_path / "agent.json").write_text(AgentConfig(name="d", dispatch=True).to_json())
+    with pytest.raises(ArtifactIntegrityError, match="agent.json: asks for dispatch but experts/ stores no"):
+        _attachments(tmp_path)
+    (tmp_path / "agent.json").write_text(AgentConfig(name="e", experts={"tool": 1.0}).to_json())
+    assert _attachments(tmp_path)[0].experts == {"tool": 1.0}  # the same library serves a fixed expert
